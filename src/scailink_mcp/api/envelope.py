@@ -1,0 +1,110 @@
+"""Success envelopes, request bodies under a size cap, pagination and the caller's identity.
+
+The error envelope lives in `errors.py`; this module only builds successes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from scailink_mcp.auth import Principal, bearer_token
+from scailink_mcp.errors import PayloadTooLarge, ValidationFailed, from_validation
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def ok(request: Request, data: Any, status_code: int = 200) -> JSONResponse:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json", by_alias=True)
+    return JSONResponse(
+        {"status": "ok", "data": data, "meta": {"request_id": request_id(request)}}, status_code
+    )
+
+
+def no_content() -> Response:
+    return Response(status_code=204)
+
+
+def page(request: Request, items: list[Any], next_cursor: str | None) -> JSONResponse:
+    dumped = [i.model_dump(mode="json", by_alias=True) if isinstance(i, BaseModel) else i for i in items]
+    return ok(request, {"items": dumped, "next_cursor": next_cursor})
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """Read the body (refusing more than `limit` bytes, even without Content-Length) and parse JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed(
+            "body is not valid JSON", details=[{"field": "body", "reason": "invalid JSON"}]
+        ) from None
+
+
+async def parse_body(request: Request, model: type[M], limit: int) -> M:
+    raw = await read_json(request, limit)
+    if not isinstance(raw, dict):
+        raise ValidationFailed(
+            "body must be a JSON object", details=[{"field": "body", "reason": "not an object"}]
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+async def principal(request: Request) -> Principal:
+    verifier = request.app.state.scailink.verifier
+    token = bearer_token(request.headers.get("authorization"))
+    result: Principal = await verifier.verify(token)
+    return result
+
+
+def page_limit(request: Request, default: int, maximum: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise ValidationFailed(
+            "invalid limit", details=[{"field": "limit", "reason": f"must be an integer from 1 to {maximum}"}]
+        )
+    return int(raw)
+
+
+def encode_cursor(position: tuple[str, ...]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(request: Request, size: int) -> tuple[str, ...] | None:
+    raw = request.query_params.get("cursor")
+    if not raw:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        value = None
+    if not (isinstance(value, list) and len(value) == size and all(isinstance(v, str) for v in value)):
+        raise ValidationFailed(
+            "invalid cursor", details=[{"field": "cursor", "reason": "not a cursor from this API"}]
+        )
+    return tuple(value)

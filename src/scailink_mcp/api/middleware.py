@@ -1,0 +1,76 @@
+"""Pure ASGI middleware: request ids on every HTTP response, and the one mapping of exceptions to the
+error envelope (a bug becomes `SCAILINK_INTERNAL` with nothing internal in the message)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scailink_mcp.errors import NotFound, ScaiLinkError, ValidationFailed, error_response
+
+logger = logging.getLogger("scailink_mcp.access")
+
+_WELL_FORMED_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class MethodNotAllowed(ValidationFailed):
+    status = 405
+    default_message = "method not allowed"
+
+
+class RequestIdMiddleware:
+    """Echo a well-formed `X-Request-ID`, else mint one; store it in `scope["state"]`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming = ""
+        for key, value in scope.get("headers", []):
+            if key == b"x-request-id":
+                incoming = value.decode("latin-1")
+        rid = incoming if _WELL_FORMED_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _rid(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def scailink_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ScaiLinkError)
+    return error_response(exc, _rid(request))
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound("no such endpoint"), _rid(request))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(), _rid(request))
+    return error_response(ScaiLinkError(), _rid(request))
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", extra={"request_id": _rid(request)})
+    return error_response(
+        ScaiLinkError("internal error; quote the request id to the operator"), _rid(request)
+    )

@@ -1,0 +1,105 @@
+"""Routes of `/v1/modules/scailink/remote-servers` (SPEC section 3)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from scailink_mcp.api.envelope import (
+    decode_cursor,
+    encode_cursor,
+    no_content,
+    ok,
+    page,
+    page_limit,
+    parse_body,
+    principal,
+)
+from scailink_mcp.remote.registry import Registry
+from scailink_mcp.remote.schemas import CredentialValue, RegisterServer, UpdateServer
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.scailink.registry
+    # Every registry call, reads included, answers 503 without a KEK (after authentication).
+    registry.ensure_enabled()
+    return registry
+
+
+def _limit(request: Request) -> int:
+    return int(request.app.state.scailink.settings.registry_max_body_bytes)
+
+
+async def create_server(request: Request) -> Response:
+    who = await principal(request)
+    registry = _registry(request)
+    body = await parse_body(request, RegisterServer, _limit(request))
+    return ok(request, await registry.register(who, body), status_code=201)
+
+
+async def list_servers(request: Request) -> Response:
+    who = await principal(request)
+    registry = _registry(request)
+    settings = request.app.state.scailink.settings
+    limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
+    after = decode_cursor(request, 2)
+    result = await registry.list(who, limit=limit, after=(after[0], after[1]) if after else None)
+    return page(
+        request, list(result.items), encode_cursor(result.next_cursor) if result.next_cursor else None
+    )
+
+
+async def get_server(request: Request) -> Response:
+    who = await principal(request)
+    return ok(request, await _registry(request).get(who, request.path_params["server_id"]))
+
+
+async def update_server(request: Request) -> Response:
+    who = await principal(request)
+    registry = _registry(request)
+    body = await parse_body(request, UpdateServer, _limit(request))
+    return ok(request, await registry.update(who, request.path_params["server_id"], body))
+
+
+async def delete_server(request: Request) -> Response:
+    who = await principal(request)
+    await _registry(request).delete(who, request.path_params["server_id"])
+    return no_content()
+
+
+async def refresh_server(request: Request) -> Response:
+    who = await principal(request)
+    return ok(request, await _registry(request).refresh(who, request.path_params["server_id"]))
+
+
+async def put_credential(request: Request) -> Response:
+    who = await principal(request)
+    registry = _registry(request)
+    body = await parse_body(request, CredentialValue, _limit(request))
+    detail = await registry.put_credential(
+        who, request.path_params["server_id"], request.path_params["field"], body.value.get_secret_value()
+    )
+    return ok(request, detail)
+
+
+async def delete_credential(request: Request) -> Response:
+    who = await principal(request)
+    await _registry(request).delete_credential(
+        who, request.path_params["server_id"], request.path_params["field"]
+    )
+    return no_content()
+
+
+BASE = "/v1/modules/scailink/remote-servers"
+
+routes = [
+    Route(BASE, create_server, methods=["POST"]),
+    Route(BASE, list_servers, methods=["GET"]),
+    Route(BASE + "/{server_id}", get_server, methods=["GET"]),
+    Route(BASE + "/{server_id}", update_server, methods=["PATCH"]),
+    Route(BASE + "/{server_id}", delete_server, methods=["DELETE"]),
+    Route(BASE + "/{server_id}/refresh", refresh_server, methods=["POST"]),
+    Route(BASE + "/{server_id}/credentials/{field}", put_credential, methods=["PUT"]),
+    Route(BASE + "/{server_id}/credentials/{field}", delete_credential, methods=["DELETE"]),
+]

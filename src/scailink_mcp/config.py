@@ -1,0 +1,115 @@
+"""`Settings`: the single source of every knob and limit (env prefix `SCAILINK_`).
+
+Built once (by the CLI or a test fixture) and passed down; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting is `SCAILINK_<FIELD>`; SPEC section 9 names are part of the contract."""
+
+    model_config = SettingsConfigDict(env_prefix="SCAILINK_", extra="ignore")
+
+    # --- listening and identity of the service
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    data_dir: Path = Path("./.scailink")
+    database_url: str | None = None
+    redis_url: str | None = None
+    log_level: str = "INFO"
+
+    # --- credentials at rest
+    encryption_local_kek: SecretStr | None = None
+    # Decrypt-only KEKs kept during a rotation (base64, comma-separated).
+    encryption_previous_keks: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    # --- JWT verification
+    jwt_audience: str = "scailink"
+    jwt_issuer: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_public_key: str | None = None
+    jwt_algorithms: CommaList = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    jwt_leeway_s: int = 30
+    jwt_max_token_bytes: int = 8192
+    jwks_cache_ttl_s: int = 300
+    jwks_min_refetch_interval_s: int = 30
+    # Extra group -> role mappings, e.g. `{"eng-admins": "tenant_admin"}` (JSON in the env).
+    group_role_map: dict[str, str] = Field(default_factory=dict)
+    # The dev issuer: private key used by `scailink token`; never set implicitly in production.
+    dev_signing_key_path: Path | None = None
+
+    # --- REST conventions
+    max_body_bytes: int = 1024 * 1024
+    registry_max_body_bytes: int = 64 * 1024
+    page_limit_default: int = 50
+    page_limit_max: int = 200
+
+    # --- cloud registry
+    allowed_private_networks: CommaList = Field(default_factory=list)
+    max_servers_per_tenant: int = 100
+    tool_name_style: Literal["dotted", "compat"] = "dotted"
+    discovery_connect_timeout_s: float = 5.0
+    discovery_timeout_s: float = 30.0
+    discovery_interval_s: float = 900.0
+    capability_retention_s: float = 24 * 3600.0
+
+    # --- health checks
+    health_interval_s: float = 60.0
+    health_jitter: float = 0.1
+    health_timeout_s: float = 5.0
+    health_failure_threshold: int = 3
+    health_auto_recover: bool = False
+    health_recover_successes: int = 2
+
+    # --- upstream session pool
+    pool_idle_ttl_s: float = 300.0
+    pool_max_sessions: int = 1000
+
+    # --- desktop bridge
+    ws_heartbeat_interval_ms: int = 30000
+    ws_grace_period_ms: int = 120000
+
+    # --- background tasks
+    background_tasks: bool = True
+
+    _split = field_validator("jwt_algorithms", "allowed_private_networks", mode="before")(_split_commas)
+
+    @field_validator("encryption_previous_keks", mode="before")
+    @classmethod
+    def _split_keks(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("allowed_private_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or a SQLite file inside the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'scailink.db').resolve()}"
+
+    @property
+    def registry_enabled(self) -> bool:
+        return self.encryption_local_kek is not None

@@ -1,0 +1,190 @@
+"""The one error hierarchy of ScaiLink and the one place that renders the error envelope.
+
+    ScaiLinkError                     SCAILINK_INTERNAL          500
+    ├── Unauthorized                  SCAILINK_UNAUTHORIZED      401
+    ├── Forbidden                     SCAILINK_FORBIDDEN         403
+    ├── NotFound                      SCAILINK_NOT_FOUND         404
+    ├── ValidationFailed              SCAILINK_VALIDATION_ERROR  422
+    ├── EndpointForbidden             SCAILINK_ENDPOINT_FORBIDDEN 422
+    ├── Conflict                      SCAILINK_CONFLICT          409
+    ├── PayloadTooLarge               SCAILINK_PAYLOAD_TOO_LARGE 413
+    ├── RemoteLimitExceeded           SCAILINK_REMOTE_LIMIT_EXCEEDED 429
+    ├── RateLimited                   SCAILINK_RATE_LIMITED      429
+    ├── ToolNotFound                  SCAILINK_TOOL_NOT_FOUND    404
+    ├── ConsentDenied                 SCAILINK_CONSENT_DENIED    403
+    ├── UpstreamError                 SCAILINK_UPSTREAM_ERROR    502
+    ├── UpstreamTimeout               SCAILINK_UPSTREAM_TIMEOUT  504
+    └── RegistryDisabled              SCAILINK_REGISTRY_DISABLED 503
+
+Routes raise these; they never build error dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+
+class ScaiLinkError(Exception):
+    """Base class: carries a stable code, an HTTP status and a message safe to show a client."""
+
+    code: ClassVar[str] = "SCAILINK_INTERNAL"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.details = details
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+
+class Unauthorized(ScaiLinkError):
+    code = "SCAILINK_UNAUTHORIZED"
+    status = 401
+    default_message = "authentication required"
+
+
+class Forbidden(ScaiLinkError):
+    code = "SCAILINK_FORBIDDEN"
+    status = 403
+    default_message = "permission denied"
+
+
+class NotFound(ScaiLinkError):
+    code = "SCAILINK_NOT_FOUND"
+    status = 404
+    default_message = "not found"
+
+
+class ValidationFailed(ScaiLinkError):
+    code = "SCAILINK_VALIDATION_ERROR"
+    status = 422
+    default_message = "invalid request"
+
+
+class EndpointForbidden(ScaiLinkError):
+    code = "SCAILINK_ENDPOINT_FORBIDDEN"
+    status = 422
+    default_message = "endpoint_url resolves to a blocked address"
+
+
+class Conflict(ScaiLinkError):
+    code = "SCAILINK_CONFLICT"
+    status = 409
+    default_message = "a server with that name already exists"
+
+
+class PayloadTooLarge(ScaiLinkError):
+    code = "SCAILINK_PAYLOAD_TOO_LARGE"
+    status = 413
+    default_message = "request body too large"
+
+
+class RemoteLimitExceeded(ScaiLinkError):
+    code = "SCAILINK_REMOTE_LIMIT_EXCEEDED"
+    status = 429
+    default_message = "the tenant already has the maximum number of remote servers"
+
+
+class RateLimited(ScaiLinkError):
+    code = "SCAILINK_RATE_LIMITED"
+    status = 429
+    default_message = "too many requests"
+
+
+class ToolNotFound(ScaiLinkError):
+    code = "SCAILINK_TOOL_NOT_FOUND"
+    status = 404
+    default_message = "tool not found"
+
+
+class ConsentDenied(ScaiLinkError):
+    code = "SCAILINK_CONSENT_DENIED"
+    status = 403
+    default_message = "the user did not approve this invocation"
+
+
+class UpstreamError(ScaiLinkError):
+    code = "SCAILINK_UPSTREAM_ERROR"
+    status = 502
+    default_message = "upstream MCP server failed"
+
+
+class UpstreamTimeout(ScaiLinkError):
+    code = "SCAILINK_UPSTREAM_TIMEOUT"
+    status = 504
+    default_message = "upstream MCP server did not answer in time"
+
+
+class RegistryDisabled(ScaiLinkError):
+    code = "SCAILINK_REGISTRY_DISABLED"
+    status = 503
+    default_message = "the remote server registry is disabled: no encryption KEK is configured"
+
+
+ERROR_TABLE: tuple[type[ScaiLinkError], ...] = (
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    ValidationFailed,
+    EndpointForbidden,
+    Conflict,
+    PayloadTooLarge,
+    RemoteLimitExceeded,
+    RateLimited,
+    ToolNotFound,
+    ConsentDenied,
+    UpstreamError,
+    UpstreamTimeout,
+    RegistryDisabled,
+    ScaiLinkError,
+)
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, str]]:
+    """Turn a pydantic error into `[{field, reason}]` without echoing input values (they may be secrets)."""
+    details: list[dict[str, str]] = []
+    for err in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "body"
+        details.append({"field": field, "reason": err["msg"]})
+    return details
+
+
+def from_validation(exc: ValidationError, prefix: Sequence[str] = ()) -> ValidationFailed:
+    details = validation_details(exc)
+    if prefix:
+        for item in details:
+            item["field"] = ".".join([*prefix, item["field"]])
+    return ValidationFailed("request validation failed", details=details)
+
+
+def envelope(err: ScaiLinkError, request_id: str) -> dict[str, Any]:
+    return {
+        "status": "error",
+        "error": {
+            "code": err.code,
+            "message": err.message,
+            "retry_after": err.retry_after,
+            "details": err.details,
+        },
+        "meta": {"request_id": request_id},
+    }
+
+
+def error_response(err: ScaiLinkError, request_id: str) -> JSONResponse:
+    headers = {"X-Request-ID": request_id}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    if isinstance(err, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return JSONResponse(envelope(err, request_id), status_code=err.status, headers=headers)

@@ -1,0 +1,103 @@
+"""SQLModel tables. Schema changes go through alembic migrations in `migrations/`.
+
+Credential values are never stored here in plaintext: `Credential` holds only the AES-GCM
+ciphertext and the wrapped data key (see `crypto.py`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, LargeBinary, String, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TenantQuota(SQLModel, table=True):
+    """One row per tenant holding its server count; the cap is enforced by a conditional UPDATE on it."""
+
+    __tablename__ = "tenant_quota"
+
+    tenant_id: str = Field(primary_key=True, max_length=128)
+    server_count: int = Field(default=0)
+
+
+class RemoteServer(SQLModel, table=True):
+    __tablename__ = "remote_server"
+    __table_args__ = (UniqueConstraint("tenant_id", "owner_scope", "name", name="uq_server_owner_name"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant_id: str = Field(index=True, max_length=128)
+    owner_user_id: str = Field(max_length=128)
+    # `tenant` for a tenant-shared server, else `user:<id>`: names are unique per owner scope.
+    owner_scope: str = Field(max_length=140)
+    name: str = Field(max_length=64)
+    slug: str = Field(max_length=80)
+    description: str = Field(default="", max_length=2000)
+    endpoint_url: str = Field(max_length=2048)
+    transport: str = Field(default="streamable_http", max_length=32)
+    auth_type: str = Field(default="none", max_length=32)
+    consent_tier: str = Field(default="auto", max_length=16)
+    is_tenant_shared: bool = Field(default=False)
+    status: str = Field(default="active", max_length=16)
+    consecutive_failures: int = Field(default=0)
+    consecutive_successes: int = Field(default=0)
+    last_health_status: str | None = Field(default=None, max_length=128)
+    last_health_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_discovery_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    # Bumped whenever credentials or the endpoint change: part of the upstream pool's key.
+    credential_version: int = Field(default=1)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Credential(SQLModel, table=True):
+    """One encrypted credential field of a server (envelope encryption, see `crypto.py`)."""
+
+    __tablename__ = "credential"
+    __table_args__ = (UniqueConstraint("server_id", "field", name="uq_credential_field"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    server_id: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), index=True, nullable=False
+        )
+    )
+    tenant_id: str = Field(max_length=128)
+    field: str = Field(max_length=128)
+    dek_id: str = Field(max_length=32)
+    kek_id: str = Field(max_length=32, index=True)
+    wrapped_dek: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    nonce: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Capability(SQLModel, table=True):
+    """One tool, resource, resource template or prompt seen by discovery, in its MCP wire shape."""
+
+    __tablename__ = "capability"
+    __table_args__ = (UniqueConstraint("server_id", "kind", "name", name="uq_capability"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    server_id: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), index=True, nullable=False
+        )
+    )
+    kind: str = Field(max_length=24)  # tool | resource | resource_template | prompt
+    # The upstream name (a resource's URI, a template's uriTemplate).
+    name: str = Field(max_length=1024)
+    description: str | None = Field(default=None)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))

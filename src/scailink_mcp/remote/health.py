@@ -1,0 +1,164 @@
+"""Periodic checks of registered servers: health (every 60 s ± jitter) and re-discovery (every 15 min).
+
+A health check opens a fresh connection and runs the `initialize` handshake within
+`health_timeout_s`. Failures count up `consecutive_failures`; at `health_failure_threshold` an active
+server flips to `error` (its tools leave the catalog). A server in `error` comes back only through a
+successful refresh, or, with `health_auto_recover`, after `health_recover_successes` good checks.
+
+Both loops are owned by the app lifespan; `run_once` steps them in tests without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+import anyio
+from sqlmodel import Session, col, select
+
+from scailink_mcp.config import Settings
+from scailink_mcp.events import ServerEventKind
+from scailink_mcp.models import RemoteServer, utcnow
+from scailink_mcp.remote.discovery import aware
+from scailink_mcp.remote.registry import Registry
+from scailink_mcp.remote.upstream import UpstreamTarget, error_class_name, open_session
+
+logger = logging.getLogger(__name__)
+
+Probe = Callable[[UpstreamTarget], Awaitable[None]]
+CONCURRENCY = 16
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+
+    async def probe(self, target: UpstreamTarget) -> None:
+        """One bounded check over a fresh connection; raises on any failure."""
+        timeout = self.settings.health_timeout_s
+        with anyio.fail_after(timeout):
+            async with open_session(
+                target, self.registry.allowed, connect_timeout=timeout, read_timeout=timeout
+            ) as session:
+                await session.send_ping()
+
+    async def check(self, server_id: str) -> str | None:
+        """Check one server and record the outcome; returns the new `last_health_status`."""
+        target = await self.registry.db.run(lambda s: self.registry._target_by_id(s, server_id))
+        if target is None:
+            return None
+        error: str | None = None
+        try:
+            await self.probe(target)
+        except Exception as exc:
+            error = error_class_name(exc)
+        flipped, server = await self.registry.db.run(lambda s: self._record(s, server_id, error))
+        if flipped and server is not None:
+            await self.registry._publish(ServerEventKind.STATUS_CHANGED, server)
+        return error or "ok"
+
+    def _record(
+        self, session: Session, server_id: str, error: str | None
+    ) -> tuple[bool, RemoteServer | None]:
+        server = session.get(RemoteServer, server_id)
+        if server is None:
+            return False, None
+        settings = self.settings
+        flipped = False
+        server.last_health_at = utcnow()
+        server.last_health_status = error or "ok"
+        if error is not None:
+            server.consecutive_failures += 1
+            server.consecutive_successes = 0
+            if server.status == "active" and server.consecutive_failures >= settings.health_failure_threshold:
+                server.status = "error"
+                flipped = True
+        elif server.status == "active":
+            server.consecutive_failures = 0
+        elif settings.health_auto_recover:
+            server.consecutive_successes += 1
+            if server.consecutive_successes >= settings.health_recover_successes:
+                server.status = "active"
+                server.consecutive_failures = 0
+                server.consecutive_successes = 0
+                flipped = True
+        session.add(server)
+        session.commit()
+        return flipped, server
+
+    async def run_once(self) -> dict[str, str | None]:
+        """Check every registered server (bounded concurrency); returns id -> status."""
+        ids = await self.registry.db.run(lambda s: list(s.exec(select(RemoteServer.id)).all()))
+        results: dict[str, str | None] = {}
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
+
+        async def _one(server_id: str) -> None:
+            async with limiter:
+                results[server_id] = await self.check(server_id)
+
+        async with anyio.create_task_group() as tg:
+            for server_id in ids:
+                tg.start_soon(_one, server_id)
+        return results
+
+    def next_delay(self) -> float:
+        jitter = self.settings.health_jitter
+        return self.settings.health_interval_s * (1 + self.rng.uniform(-jitter, jitter))
+
+    async def run(self) -> None:
+        while True:
+            await self.sleep(self.next_delay())
+            try:
+                await self.run_once()
+            except Exception:
+                logger.exception("health check round failed")
+
+
+class Rediscovery:
+    """Re-runs discovery for active servers whose last discovery is older than `discovery_interval_s`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.clock = clock
+        self.sleep = sleep
+
+    def due(self, session: Session) -> list[str]:
+        cutoff = self.clock() - timedelta(seconds=self.settings.discovery_interval_s)
+        rows = session.exec(select(RemoteServer).where(col(RemoteServer.status) == "active")).all()
+        return [r.id for r in rows if r.last_discovery_at is None or aware(r.last_discovery_at) <= cutoff]
+
+    async def run_once(self) -> list[str]:
+        ids = await self.registry.db.run(self.due)
+        for server_id in ids:
+            await self.registry.run_discovery(server_id)
+        return ids
+
+    async def run(self) -> None:
+        # Check for due servers a few times per interval so a server is never late by a whole interval.
+        period = max(1.0, self.settings.discovery_interval_s / 10)
+        while True:
+            await self.sleep(period)
+            try:
+                await self.run_once()
+            except Exception:
+                logger.exception("re-discovery round failed")

@@ -1,0 +1,110 @@
+"""Opening an MCP client session to a registered upstream.
+
+Owns: the upstream's outbound headers (built from decrypted credentials, never logged), the choice of
+transport (Streamable HTTP or legacy SSE), the SSRF-guarded HTTP client and the mapping of a failure
+to the error class name shown in `last_health_status`. Discovery, health checks and the session pool
+all connect through `open_session`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx2
+from mcp.client.session import ClientSession, MessageHandlerFnT
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import Implementation
+
+from scailink_mcp.remote.netguard import guarded_http_client, sse_client_factory
+
+CLIENT_INFO = Implementation(name="scailink-mcp", version="0.1.0")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Everything needed to connect to one upstream. `headers` hold secrets: repr hides them."""
+
+    server_id: str
+    endpoint_url: str
+    transport: str
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+def upstream_headers(auth_type: str, credentials: Mapping[str, str]) -> dict[str, str]:
+    """Outbound headers for an upstream: `bearer` -> Authorization, `api_key_header` -> each field."""
+    if auth_type == "bearer":
+        token = credentials.get("authorization")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+    if auth_type == "api_key_header":
+        return dict(credentials)
+    return {}
+
+
+def parse_networks(cidrs: Sequence[str]) -> list[Network]:
+    return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+
+def error_class_name(exc: BaseException) -> str:
+    """The class name of the root failure: exception groups (anyio task groups) are unwrapped."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, httpx2.TimeoutException):
+        return "TimeoutError"
+    return type(exc).__name__
+
+
+@asynccontextmanager
+async def open_session(
+    target: UpstreamTarget,
+    allowed: Sequence[Network],
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    message_handler: MessageHandlerFnT | None = None,
+) -> AsyncIterator[ClientSession]:
+    """Connect, run the `initialize` handshake and yield a ready `ClientSession`.
+
+    The caller bounds the whole operation (e.g. with `anyio.fail_after`); `connect_timeout` bounds
+    each HTTP connect/write and `read_timeout` each read.
+    """
+    headers = dict(target.headers)
+    timeout = httpx2.Timeout(connect_timeout, read=read_timeout)
+    if target.transport == "sse":
+        async with (
+            sse_client(
+                target.endpoint_url,
+                headers=headers,
+                timeout=connect_timeout,
+                sse_read_timeout=read_timeout,
+                httpx_client_factory=sse_client_factory(allowed),
+            ) as (read, write),
+            ClientSession(
+                read,
+                write,
+                read_timeout_seconds=read_timeout,
+                client_info=CLIENT_INFO,
+                message_handler=message_handler,
+            ) as session,
+        ):
+            await session.initialize()
+            yield session
+        return
+    async with (
+        guarded_http_client(allowed, headers=headers, timeout=timeout) as http_client,
+        streamable_http_client(target.endpoint_url, http_client=http_client) as (read, write),
+        ClientSession(
+            read,
+            write,
+            read_timeout_seconds=read_timeout,
+            client_info=CLIENT_INFO,
+            message_handler=message_handler,
+        ) as session,
+    ):
+        await session.initialize()
+        yield session
