@@ -12,8 +12,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
-from scailink_mcp.auth import TokenVerifier
-from scailink_mcp.crypto import Keyring
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,7 +23,9 @@ from scailink_mcp.api.middleware import (
     scailink_error_handler,
     unhandled_error_handler,
 )
+from scailink_mcp.auth import TokenVerifier
 from scailink_mcp.config import Settings
+from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
 from scailink_mcp.errors import ScaiLinkError
 from scailink_mcp.events import EventBus

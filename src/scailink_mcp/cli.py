@@ -71,7 +71,6 @@ def _serve(settings: Settings) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from scailink_mcp.auth import mint_token
-
     from scailink_mcp.db import Database
 
     settings = prepare_dev(_settings(args))
@@ -161,7 +160,6 @@ def cmd_kek_generate(args: argparse.Namespace) -> int:
 
 def cmd_kek_rotate(args: argparse.Namespace) -> int:
     from scailink_mcp.crypto import Keyring, rotate_credentials
-
     from scailink_mcp.db import Database
 
     settings = _settings(args)
