@@ -158,3 +158,54 @@ async def start_app(settings: Settings) -> AsyncIterator[AppHarness]:
 async def harness(settings_factory: Callable[..., Settings]) -> AsyncIterator[AppHarness]:
     async with start_app(settings_factory()) as h:
         yield h
+
+
+class LiveApp:
+    """The app served by a real uvicorn on 127.0.0.1 in a thread (for MCP clients over real HTTP)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import socket
+
+        import uvicorn
+
+        db = Database(settings.effective_database_url)
+        db.migrate()
+        self.parts = build_components(settings, db)
+        self.app = create_app(settings, self.parts)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.mcp_url = f"{self.base_url}/mcp"
+
+    def __enter__(self) -> LiveApp:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("ScaiLink did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture
+def live(settings_factory: Callable[..., Settings]) -> Iterator[LiveApp]:
+    with LiveApp(settings_factory()) as app:
+        yield app

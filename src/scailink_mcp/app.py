@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
+import anyio.to_thread
+import mcp_types as types
+from mcp.client.session import ClientSession, IncomingMessage
+from mcp.server.auth.routes import create_protected_resource_routes
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
 
+from scailink_mcp import mcp_server
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
     RequestIdMiddleware,
@@ -24,13 +33,24 @@ from scailink_mcp.api.middleware import (
     unhandled_error_handler,
 )
 from scailink_mcp.auth import TokenVerifier
+from scailink_mcp.catalog import Catalog, RemoteDirectory
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
-from scailink_mcp.errors import ScaiLinkError
+from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus
+from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
+from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.registry import Registry
+from scailink_mcp.remote.upstream import open_session
+
+SINGLE_SERVER_MCP_PATH = "/v1/modules/scailink/remote-servers/{server_id}/mcp"
+LIST_CHANGED = (
+    types.ToolListChangedNotification,
+    types.PromptListChangedNotification,
+    types.ResourceListChangedNotification,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +67,11 @@ class Components:
     registry: Registry
     health: HealthChecker
     rediscovery: Rediscovery
+    directory: RemoteDirectory
+    catalog: Catalog
+    pool: UpstreamPool
+    notifier: SessionNotifier
+    gateway: mcp_server.Gateway
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -54,6 +79,43 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     events = EventBus()
     keyring = Keyring.from_settings(settings)
     registry = Registry(settings, db, keyring, events)
+    rediscovery = Rediscovery(settings, registry)
+    directory = RemoteDirectory(db)
+    catalog = Catalog(directory)
+    notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
+
+    def message_handler(key: PoolKey) -> Any:
+        async def handle(message: IncomingMessage) -> None:
+            # An upstream's own list_changed re-runs discovery (in another task: never await a
+            # request on the same session from inside its message handler).
+            if isinstance(message, LIST_CHANGED):
+                rediscovery.trigger(key.server_id)
+
+        return handle
+
+    def connect(key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
+        """Cold path only: load and decrypt the target, then handshake."""
+
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[ClientSession]:
+            target = await db.run(lambda s: registry._target_by_id(s, key.server_id))
+            if target is None:
+                raise UpstreamError("the server no longer exists")
+            async with open_session(
+                target,
+                registry.allowed,
+                connect_timeout=settings.discovery_connect_timeout_s,
+                read_timeout=settings.call_timeout_max_s,
+                message_handler=message_handler(key),
+            ) as session:
+                yield session
+
+        return opened()
+
+    pool = UpstreamPool(connect, idle_ttl_s=settings.pool_idle_ttl_s, max_sessions=settings.pool_max_sessions)
+    events.subscribe(directory.on_event)
+    events.subscribe(pool.on_event)
+    directory.listeners.append(notifier.tenant_changed)
     return Components(
         settings=settings,
         db=db,
@@ -62,27 +124,67 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         verifier=TokenVerifier(settings),
         registry=registry,
         health=HealthChecker(settings, registry),
-        rediscovery=Rediscovery(settings, registry),
+        rediscovery=rediscovery,
+        directory=directory,
+        catalog=catalog,
+        pool=pool,
+        notifier=notifier,
+        gateway=mcp_server.Gateway(settings, catalog, pool, notifier),
     )
+
+
+def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPSessionManager]]:
+    """`/mcp` (aggregate), the per-server endpoint, and the OAuth protected-resource metadata."""
+    settings = parts.settings
+    verifier = mcp_server.McpTokenVerifier(parts.verifier)
+    resource = mcp_server.resource_url(settings)
+    base = resource.removesuffix("/mcp")
+    metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
+    aggregate = mcp_server.session_manager(mcp_server.build_aggregate_server(parts.gateway), settings)
+    single = mcp_server.session_manager(mcp_server.build_single_server(parts.gateway), settings)
+    issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
+    routes: list[BaseRoute] = [
+        Route("/mcp", endpoint=mcp_server.protect(mcp_server.asgi(aggregate), verifier, metadata)),
+        Route(
+            SINGLE_SERVER_MCP_PATH, endpoint=mcp_server.protect(mcp_server.asgi(single), verifier, metadata)
+        ),
+        *create_protected_resource_routes(
+            resource_url=AnyHttpUrl(resource),
+            authorization_servers=[AnyHttpUrl(issuer or base)],
+            scopes_supported=None,
+            resource_name="ScaiLink MCP",
+        ),
+    ]
+    return routes, [aggregate, single]
 
 
 def create_app(settings: Settings, components: Components | None = None) -> Starlette:
     parts = components or build_components(settings)
 
+    routes, managers = mcp_routes(parts)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(parts.directory.load)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(parts.pool.run)
+            tg.start_soon(parts.notifier.run)
+            tg.start_soon(parts.rediscovery.run_triggered)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)
                 tg.start_soon(parts.rediscovery.run)
             try:
-                yield
+                async with AsyncExitStack() as stack:
+                    for manager in managers:
+                        await stack.enter_async_context(manager.run())
+                    yield
             finally:
+                # MCP sessions are closed first (above), then every background task and pooled session.
                 tg.cancel_scope.cancel()
         parts.db.dispose()
 
     app = Starlette(
-        routes=[*operations.routes, *remote_servers.routes],
+        routes=[*operations.routes, *remote_servers.routes, *routes],
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={
             ScaiLinkError: scailink_error_handler,

@@ -1,37 +1,318 @@
-"""Names: server slugs, namespaced tool/prompt names and resource URIs.
+"""The aggregated per-principal catalog, its cache, and name resolution.
 
-Pure functions; the aggregated per-principal catalog and its cache build on them.
+`RemoteDirectory` is an in-memory snapshot of every registered server and the capabilities its latest
+successful discovery saw. It is loaded once at start-up and kept current by registry events (one
+server re-read per event), so the MCP hot path never queries the database.
+
+`Catalog.view(principal, style)` returns a `CatalogView`: the principal's tools, prompts, resources and
+templates under public (namespaced) names, pre-built and cached per (tenant, user, permissions, naming
+style) until the tenant's directory version moves. Hidden: servers in `status: error`, `locked`
+servers, and every remote item when the caller lacks `scailink:remote.use`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-from urllib.parse import quote
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote, unquote
 
-_NON_SLUG = re.compile(r"[^a-z0-9-]+")
+import mcp_types as types
+from sqlmodel import Session, select
+
+from scailink_mcp import auth
+from scailink_mcp.auth import Principal
+from scailink_mcp.db import Database
+from scailink_mcp.errors import ToolNotFound
+from scailink_mcp.events import ServerEvent, ServerEventKind
+from scailink_mcp.models import RemoteServer
+from scailink_mcp.naming import compat_names, namespaced_name, remote_namespace
+from scailink_mcp.remote.discovery import visible_capabilities
+
+NameStyle = Literal["dotted", "compat"]
+# Pages stay well under the SDK client's 1 MiB cap on one server-sent event.
+PAGE_MAX_ITEMS = 500
+PAGE_MAX_BYTES = 256 * 1024
+URI_SCHEME = "scailink://"
 
 
-def slugify(name: str, *, tenant_id: str, owner_user_id: str, server_id: str) -> str:
-    """`name` lower-cased to `[a-z0-9-]`, then `-` and 6 hex chars of a hash of (tenant, owner, id).
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """A registered server as the hot path needs it (no credentials)."""
 
-    Fixed at creation, so namespaced tool names stay stable across renames.
-    """
-    base = _NON_SLUG.sub("-", name.lower()).strip("-") or "server"
-    base = re.sub("-{2,}", "-", base)[:48].rstrip("-")
-    digest = hashlib.sha256(f"{tenant_id}\x00{owner_user_id}\x00{server_id}".encode()).hexdigest()[:6]
-    return f"{base}-{digest}"
+    id: str
+    tenant_id: str
+    owner_user_id: str
+    is_tenant_shared: bool
+    slug: str
+    name: str
+    status: str
+    consent_tier: str
+    credential_version: int
+    tools: tuple[dict[str, Any], ...] = ()
+    prompts: tuple[dict[str, Any], ...] = ()
+    resources: tuple[dict[str, Any], ...] = ()
+    resource_templates: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def namespace(self) -> str:
+        return remote_namespace(
+            slug=self.slug, owner_user_id=self.owner_user_id, is_tenant_shared=self.is_tenant_shared
+        )
+
+    @property
+    def listed(self) -> bool:
+        return self.status == "active" and self.consent_tier != "locked"
+
+    def visible_to(self, principal: Principal) -> bool:
+        return self.tenant_id == principal.tenant_id and (
+            self.is_tenant_shared or self.owner_user_id == principal.user_id
+        )
 
 
-def remote_namespace(*, slug: str, owner_user_id: str, is_tenant_shared: bool) -> str:
-    """`remote.tenant.{slug}` for shared servers, `remote.{user_id}.{slug}` for personal ones."""
-    return f"remote.tenant.{slug}" if is_tenant_shared else f"remote.{owner_user_id}.{slug}"
+def snapshot(session: Session, server: RemoteServer) -> ServerSnapshot:
+    kinds: dict[str, list[dict[str, Any]]] = {
+        "tool": [],
+        "prompt": [],
+        "resource": [],
+        "resource_template": [],
+    }
+    for cap in visible_capabilities(session, server):
+        kinds[cap.kind].append(cap.payload)
+    return ServerSnapshot(
+        id=server.id,
+        tenant_id=server.tenant_id,
+        owner_user_id=server.owner_user_id,
+        is_tenant_shared=server.is_tenant_shared,
+        slug=server.slug,
+        name=server.name,
+        status=server.status,
+        consent_tier=server.consent_tier,
+        credential_version=server.credential_version,
+        tools=tuple(kinds["tool"]),
+        prompts=tuple(kinds["prompt"]),
+        resources=tuple(kinds["resource"]),
+        resource_templates=tuple(kinds["resource_template"]),
+    )
 
 
-def namespaced_name(namespace: str, upstream_name: str) -> str:
-    return f"{namespace}.{upstream_name}"
+class RemoteDirectory:
+    """Every server's snapshot by id, and a version per tenant that moves on every change."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._servers: dict[str, ServerSnapshot] = {}
+        self._versions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.listeners: list[Any] = []  # callables(tenant_id) told after a change (list_changed fan-out)
+
+    def load(self) -> None:
+        with self.db.session() as session:
+            servers = {row.id: snapshot(session, row) for row in session.exec(select(RemoteServer)).all()}
+        with self._lock:
+            self._servers = servers
+            for snap in servers.values():
+                self._versions[snap.tenant_id] = self._versions.get(snap.tenant_id, 0) + 1
+
+    def _read(self, server_id: str) -> ServerSnapshot | None:
+        with self.db.session() as session:
+            row = session.get(RemoteServer, server_id)
+            return None if row is None else snapshot(session, row)
+
+    async def refresh_server(self, server_id: str, tenant_id: str) -> None:
+        fresh = await self.db.run(lambda _s: self._read(server_id))
+        with self._lock:
+            if fresh is None:
+                self._servers.pop(server_id, None)
+            else:
+                self._servers[server_id] = fresh
+            self._versions[tenant_id] = self._versions.get(tenant_id, 0) + 1
+        for listener in list(self.listeners):
+            listener(tenant_id)
+
+    async def on_event(self, event: ServerEvent) -> None:
+        if event.kind is ServerEventKind.DELETED:
+            with self._lock:
+                self._servers.pop(event.server_id, None)
+                self._versions[event.tenant_id] = self._versions.get(event.tenant_id, 0) + 1
+            for listener in list(self.listeners):
+                listener(event.tenant_id)
+            return
+        await self.refresh_server(event.server_id, event.tenant_id)
+
+    def version(self, tenant_id: str) -> int:
+        return self._versions.get(tenant_id, 0)
+
+    def get(self, server_id: str) -> ServerSnapshot | None:
+        return self._servers.get(server_id)
+
+    def for_tenant(self, tenant_id: str) -> list[ServerSnapshot]:
+        with self._lock:
+            return sorted((s for s in self._servers.values() if s.tenant_id == tenant_id), key=lambda s: s.id)
 
 
-def namespaced_uri(namespace: str, upstream_uri: str) -> str:
-    """A resource keeps its upstream URI inside `scailink://{namespace}/{percent-encoded uri}`."""
-    return f"scailink://{namespace}/{quote(upstream_uri, safe='')}"
+@dataclass(frozen=True)
+class Target:
+    """What a public name resolves to."""
+
+    kind: str  # tool | prompt | resource
+    server: ServerSnapshot
+    upstream_name: str  # tool/prompt name or resource URI upstream
+
+
+def _with_name(payload: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    out = dict(payload)
+    out[key] = value
+    return out
+
+
+def public_uri(namespace: str, upstream_uri: str, *, template: bool = False) -> str:
+    return f"{URI_SCHEME}{namespace}/{quote(upstream_uri, safe='{}' if template else '')}"
+
+
+def split_uri(uri: str) -> tuple[str, str] | None:
+    if not uri.startswith(URI_SCHEME):
+        return None
+    namespace, sep, rest = uri[len(URI_SCHEME) :].partition("/")
+    return (namespace, unquote(rest)) if sep and namespace else None
+
+
+def paginate(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Page boundaries: at most PAGE_MAX_ITEMS items and about PAGE_MAX_BYTES of JSON per page."""
+    pages: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, item in enumerate(items):
+        item_size = len(json.dumps(item, separators=(",", ":")))
+        if index > start and (index - start >= PAGE_MAX_ITEMS or size + item_size > PAGE_MAX_BYTES):
+            pages.append((start, index))
+            start, size = index, 0
+        size += item_size
+    pages.append((start, len(items)))
+    return pages
+
+
+@dataclass
+class CatalogView:
+    """One principal's catalog in one naming style, built once and reused until it is stale."""
+
+    version: int
+    tools: list[types.Tool] = field(default_factory=list)
+    tool_pages: list[tuple[int, int]] = field(default_factory=list)
+    prompts: list[types.Prompt] = field(default_factory=list)
+    resources: list[types.Resource] = field(default_factory=list)
+    resource_templates: list[types.ResourceTemplate] = field(default_factory=list)
+    tool_targets: dict[str, Target] = field(default_factory=dict)
+    prompt_targets: dict[str, Target] = field(default_factory=dict)
+    namespaces: dict[str, ServerSnapshot] = field(default_factory=dict)
+    # Per kind (tools, prompts, resources): a digest of what a client would list, for list_changed.
+    fingerprint: tuple[str, str, str] = ("", "", "")
+
+    def resolve_tool(self, name: str) -> Target:
+        target = self.tool_targets.get(name)
+        if target is None:
+            raise ToolNotFound(f"unknown tool {name!r}")
+        return target
+
+    def resolve_prompt(self, name: str) -> Target:
+        target = self.prompt_targets.get(name)
+        if target is None:
+            raise ToolNotFound(f"unknown prompt {name!r}")
+        return target
+
+    def resolve_resource(self, uri: str) -> Target:
+        parts = split_uri(uri)
+        server = self.namespaces.get(parts[0]) if parts else None
+        if parts is None or server is None:
+            raise ToolNotFound(f"unknown resource {uri!r}")
+        return Target("resource", server, parts[1])
+
+
+def build_view(servers: list[ServerSnapshot], version: int, style: NameStyle) -> CatalogView:
+    view = CatalogView(version=version)
+    tools: list[tuple[str, dict[str, Any], ServerSnapshot]] = []
+    prompts: list[tuple[str, dict[str, Any], ServerSnapshot]] = []
+    for server in servers:
+        if not server.listed:
+            continue
+        ns = server.namespace
+        view.namespaces[ns] = server
+        tools += [(namespaced_name(ns, t["name"]), t, server) for t in server.tools]
+        prompts += [(namespaced_name(ns, p["name"]), p, server) for p in server.prompts]
+        for res in server.resources:
+            view.resources.append(
+                types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
+            )
+        for tpl in server.resource_templates:
+            public = public_uri(ns, tpl["uriTemplate"], template=True)
+            view.resource_templates.append(
+                types.ResourceTemplate.model_validate(_with_name(tpl, "uriTemplate", public))
+            )
+    names = compat_names([n for n, _, _ in tools] + [n for n, _, _ in prompts]) if style == "compat" else {}
+    payloads: list[dict[str, Any]] = []
+    for dotted, payload, server in sorted(tools, key=lambda t: t[0]):
+        public = names.get(dotted, dotted)
+        payloads.append(_with_name(payload, "name", public))
+        view.tool_targets[public] = Target("tool", server, payload["name"])
+    view.tools = [types.Tool.model_validate(p) for p in payloads]
+    view.tool_pages = paginate(payloads)
+    for dotted, payload, server in sorted(prompts, key=lambda t: t[0]):
+        public = names.get(dotted, dotted)
+        view.prompts.append(types.Prompt.model_validate(_with_name(payload, "name", public)))
+        view.prompt_targets[public] = Target("prompt", server, payload["name"])
+    view.fingerprint = (
+        digest(payloads),
+        digest([p.model_dump(by_alias=True, mode="json") for p in view.prompts]),
+        digest(
+            [r.model_dump(by_alias=True, mode="json") for r in [*view.resources, *view.resource_templates]]
+        ),
+    )
+    return view
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def server_fingerprint(server: ServerSnapshot | None) -> tuple[str, str, str]:
+    if server is None or not server.listed:
+        return (digest(None), digest(None), digest(None))
+    return (
+        digest(server.tools),
+        digest(server.prompts),
+        digest([server.resources, server.resource_templates]),
+    )
+
+
+class Catalog:
+    """Per-principal views over the directory, cached until the tenant's version moves."""
+
+    def __init__(self, directory: RemoteDirectory) -> None:
+        self.directory = directory
+        self._views: dict[tuple[str, str, bool, str], CatalogView] = {}
+        self.builds = 0  # how many views were built (tests show the cache works)
+
+    def view(self, principal: Principal, style: NameStyle) -> CatalogView:
+        remote = principal.has(auth.REMOTE_USE)
+        key = (principal.tenant_id, principal.user_id, remote, style)
+        version = self.directory.version(principal.tenant_id)
+        cached = self._views.get(key)
+        if cached is not None and cached.version == version:
+            return cached
+        servers = (
+            [s for s in self.directory.for_tenant(principal.tenant_id) if s.visible_to(principal)]
+            if remote
+            else []
+        )
+        view = build_view(servers, version, style)
+        self.builds += 1
+        self._views[key] = view
+        return view
+
+    def single_server_view(self, principal: Principal, server_id: str) -> ServerSnapshot:
+        """The per-server endpoint: one visible, listed server with its upstream names."""
+        server = self.directory.get(server_id)
+        if server is None or not server.visible_to(principal) or not principal.has(auth.REMOTE_USE):
+            raise ToolNotFound("unknown server")
+        return server

@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     discovery_interval_s: float = 900.0
     capability_retention_s: float = 24 * 3600.0
 
+    # --- the MCP surface
+    call_timeout_s: float = 60.0
+    call_timeout_max_s: float = 300.0
+    max_result_bytes: int = 10 * 1024 * 1024
+    consent_timeout_s: float = 60.0
+    list_changed_debounce_s: float = 0.25
+    # Host/Origin values accepted besides loopback and PUBLIC_URL (DNS-rebinding protection).
+    mcp_allowed_hosts: CommaList = Field(default_factory=list)
+    mcp_allowed_origins: CommaList = Field(default_factory=list)
+
     # --- health checks
     health_interval_s: float = 60.0
     health_jitter: float = 0.1
@@ -89,7 +99,13 @@ class Settings(BaseSettings):
     # --- background tasks
     background_tasks: bool = True
 
-    _split = field_validator("jwt_algorithms", "allowed_private_networks", mode="before")(_split_commas)
+    _split = field_validator(
+        "jwt_algorithms",
+        "allowed_private_networks",
+        "mcp_allowed_hosts",
+        "mcp_allowed_origins",
+        mode="before",
+    )(_split_commas)
 
     @field_validator("encryption_previous_keks", mode="before")
     @classmethod

@@ -141,6 +141,24 @@ class Rediscovery:
         self.registry = registry
         self.clock = clock
         self.sleep = sleep
+        self._triggered: set[str] = set()
+        self._wake = anyio.Event()
+
+    def trigger(self, server_id: str) -> None:
+        """Re-discover this server soon (an upstream announced list_changed)."""
+        self._triggered.add(server_id)
+        self._wake.set()
+
+    async def run_triggered(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            ids, self._triggered = self._triggered, set()
+            for server_id in ids:
+                try:
+                    await self.registry.run_discovery(server_id)
+                except Exception:
+                    logger.exception("triggered re-discovery failed", extra={"server_id": server_id})
 
     def due(self, session: Session) -> list[str]:
         cutoff = self.clock() - timedelta(seconds=self.settings.discovery_interval_s)

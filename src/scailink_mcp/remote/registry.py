@@ -19,7 +19,6 @@ from sqlmodel import Session, col, select
 
 from scailink_mcp import auth
 from scailink_mcp.auth import Principal
-from scailink_mcp.catalog import namespaced_name, namespaced_uri, remote_namespace, slugify
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring, open_sealed, seal, sealed_from_row
 from scailink_mcp.db import Database
@@ -32,6 +31,7 @@ from scailink_mcp.errors import (
 )
 from scailink_mcp.events import EventBus, ServerEvent, ServerEventKind
 from scailink_mcp.models import Capability, Credential, RemoteServer, TenantQuota, new_id, utcnow
+from scailink_mcp.naming import namespaced_name, namespaced_uri, remote_namespace, slugify
 from scailink_mcp.remote.discovery import (
     DiscoveryResult,
     aware,

@@ -1,0 +1,1 @@
+"""Benchmarks: ScaiLink side by side with a direct SDK connection, in the same run, as ratios."""

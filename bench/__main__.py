@@ -1,0 +1,228 @@
+"""`python -m bench [--quick] [--out bench/results.json]`: ScaiLink vs a direct SDK connection, same run.
+
+Processes: the upstream (`bench.upstream`), ScaiLink (`scailink dev` on a temp data dir) and this
+client, each its own process, all on 127.0.0.1. ScaiLink learns the upstream through the REST
+registry, as a user would. Figures are printed as ratios against the direct call measured in the same
+run; absolute times on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@asynccontextmanager
+async def client(url: str, token: str | None = None) -> AsyncIterator[ClientSession]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {"p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99)}
+
+
+async def warm_calls(url: str, tool: str, count: int, token: str | None) -> dict[str, float]:
+    async with client(url, token) as session:
+        for _ in range(20):
+            await session.call_tool(tool, {"text": "warm"})
+        samples: list[float] = []
+        start = time.perf_counter()
+        for i in range(count):
+            t0 = time.perf_counter()
+            await session.call_tool(tool, {"text": f"call {i}"})
+            samples.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+    return {**percentiles(samples), "calls_per_s": count / elapsed}
+
+
+async def cold_calls(url: str, tool: str, count: int, token: str | None) -> dict[str, float]:
+    samples: list[float] = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        async with client(url, token) as session:
+            await session.call_tool(tool, {"text": "cold"})
+        samples.append(time.perf_counter() - t0)
+    return {"median_ms": statistics.median(samples) * 1000}
+
+
+async def list_tools(url: str, count: int, token: str | None) -> dict[str, float]:
+    async with client(url, token) as session:
+        await session.list_tools()
+        samples: list[float] = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            cursor = None
+            n = 0
+            while True:
+                from mcp.types import PaginatedRequestParams
+
+                page = await session.list_tools(
+                    params=PaginatedRequestParams(cursor=cursor) if cursor else None
+                )
+                n += len(page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            samples.append(time.perf_counter() - t0)
+    return {"median_ms": statistics.median(samples) * 1000, "tools": float(n)}
+
+
+async def concurrent(
+    url: str, tool: str, clients: int, per_client: int, token: str | None
+) -> dict[str, float]:
+    async def one() -> None:
+        async with client(url, token) as session:
+            for i in range(per_client):
+                await session.call_tool(tool, {"text": str(i)})
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(clients):
+            tg.start_soon(one)
+    return {"calls_per_s": clients * per_client / (time.perf_counter() - start)}
+
+
+async def measure(
+    name: str, results: dict[str, Any], fn: Callable[..., Awaitable[dict[str, float]]], *args: Any
+) -> None:
+    results[name] = await fn(*args)
+    print(f"  {name}: {json.dumps({k: round(v, 2) for k, v in results[name].items()})}", flush=True)
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    warm_n, cold_n, list_n = (200, 5, 5) if quick else (2000, 30, 20)
+    conc_clients, conc_each = (4, 25) if quick else (16, 100)
+    data_dir = Path(tempfile.mkdtemp(prefix="scailink-bench-"))
+    up_port, sl_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
+    results: dict[str, Any] = {"quick": quick}
+    with (
+        process([sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--tools", "100"]),
+        process(
+            [
+                sys.executable,
+                "-m",
+                "scailink_mcp.cli",
+                "dev",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(sl_port),
+            ],
+            env=env,
+        ),
+    ):
+        upstream = f"http://127.0.0.1:{up_port}/mcp"
+        scailink = f"http://127.0.0.1:{sl_port}"
+        wait_http(upstream)
+        wait_http(scailink + "/healthz")
+        token = (data_dir / "dev_admin_token").read_text().strip()
+        async with httpx.AsyncClient(timeout=60) as rest:
+            resp = await rest.post(
+                f"{scailink}/v1/modules/scailink/remote-servers",
+                json={"name": "bench", "endpoint_url": upstream},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        resp.raise_for_status()
+        slug = resp.json()["data"]["slug"]
+        tool = f"remote.dev-admin.{slug}.echo"
+        print("direct:", flush=True)
+        direct: dict[str, Any] = {}
+        await measure("warm", direct, warm_calls, upstream, "echo", warm_n, None)
+        await measure("cold", direct, cold_calls, upstream, "echo", cold_n, None)
+        await measure("list_100", direct, list_tools, upstream, list_n, None)
+        await measure("concurrent", direct, concurrent, upstream, "echo", conc_clients, conc_each, None)
+        print("scailink:", flush=True)
+        proxied: dict[str, Any] = {}
+        await measure("warm", proxied, warm_calls, scailink + "/mcp", tool, warm_n, token)
+        await measure("cold", proxied, cold_calls, scailink + "/mcp", tool, cold_n, token)
+        await measure("list_100", proxied, list_tools, scailink + "/mcp", list_n, token)
+        await measure(
+            "concurrent", proxied, concurrent, scailink + "/mcp", tool, conc_clients, conc_each, token
+        )
+    results["direct"], results["scailink"] = direct, proxied
+    results["ratios"] = {
+        "warm_p50_scailink_over_direct": proxied["warm"]["p50_ms"] / direct["warm"]["p50_ms"],
+        "warm_p99_scailink_over_direct": proxied["warm"]["p99_ms"] / direct["warm"]["p99_ms"],
+        "warm_over_cold_scailink": proxied["warm"]["p50_ms"] / proxied["cold"]["median_ms"],
+        "list_100_scailink_over_direct": proxied["list_100"]["median_ms"] / direct["list_100"]["median_ms"],
+        "throughput_scailink_over_direct": proxied["concurrent"]["calls_per_s"]
+        / direct["concurrent"]["calls_per_s"],
+    }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="small counts, for CI smoke (< 2 min)")
+    parser.add_argument("--out", default="bench/results.json")
+    args = parser.parse_args()
+    results = anyio.run(run, args.quick)
+    print("\nratios (ScaiLink / direct, same run):")
+    for name, value in results["ratios"].items():
+        print(f"  {name:40s} {value:6.2f}")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

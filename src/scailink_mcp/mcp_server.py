@@ -1,0 +1,479 @@
+"""The aggregating MCP server at `/mcp` and the per-server endpoint; thin handlers over `catalog` + pool.
+
+Identity: ScaiLink's JWT verifier is plugged into the SDK's resource-server auth (`BearerAuthBackend`,
+`RequireAuthMiddleware`, protected-resource metadata), so a missing token answers 401 with
+`WWW-Authenticate` pointing at `/.well-known/oauth-protected-resource`. Handlers read the `Principal`
+from the SDK's auth context.
+
+Hot path of `tools/call`: resolve the name in the cached view -> check `scailink:invoke` and the
+consent tier -> `pool.call_tool` on a warm upstream session -> return the upstream result unchanged.
+No database query, no handshake when a session is warm.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import anyio
+import mcp_types as types
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, get_access_token
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.auth.provider import AccessToken
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
+from mcp.server.session import ServerSession
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from pydantic import ConfigDict
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import Request
+from starlette.types import ASGIApp
+
+from scailink_mcp import auth
+from scailink_mcp.auth import Principal, TokenVerifier
+from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerSnapshot, Target
+from scailink_mcp.config import Settings
+from scailink_mcp.errors import (
+    ConsentDenied,
+    Forbidden,
+    ScaiLinkError,
+    ToolNotFound,
+    Unauthorized,
+    UpstreamError,
+)
+from scailink_mcp.notifier import SessionNotifier
+from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+INVALID_PARAMS = -32602
+INVALID_REQUEST = -32600
+
+
+class ScaiLinkAccessToken(AccessToken):
+    """The SDK's access token carrying ScaiLink's `Principal` to the handlers."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    principal: Principal
+
+
+class McpTokenVerifier:
+    """Adapts `auth.TokenVerifier` to the SDK's `TokenVerifier` protocol."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self.verifier = verifier
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            principal = await self.verifier.verify(token)
+        except Unauthorized as exc:
+            logger.info("mcp token refused", extra={"reason": exc.message})
+            return None
+        return ScaiLinkAccessToken(
+            token=token,
+            client_id=principal.user_id,
+            scopes=sorted(principal.permissions),
+            subject=principal.user_id,
+            claims={"tenant_id": principal.tenant_id},
+            principal=principal,
+        )
+
+
+class ConsentGate(Protocol):
+    """Asks the user to approve one invocation of a `confirm` tool. The desktop bridge implements it."""
+
+    async def ask(self, principal: Principal, public_name: str, arguments: dict[str, Any] | None) -> bool: ...
+
+
+class DenyingConsentGate:
+    """Until a desktop session can be asked, `confirm` tools are denied (unless MCP elicitation is used)."""
+
+    async def ask(self, principal: Principal, public_name: str, arguments: dict[str, Any] | None) -> bool:
+        return False
+
+
+def current_principal() -> Principal:
+    token = get_access_token()
+    if not isinstance(token, ScaiLinkAccessToken):
+        raise MCPError(INVALID_REQUEST, "not authenticated")
+    return token.principal
+
+
+def error_result(err: ScaiLinkError) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=f"{err.code}: {err.message}")],
+        is_error=True,
+        _meta={"scailink/error": {"code": err.code, "message": err.message}},
+    )
+
+
+def result_size(result: types.CallToolResult) -> int:
+    """A cheap upper estimate of the result's wire size (text and base64 payloads dominate)."""
+    size = 0
+    for block in result.content:
+        size += len(getattr(block, "text", "") or "") + len(getattr(block, "data", "") or "")
+        resource = getattr(block, "resource", None)
+        if resource is not None:
+            size += len(getattr(resource, "text", "") or "") + len(getattr(resource, "blob", "") or "")
+    return size
+
+
+def _page_cursor(index: int) -> str:
+    return base64.urlsafe_b64encode(f"p{index}".encode()).decode()
+
+
+def _page_index(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
+        if raw.startswith("p") and raw[1:].isdigit():
+            return int(raw[1:])
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise MCPError(INVALID_PARAMS, "invalid cursor")
+
+
+class Gateway:
+    """The business of the MCP surface, shared by the aggregate and per-server endpoints."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        pool: UpstreamPool,
+        notifier: SessionNotifier,
+        consent: ConsentGate | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.pool = pool
+        self.notifier = notifier
+        self.consent: ConsentGate = consent or DenyingConsentGate()
+
+    def style(self, ctx: ServerRequestContext[Any, Any]) -> NameStyle:
+        request = ctx.request
+        if isinstance(request, Request) and request.query_params.get("names") in ("compat", "dotted"):
+            return request.query_params["names"]  # type: ignore[return-value]
+        return self.settings.tool_name_style
+
+    def view(self, ctx: ServerRequestContext[Any, Any]) -> tuple[Principal, CatalogView]:
+        principal = current_principal()
+        style = self.style(ctx)
+        self.notifier.track(ctx.session, principal, style)
+        return principal, self.catalog.view(principal, style)
+
+    def timeout(self, meta: Mapping[str, Any] | None) -> float:
+        """Default 60 s; a caller may ask for another via `_meta["scailink/timeout_ms"]`, capped at 300 s."""
+        requested = (meta or {}).get("scailink/timeout_ms")
+        seconds = self.settings.call_timeout_s
+        if isinstance(requested, int | float) and requested > 0:
+            seconds = requested / 1000
+        return min(seconds, self.settings.call_timeout_max_s)
+
+    async def approve(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        principal: Principal,
+        target: Target,
+        public: str,
+        args: Any,
+    ) -> None:
+        tier = target.server.consent_tier
+        if tier == "locked":
+            raise ToolNotFound(f"unknown tool {public!r}")
+        if tier != "confirm":
+            return
+        session: ServerSession = ctx.session
+        caps = session.client_capabilities
+        if caps is not None and caps.elicitation is not None:
+            answer = await session.elicit_form(
+                f"Allow the call of {public}?",
+                {"type": "object", "properties": {}},
+                related_request_id=ctx.request_id,
+            )
+            if answer.action == "accept":
+                return
+            raise ConsentDenied()
+        with anyio.move_on_after(self.settings.consent_timeout_s):
+            if await self.consent.ask(principal, public, args):
+                return
+        raise ConsentDenied()
+
+    async def call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        principal: Principal,
+        target: Target,
+        public: str,
+        params: types.CallToolRequestParams,
+    ) -> types.CallToolResult:
+        try:
+            principal.require(auth.INVOKE)
+            await self.approve(ctx, principal, target, public, params.arguments)
+            progress = self._progress_relay(ctx, params)
+            result = await self.pool.call_tool(
+                PoolKey(target.server.id, target.server.credential_version, principal.user_id),
+                target.upstream_name,
+                params.arguments,
+                timeout=self.timeout(params.meta),
+                progress_callback=progress,
+            )
+        except (Forbidden, ConsentDenied, UpstreamError, ScaiLinkError) as err:
+            return error_result(err)
+        if result_size(result) > self.settings.max_result_bytes:
+            return error_result(
+                UpstreamError(f"tool result over {self.settings.max_result_bytes} bytes refused")
+            )
+        return result
+
+    def _progress_relay(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> ProgressFnT | None:
+        meta: Mapping[str, Any] = params.meta or {}
+        token = meta.get("progress_token", meta.get("progressToken"))
+        if token is None:
+            return None
+        session: ServerSession = ctx.session
+        related = str(ctx.request_id) if ctx.request_id is not None else None
+
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            await session.send_progress_notification(
+                token, progress, total, message, related_request_id=related
+            )
+
+        return relay
+
+    async def use(
+        self, principal: Principal, server: ServerSnapshot, fn: Callable[[Any], Awaitable[Any]]
+    ) -> Any:
+        try:
+            return await self.pool.use(
+                PoolKey(server.id, server.credential_version, principal.user_id),
+                fn,
+                timeout=self.settings.call_timeout_s,
+            )
+        except ScaiLinkError as err:
+            raise MCPError(INVALID_REQUEST, f"{err.code}: {err.message}") from None
+
+
+class _Server(Server[Any]):
+    """The SDK's session manager builds init options without notification options; announce listChanged."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        return super().create_initialization_options(
+            notification_options
+            or NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True),
+            experimental_capabilities,
+            extensions,
+        )
+
+
+def build_aggregate_server(gw: Gateway) -> Server[Any]:
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        _, view = gw.view(ctx)
+        index = _page_index(params.cursor if params else None)
+        if index >= len(view.tool_pages):
+            return types.ListToolsResult(tools=[])
+        start, end = view.tool_pages[index]
+        more = index + 1 < len(view.tool_pages)
+        return types.ListToolsResult(
+            tools=view.tools[start:end], next_cursor=_page_cursor(index + 1) if more else None
+        )
+
+    async def call_tool(
+        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        principal, view = gw.view(ctx)
+        try:
+            target = view.resolve_tool(params.name)
+        except ToolNotFound:
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}") from None
+        return await gw.call(ctx, principal, target, params.name, params)
+
+    async def list_prompts(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        return types.ListPromptsResult(prompts=gw.view(ctx)[1].prompts)
+
+    async def get_prompt(
+        ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        principal, view = gw.view(ctx)
+        try:
+            target = view.resolve_prompt(params.name)
+        except ToolNotFound:
+            raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
+        result: types.GetPromptResult = await gw.use(
+            principal, target.server, lambda s: s.get_prompt(target.upstream_name, params.arguments)
+        )
+        return result
+
+    async def list_resources(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=gw.view(ctx)[1].resources)
+
+    async def list_templates(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=gw.view(ctx)[1].resource_templates)
+
+    async def read_resource(
+        ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        principal, view = gw.view(ctx)
+        try:
+            target = view.resolve_resource(str(params.uri))
+        except ToolNotFound:
+            raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}") from None
+        result: types.ReadResourceResult = await gw.use(
+            principal, target.server, lambda s: s.read_resource(target.upstream_name)
+        )
+        return result
+
+    return _Server(
+        "scailink",
+        version="0.1.0",
+        instructions="ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced.",
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_prompts=list_prompts,
+        on_get_prompt=get_prompt,
+        on_list_resources=list_resources,
+        on_list_resource_templates=list_templates,
+        on_read_resource=read_resource,
+    )
+
+
+def build_single_server(gw: Gateway) -> Server[Any]:
+    """One registered server, its upstream names unchanged (for single-server clients and federation)."""
+
+    def server_of(ctx: ServerRequestContext[Any, Any]) -> tuple[Principal, ServerSnapshot]:
+        principal = current_principal()
+        request = ctx.request
+        server_id = request.path_params.get("server_id", "") if isinstance(request, Request) else ""
+        gw.notifier.track(ctx.session, principal, "dotted", server_id=server_id)
+        try:
+            server = gw.catalog.single_server_view(principal, server_id)
+        except ToolNotFound:
+            raise MCPError(INVALID_PARAMS, "unknown server") from None
+        if not server.listed:
+            raise MCPError(
+                INVALID_PARAMS, f"server is not available (status {server.status}, {server.consent_tier})"
+            )
+        return principal, server
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        _, server = server_of(ctx)
+        return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in server.tools])
+
+    async def call_tool(
+        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        principal, server = server_of(ctx)
+        if params.name not in {t["name"] for t in server.tools}:
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}")
+        return await gw.call(ctx, principal, Target("tool", server, params.name), params.name, params)
+
+    async def list_prompts(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        _, server = server_of(ctx)
+        return types.ListPromptsResult(prompts=[types.Prompt.model_validate(p) for p in server.prompts])
+
+    async def get_prompt(
+        ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        principal, server = server_of(ctx)
+        result: types.GetPromptResult = await gw.use(
+            principal, server, lambda s: s.get_prompt(params.name, params.arguments)
+        )
+        return result
+
+    async def list_resources(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        _, server = server_of(ctx)
+        return types.ListResourcesResult(
+            resources=[types.Resource.model_validate(r) for r in server.resources]
+        )
+
+    async def list_templates(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        _, server = server_of(ctx)
+        return types.ListResourceTemplatesResult(
+            resource_templates=[types.ResourceTemplate.model_validate(r) for r in server.resource_templates]
+        )
+
+    async def read_resource(
+        ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        principal, server = server_of(ctx)
+        result: types.ReadResourceResult = await gw.use(
+            principal, server, lambda s: s.read_resource(str(params.uri))
+        )
+        return result
+
+    return _Server(
+        "scailink-server",
+        version="0.1.0",
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_prompts=list_prompts,
+        on_get_prompt=get_prompt,
+        on_list_resources=list_resources,
+        on_list_resource_templates=list_templates,
+        on_read_resource=read_resource,
+    )
+
+
+def security_settings(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection: Host/Origin must name this service."""
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *settings.mcp_allowed_hosts]
+    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *settings.mcp_allowed_origins]
+    if settings.public_url:
+        from urllib.parse import urlsplit
+
+        public = urlsplit(settings.public_url)
+        hosts += [public.netloc, f"{public.hostname}:*"]
+        origins.append(f"{public.scheme}://{public.netloc}")
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
+
+
+def resource_url(settings: Settings) -> str:
+    return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/mcp"
+
+
+def protect(app: ASGIApp, verifier: McpTokenVerifier, metadata_url: str) -> ASGIApp:
+    """Bearer auth the SDK way: 401 + `WWW-Authenticate: Bearer ... resource_metadata=...`."""
+    from pydantic import AnyHttpUrl
+
+    required = RequireAuthMiddleware(app, [], AnyHttpUrl(metadata_url))
+    return AuthenticationMiddleware(AuthContextMiddleware(required), backend=BearerAuthBackend(verifier))
+
+
+def session_manager(server: Server[Any], settings: Settings) -> StreamableHTTPSessionManager:
+    return StreamableHTTPSessionManager(app=server, security_settings=security_settings(settings))
+
+
+def asgi(manager: StreamableHTTPSessionManager) -> ASGIApp:
+    return StreamableHTTPASGIApp(manager)

@@ -1,0 +1,315 @@
+"""The upstream session pool: warm MCP client sessions keyed by (server, credential version, user).
+
+Owns: one owner task per session (entered and exited in that task, inside the pool's task group that
+`run()` holds for the app lifespan), single-flight opening, idle TTL and the reaper, LRU bound,
+closing on any RPC/transport error and on registry events, and a circuit breaker per server.
+
+Must not: touch the database on a warm call (only the connector, on a cold start, may), exit a
+session's context from a request task (closing is a signal to the owner), or share a session between
+users (a stateful upstream must not leak one user's state to another).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import mcp_types as types
+from mcp.client.session import ClientSession
+from mcp.shared.dispatcher import ProgressFnT
+
+from scailink_mcp.errors import ScaiLinkError, UpstreamError, UpstreamTimeout
+from scailink_mcp.events import ServerEvent
+from scailink_mcp.remote.upstream import error_class_name
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    server_id: str
+    credential_version: int
+    user_id: str
+
+
+Connector = Callable[[PoolKey], AbstractAsyncContextManager[ClientSession]]
+
+
+@dataclass
+class PoolStats:
+    size: int = 0
+    hits: int = 0
+    misses: int = 0
+    opened: int = 0
+    closed: int = 0
+    evictions: int = 0
+    failures: int = 0
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: PoolKey
+    last_used: float
+    session: ClientSession | None = None
+    error: BaseException | None = None
+    in_flight: int = 0
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    closed: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass
+class _Breaker:
+    failures: deque[float] = field(default_factory=deque)
+    open_until: float = 0.0
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        idle_ttl_s: float,
+        max_sessions: int,
+        breaker_failures: int = 5,
+        breaker_window_s: float = 60.0,
+        breaker_open_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        reap_interval_s: float = 10.0,
+    ) -> None:
+        self.connector = connector
+        self.idle_ttl_s = idle_ttl_s
+        self.max_sessions = max_sessions
+        self.breaker_failures = breaker_failures
+        self.breaker_window_s = breaker_window_s
+        self.breaker_open_s = breaker_open_s
+        self.clock = clock
+        self.reap_interval_s = reap_interval_s
+        self._entries: OrderedDict[PoolKey, _Entry] = OrderedDict()
+        self._breakers: dict[str, _Breaker] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._started = anyio.Event()
+        self.stats = PoolStats()
+
+    # ---- lifetime --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Owned by the app lifespan: holds every session's owner task and the reaper."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._started.set()
+                tg.start_soon(self._reaper)
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            for entry in list(self._entries.values()):
+                entry.stop.set()
+            self._entries.clear()
+
+    async def _reaper(self) -> None:
+        while True:
+            await anyio.sleep(self.reap_interval_s)
+            self.reap_once()
+
+    async def _owner(self, entry: _Entry) -> None:
+        """Enters and exits one session's context stack; never lets a failure escape into the pool."""
+        try:
+            async with self.connector(entry.key) as session:
+                entry.session = session
+                self.stats.opened += 1
+                entry.ready.set()
+                await entry.stop.wait()
+        except Exception as exc:
+            entry.error = exc
+            logger.info(
+                "upstream session ended",
+                extra={"server_id": entry.key.server_id, "error": error_class_name(exc)},
+            )
+        finally:
+            entry.session = None
+            entry.ready.set()
+            entry.closed.set()
+            self.stats.closed += 1
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+
+    # ---- sessions --------------------------------------------------------------------------------
+
+    def _close(self, entry: _Entry) -> None:
+        entry.stop.set()
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+
+    async def _acquire(self, key: PoolKey) -> _Entry:
+        if self._tg is None:
+            raise UpstreamError("the upstream pool is not running")
+        entry = self._entries.get(key)
+        if entry is not None and not entry.stop.is_set():
+            self.stats.hits += 1
+            self._entries.move_to_end(key)
+        else:
+            self.stats.misses += 1
+            entry = _Entry(key, last_used=self.clock())
+            self._entries[key] = entry
+            while len(self._entries) > self.max_sessions:
+                _, oldest = next(iter(self._entries.items()))
+                self._close(oldest)
+                self.stats.evictions += 1
+            self._tg.start_soon(self._owner, entry)
+        await entry.ready.wait()
+        if entry.session is None:
+            detail = error_class_name(entry.error) if entry.error else "closed"
+            raise UpstreamError(f"cannot connect to the upstream MCP server ({detail})")
+        return entry
+
+    async def close_server(self, server_id: str) -> int:
+        doomed = [e for e in self._entries.values() if e.key.server_id == server_id]
+        for entry in doomed:
+            self._close(entry)
+        return len(doomed)
+
+    async def on_event(self, event: ServerEvent) -> None:
+        if event.closes_sessions:
+            await self.close_server(event.server_id)
+
+    def reap_once(self) -> int:
+        now = self.clock()
+        idle = [
+            e for e in self._entries.values() if e.in_flight == 0 and now - e.last_used >= self.idle_ttl_s
+        ]
+        for entry in idle:
+            self._close(entry)
+        return len(idle)
+
+    def size(self) -> int:
+        return len(self._entries)
+
+    # ---- circuit breaker -------------------------------------------------------------------------
+
+    def _check_breaker(self, server_id: str) -> None:
+        breaker = self._breakers.get(server_id)
+        now = self.clock()
+        if breaker is not None and breaker.open_until > now:
+            raise UpstreamError(
+                "circuit open: the upstream failed repeatedly", retry_after=breaker.open_until - now
+            )
+
+    def _failure(self, server_id: str) -> None:
+        self.stats.failures += 1
+        breaker = self._breakers.setdefault(server_id, _Breaker())
+        now = self.clock()
+        breaker.failures.append(now)
+        while breaker.failures and now - breaker.failures[0] > self.breaker_window_s:
+            breaker.failures.popleft()
+        if len(breaker.failures) >= self.breaker_failures:
+            breaker.open_until = now + self.breaker_open_s
+            breaker.failures.clear()
+
+    def _success(self, server_id: str) -> None:
+        breaker = self._breakers.get(server_id)
+        if breaker is not None:
+            breaker.failures.clear()
+
+    def breaker_open(self, server_id: str) -> bool:
+        breaker = self._breakers.get(server_id)
+        return breaker is not None and breaker.open_until > self.clock()
+
+    # ---- calls -----------------------------------------------------------------------------------
+
+    async def use(self, key: PoolKey, fn: Callable[[ClientSession], Awaitable[T]], *, timeout: float) -> T:
+        """Run `fn` on the key's warm (or new) session; every failure maps to an `UpstreamError`.
+
+        Cancellation from the caller (a downstream `notifications/cancelled`) propagates unchanged; the
+        SDK then cancels the upstream request.
+        """
+        self._check_breaker(key.server_id)
+        entry: _Entry | None = None
+        try:
+            with anyio.fail_after(timeout):
+                entry = await self._acquire(key)
+                entry.in_flight += 1
+                try:
+                    result = await _unless_closed(entry, fn)
+                finally:
+                    entry.in_flight -= 1
+                    entry.last_used = self.clock()
+        except TimeoutError:
+            self._failure(key.server_id)
+            raise UpstreamTimeout(f"the upstream did not answer within {timeout:g} s") from None
+        except ScaiLinkError:
+            self._failure(key.server_id)
+            raise
+        except Exception as exc:
+            # Any RPC or transport error: this session is not reused; the next call handshakes again.
+            self._failure(key.server_id)
+            if entry is not None:
+                self._close(entry)
+            raise UpstreamError(
+                f"upstream MCP server failed ({error_class_name(exc)}: {_short(exc)})"
+            ) from None
+        self._success(key.server_id)
+        return result
+
+    async def call_tool(
+        self,
+        key: PoolKey,
+        name: str,
+        arguments: dict[str, Any] | None,
+        *,
+        timeout: float,
+        progress_callback: ProgressFnT | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> types.CallToolResult:
+        """`tools/call` passed through unchanged (content, structuredContent, isError, _meta).
+
+        Sent with `send_request` rather than `ClientSession.call_tool`: a proxy must not validate the
+        upstream's output against its schema, nor pay the `tools/list` the SDK issues to learn it.
+        """
+        request = types.CallToolRequest(
+            params=types.CallToolRequestParams(name=name, arguments=arguments, _meta=meta)
+        )
+
+        async def send(session: ClientSession) -> types.CallToolResult:
+            return await session.send_request(
+                request, types.CallToolResult, progress_callback=progress_callback
+            )
+
+        return await self.use(key, send, timeout=timeout)
+
+
+async def _unless_closed(entry: _Entry, fn: Callable[[ClientSession], Awaitable[T]]) -> T:
+    """Run `fn`, but give up at once if the session's owner ends (upstream gone mid-call)."""
+    session = entry.session
+    if session is None:
+        raise UpstreamError("the upstream session closed")
+    outcome: list[T] = []
+
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await entry.closed.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        outcome.append(await fn(session))
+        tg.cancel_scope.cancel()
+    if not outcome:
+        raise UpstreamError("the upstream connection was lost during the call")
+    return outcome[0]
+
+
+def _short(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:200]

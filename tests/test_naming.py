@@ -1,0 +1,105 @@
+"""Names: slugs, namespaced names and the `compat` profile (pure functions, table-driven + property)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from scailink_mcp.catalog import paginate, public_uri, split_uri
+from scailink_mcp.naming import compat_candidate, compat_names, namespaced_name, remote_namespace, slugify
+
+COMPAT = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("My Tools!", "my-tools"),
+        ("GitHub", "github"),
+        ("  ", "server"),
+        ("a--b__c", "a-b-c"),
+        ("ÜBER tools", "ber-tools"),
+    ],
+)
+def test_slug(name: str, prefix: str) -> None:
+    slug = slugify(name, tenant_id="t", owner_user_id="u", server_id="s")
+    assert re.fullmatch(rf"{re.escape(prefix)}-[0-9a-f]{{6}}", slug), slug
+    assert slug == slugify(name, tenant_id="t", owner_user_id="u", server_id="s")
+    assert slug != slugify(name, tenant_id="t", owner_user_id="u", server_id="other")
+
+
+def test_namespaces() -> None:
+    assert (
+        remote_namespace(slug="gh-abcdef", owner_user_id="u1", is_tenant_shared=False)
+        == "remote.u1.gh-abcdef"
+    )
+    assert (
+        remote_namespace(slug="gh-abcdef", owner_user_id="u1", is_tenant_shared=True)
+        == "remote.tenant.gh-abcdef"
+    )
+    assert (
+        namespaced_name("remote.tenant.gh-abcdef", "create_issue") == "remote.tenant.gh-abcdef.create_issue"
+    )
+
+
+def test_resource_uris_round_trip() -> None:
+    uri = "file:///notes/readme.md?x=1#frag"
+    public = public_uri("remote.u1.s-abcdef", uri)
+    assert public.startswith("scailink://remote.u1.s-abcdef/") and "/notes/" not in public
+    assert split_uri(public) == ("remote.u1.s-abcdef", uri)
+    template = public_uri("ns", "file:///notes/{name}", template=True)
+    assert template.endswith("%2Fnotes%2F{name}")
+    assert split_uri(template.replace("{name}", "todo.md")) == ("ns", "file:///notes/todo.md")
+    assert split_uri("file:///x") is None
+
+
+def test_compat_simple_and_long() -> None:
+    assert compat_candidate("remote.u1.gh-abcdef.echo") == "remote__u1__gh-abcdef__echo"
+    long = "remote.tenant." + "x" * 70 + ".tool"
+    out = compat_candidate(long)
+    assert COMPAT.match(out) and len(out) == 64 and out.startswith("remote__tenant__xxx")
+    weird = compat_candidate("remote.u1.s.tool/with:colons")
+    assert COMPAT.match(weird)
+
+
+def test_compat_collisions_are_resolved() -> None:
+    mapping = compat_names(["remote.u.s.a.b", "remote.u.s.a__b"])
+    assert len(set(mapping.values())) == 2
+    assert all(COMPAT.match(v) for v in mapping.values())
+
+
+def test_compat_property_10000_names() -> None:
+    rng = random.Random(1234)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_-./:"
+    names: set[str] = set()
+    while len(names) < 10_000:
+        kind = rng.random()
+        owner = rng.choice(["tenant", "u1", f"user-{rng.randint(0, 9)}"])
+        base = f"remote.{owner}.srv-{rng.randint(0, 20):06x}"
+        if kind < 0.3:  # long names that share a 60-char prefix
+            tool = "a_very_long_common_prefix_for_generated_tools_" + "".join(
+                rng.choices(alphabet, k=rng.randint(1, 40))
+            )
+        elif kind < 0.6:  # dotted vs double-underscore lookalikes
+            stem = "".join(rng.choices("abc", k=3))
+            tool = rng.choice([f"{stem}.x", f"{stem}__x"])
+        else:
+            tool = "".join(rng.choices(alphabet, k=rng.randint(1, 30)))
+        names.add(f"{base}.{tool}")
+    mapping = compat_names(list(names))
+    assert len(mapping) == len(names)
+    assert len(set(mapping.values())) == len(names), "one-to-one"
+    assert all(COMPAT.match(v) for v in mapping.values())
+    assert compat_names(list(reversed(sorted(names)))) == mapping, "stable regardless of input order"
+
+
+def test_pages_stay_small() -> None:
+    items = [{"name": f"t{i}", "description": "d" * 2000} for i in range(1000)]
+    pages = paginate(items)
+    assert pages[0][0] == 0 and pages[-1][1] == 1000
+    assert all(end > start for start, end in pages)
+    assert sum(end - start for start, end in pages) == 1000
+    assert len(pages) > 1
+    assert paginate([]) == [(0, 0)]
