@@ -68,7 +68,7 @@ async def list_all_tools(session: ClientSession) -> list[types.Tool]:
 
 async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110  (a deadline-bounded poll of another thread's state)
             await anyio.sleep(0.02)
 
 
