@@ -328,3 +328,50 @@ async def test_single_server_endpoint(live: LiveApp, token: TokenFactory, upstre
     async with mcp_client(url, token("u9", "t2", ("tenant_admin",))) as s:
         with pytest.raises(MCPError):
             await s.list_tools()
+
+
+async def test_federation_two_instances(
+    live: LiveApp, settings_factory: Any, token: TokenFactory, upstream: UpstreamServer, tmp_path: Any
+) -> None:
+    """Instance A's `/mcp` registered as a remote server of instance B (bearer token): A's tools
+    appear in B, under 64 characters with compat names, and calls round-trip."""
+    tok = token("u1", "t1", ("tenant_user",))
+    first = await register(live, tok, name="origin", endpoint_url=upstream.url)
+    b_settings = settings_factory(database_url=f"sqlite:///{tmp_path / 'b.db'}")
+    with LiveApp(b_settings) as second:
+        fed = await register(
+            second,
+            tok,
+            name="scailink-a",
+            endpoint_url=live.mcp_url + "?names=compat",
+            auth_type="bearer",
+            credentials={"authorization": tok},
+        )
+        assert fed["status"] == "active", fed["last_health_status"]
+        inner = f"remote__u1__{first['slug']}__echo"
+        assert inner in [t["name"] for t in fed["capabilities"]["tools"]]
+        async with mcp_client(second.mcp_url, tok, query="?names=compat") as s:
+            tools = await list_all_tools(s)
+            assert all(len(t.name) <= 64 for t in tools)
+            name = f"remote__u1__{fed['slug']}__{inner}"
+            assert name in [t.name for t in tools]
+            result = await s.call_tool(name, {"text": "across two gateways"})
+            assert not result.is_error and result.content[0].text == "across two gateways"  # type: ignore[union-attr]
+
+
+async def test_legacy_sse_transport(live: LiveApp, token: TokenFactory, upstream: UpstreamServer) -> None:
+    from mcp.client.sse import sse_client
+
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="via-sse", endpoint_url=upstream.url)
+    async with (
+        sse_client(f"{live.base_url}/sse", headers=auth_headers(tok)) as (read, write),
+        ClientSession(read, write) as s,
+    ):
+        await s.initialize()
+        names = {t.name for t in await list_all_tools(s)}
+        assert f"remote.u1.{server['slug']}.echo" in names
+        result = await s.call_tool(f"remote.u1.{server['slug']}.echo", {"text": "sse"})
+        assert result.content[0].text == "sse"  # type: ignore[union-attr]
+    async with httpx.AsyncClient(base_url=live.base_url) as c:
+        assert (await c.get("/sse")).status_code == 401

@@ -22,7 +22,7 @@ from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from scailink_mcp import mcp_server
 from scailink_mcp.api import operations, remote_servers
@@ -140,11 +140,15 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     resource = mcp_server.resource_url(settings)
     base = resource.removesuffix("/mcp")
     metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
-    aggregate = mcp_server.session_manager(mcp_server.build_aggregate_server(parts.gateway), settings)
+    aggregate_server = mcp_server.build_aggregate_server(parts.gateway)
+    aggregate = mcp_server.session_manager(aggregate_server, settings)
+    sse = mcp_server.LegacySse(aggregate_server, settings)
     single = mcp_server.session_manager(mcp_server.build_single_server(parts.gateway), settings)
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
     routes: list[BaseRoute] = [
         Route("/mcp", endpoint=mcp_server.protect(mcp_server.asgi(aggregate), verifier, metadata)),
+        Route("/sse", endpoint=mcp_server.protect(sse.connect, verifier, metadata), methods=["GET"]),
+        Mount("/messages", app=mcp_server.protect(sse.post, verifier, metadata)),
         Route(
             SINGLE_SERVER_MCP_PATH, endpoint=mcp_server.protect(mcp_server.asgi(single), verifier, metadata)
         ),

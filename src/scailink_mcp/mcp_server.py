@@ -26,6 +26,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
 from mcp.server.session import ServerSession
+from mcp.server.sse import SseServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.dispatcher import ProgressFnT
@@ -33,7 +34,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ConfigDict
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scailink_mcp import auth
 from scailink_mcp.auth import Principal, TokenVerifier
@@ -477,3 +478,21 @@ def session_manager(server: Server[Any], settings: Settings) -> StreamableHTTPSe
 
 def asgi(manager: StreamableHTTPSessionManager) -> ASGIApp:
     return StreamableHTTPASGIApp(manager)
+
+
+class LegacySse:
+    """The 2024-11-05 HTTP+SSE transport: `GET /sse` opens the stream, `POST /messages/` feeds it."""
+
+    def __init__(self, server: Server[Any], settings: Settings) -> None:
+        self.server = server
+        self.transport = SseServerTransport("/messages/", security_settings=security_settings(settings))
+
+    async def connect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with self.transport.connect_sse(scope, receive, send) as (read, write):
+                await self.server.run(read, write, self.server.create_initialization_options())
+        except ValueError:
+            return  # a forged Host/Origin: the transport already answered 403/421
+
+    async def post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.transport.handle_post_message(scope, receive, send)
