@@ -40,6 +40,7 @@ from scailink_mcp.db import Database
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus
 from scailink_mcp.notifier import SessionNotifier
+from scailink_mcp.relay import Relay
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.registry import Registry
@@ -107,12 +108,14 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
                 connect_timeout=settings.discovery_connect_timeout_s,
                 read_timeout=settings.call_timeout_max_s,
                 message_handler=message_handler(key),
+                session_options=relay.session_options(key),
             ) as session:
                 yield session
 
         return opened()
 
     pool = UpstreamPool(connect, idle_ttl_s=settings.pool_idle_ttl_s, max_sessions=settings.pool_max_sessions)
+    relay = Relay(pool)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
     directory.listeners.append(notifier.tenant_changed)

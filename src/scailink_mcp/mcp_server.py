@@ -49,6 +49,7 @@ from scailink_mcp.errors import (
     UpstreamError,
 )
 from scailink_mcp.notifier import SessionNotifier
+from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class Gateway:
                 params.arguments,
                 timeout=self.timeout(params.meta),
                 progress_callback=progress,
+                relay=DownstreamCall(ctx.session, ctx.request_id),
             )
         except (Forbidden, ConsentDenied, UpstreamError, ScaiLinkError) as err:
             return error_result(err)

@@ -62,6 +62,7 @@ class _Entry:
     session: ClientSession | None = None
     error: BaseException | None = None
     in_flight: int = 0
+    relays: list[Any] = field(default_factory=list)  # downstream calls in flight (see relay.py)
     ready: anyio.Event = field(default_factory=anyio.Event)
     stop: anyio.Event = field(default_factory=anyio.Event)
     closed: anyio.Event = field(default_factory=anyio.Event)
@@ -226,7 +227,14 @@ class UpstreamPool:
 
     # ---- calls -----------------------------------------------------------------------------------
 
-    async def use(self, key: PoolKey, fn: Callable[[ClientSession], Awaitable[T]], *, timeout: float) -> T:
+    def current_relay(self, key: PoolKey) -> Any | None:
+        """The most recent downstream call in flight on this key's session, if any."""
+        entry = self._entries.get(key)
+        return entry.relays[-1] if entry is not None and entry.relays else None
+
+    async def use(
+        self, key: PoolKey, fn: Callable[[ClientSession], Awaitable[T]], *, timeout: float, relay: Any = None
+    ) -> T:
         """Run `fn` on the key's warm (or new) session; every failure maps to an `UpstreamError`.
 
         Cancellation from the caller (a downstream `notifications/cancelled`) propagates unchanged; the
@@ -238,10 +246,14 @@ class UpstreamPool:
             with anyio.fail_after(timeout):
                 entry = await self._acquire(key)
                 entry.in_flight += 1
+                if relay is not None:
+                    entry.relays.append(relay)
                 try:
                     result = await _unless_closed(entry, fn)
                 finally:
                     entry.in_flight -= 1
+                    if relay is not None:
+                        entry.relays.remove(relay)
                     entry.last_used = self.clock()
         except TimeoutError:
             self._failure(key.server_id)
@@ -269,6 +281,7 @@ class UpstreamPool:
         timeout: float,
         progress_callback: ProgressFnT | None = None,
         meta: dict[str, Any] | None = None,
+        relay: Any = None,
     ) -> types.CallToolResult:
         """`tools/call` passed through unchanged (content, structuredContent, isError, _meta).
 
@@ -284,7 +297,7 @@ class UpstreamPool:
                 request, types.CallToolResult, progress_callback=progress_callback
             )
 
-        return await self.use(key, send, timeout=timeout)
+        return await self.use(key, send, timeout=timeout, relay=relay)
 
 
 async def _unless_closed(entry: _Entry, fn: Callable[[ClientSession], Awaitable[T]]) -> T:

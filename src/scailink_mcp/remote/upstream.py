@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx2
 from mcp.client.session import ClientSession, MessageHandlerFnT
@@ -67,6 +68,7 @@ async def open_session(
     connect_timeout: float,
     read_timeout: float,
     message_handler: MessageHandlerFnT | None = None,
+    session_options: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Connect, run the `initialize` handshake and yield a ready `ClientSession`.
 
@@ -74,6 +76,7 @@ async def open_session(
     each HTTP connect/write and `read_timeout` each read.
     """
     headers = dict(target.headers)
+    options: dict[str, Any] = dict(session_options or {})
     timeout = httpx2.Timeout(connect_timeout, read=read_timeout)
     if target.transport == "sse":
         async with (
@@ -90,6 +93,7 @@ async def open_session(
                 read_timeout_seconds=read_timeout,
                 client_info=CLIENT_INFO,
                 message_handler=message_handler,
+                **options,
             ) as session,
         ):
             await session.initialize()
@@ -104,6 +108,7 @@ async def open_session(
             read_timeout_seconds=read_timeout,
             client_info=CLIENT_INFO,
             message_handler=message_handler,
+            **options,
         ) as session,
     ):
         await session.initialize()

@@ -1,0 +1,104 @@
+"""Server-to-client traffic from an upstream, relayed to the downstream session that made the call.
+
+An upstream may ask its client for `sampling/createMessage`, `elicitation/create` or `roots/list`, and
+send log messages, while it serves a call. ScaiLink is that client: it forwards each to the downstream
+MCP session whose call is in flight on that pooled upstream session, and sends the answer back.
+
+The SDK does not tell a client which of its requests a server-initiated request relates to, so when
+several downstream calls share one pooled session (same user, same server) the most recent in-flight
+call receives it. Pooled sessions are per user, so this never crosses users.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+from mcp.client.session import ClientRequestContext
+from mcp.server.session import ServerSession
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
+
+from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+METHOD_NOT_FOUND = -32601
+INTERNAL_ERROR = -32603
+
+
+@dataclass(frozen=True)
+class DownstreamCall:
+    """The downstream request an upstream call serves: where relayed traffic goes."""
+
+    session: ServerSession
+    request_id: types.RequestId | None
+
+    def metadata(self) -> ServerMessageMetadata | None:
+        return (
+            ServerMessageMetadata(related_request_id=self.request_id) if self.request_id is not None else None
+        )
+
+
+class Relay:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    def _call(self, key: PoolKey) -> DownstreamCall | None:
+        current = self.pool.current_relay(key)
+        return current if isinstance(current, DownstreamCall) else None
+
+    async def _forward(self, key: PoolKey, request: Any, result_type: Any, capability: str) -> Any:
+        call = self._call(key)
+        if call is None:
+            return types.ErrorData(
+                code=METHOD_NOT_FOUND, message=f"no downstream call to relay {capability} to"
+            )
+        caps = call.session.client_capabilities
+        if caps is None or getattr(caps, capability, None) is None:
+            return types.ErrorData(
+                code=METHOD_NOT_FOUND, message=f"the calling client does not support {capability}"
+            )
+        try:
+            return await call.session.send_request(request, result_type, metadata=call.metadata())
+        except MCPError as exc:
+            return exc.error
+        except Exception as exc:
+            logger.info("relay failed", extra={"capability": capability, "error": type(exc).__name__})
+            return types.ErrorData(code=INTERNAL_ERROR, message=f"relay of {capability} failed")
+
+    def session_options(self, key: PoolKey) -> dict[str, Any]:
+        """Callbacks for the pooled `ClientSession` of `key` (which also declares these capabilities)."""
+
+        async def sampling(context: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
+            return await self._forward(
+                key, types.CreateMessageRequest(params=params), types.CreateMessageResult, "sampling"
+            )
+
+        async def elicitation(context: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
+            return await self._forward(
+                key, types.ElicitRequest(params=params), types.ElicitResult, "elicitation"
+            )
+
+        async def roots(context: ClientRequestContext) -> Any:
+            return await self._forward(key, types.ListRootsRequest(), types.ListRootsResult, "roots")
+
+        async def log(params: types.LoggingMessageNotificationParams) -> None:
+            call = self._call(key)
+            if call is None:
+                return
+            try:
+                await call.session.send_notification(
+                    types.LoggingMessageNotification(params=params), related_request_id=call.request_id
+                )
+            except Exception as exc:
+                logger.debug("log relay failed", extra={"error": type(exc).__name__})
+
+        return {
+            "sampling_callback": sampling,
+            "elicitation_callback": elicitation,
+            "list_roots_callback": roots,
+            "logging_callback": log,
+        }

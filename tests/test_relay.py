@@ -1,0 +1,142 @@
+"""Server-to-client requests and notifications from an upstream reach the downstream caller:
+sampling, elicitation, roots, logging and progress, through ScaiLink's `/mcp`."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import mcp_types as types
+import pytest
+import uvicorn
+from mcp.client.session import ClientRequestContext, ClientSession
+from mcp.server.mcpserver import Context, MCPServer
+
+from tests.conftest import LiveApp, TokenFactory
+from tests.test_mcp_gateway import mcp_client, register
+
+pytestmark = pytest.mark.anyio
+
+
+def _asking_server() -> MCPServer:
+    server = MCPServer("asking-upstream")
+
+    @server.tool()
+    async def ask_llm(question: str, ctx: Context) -> str:
+        """Asks the client's LLM (sampling)."""
+        result = await ctx.session.create_message(
+            messages=[
+                types.SamplingMessage(role="user", content=types.TextContent(type="text", text=question))
+            ],
+            max_tokens=20,
+            related_request_id=ctx.request_id,
+        )
+        return f"llm said: {result.content.text}"  # type: ignore[union-attr]
+
+    @server.tool()
+    async def ask_user(ctx: Context) -> str:
+        """Asks the user (elicitation)."""
+        answer = await ctx.elicit("Your name?", schema=_Name)
+        return f"user said: {answer.action} {getattr(answer, 'data', None)}"
+
+    @server.tool()
+    async def roots_and_logs(ctx: Context) -> str:
+        """Lists the client's roots, logs and reports progress."""
+        await ctx.info("working on it")
+        await ctx.report_progress(1, 2, "half")
+        roots = await ctx.session.list_roots()
+        return "roots: " + ",".join(str(r.uri) for r in roots.roots)
+
+    return server
+
+
+from pydantic import BaseModel  # noqa: E402
+
+
+class _Name(BaseModel):
+    name: str
+
+
+@pytest.fixture
+def asking_upstream() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = _asking_server().streamable_http_app()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/mcp"
+    server.should_exit = True
+    thread.join(10)
+
+
+async def test_sampling_elicitation_roots_logging_progress(
+    live: LiveApp, token: TokenFactory, asking_upstream: str
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="asking", endpoint_url=asking_upstream)
+    ns = f"remote.u1.{server['slug']}"
+    seen: dict[str, Any] = {"logs": [], "progress": []}
+
+    async def sampling(context: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
+        seen["sampling"] = params.messages[0].content.text  # type: ignore[union-attr]
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="forty-two"), model="test-model"
+        )
+
+    async def elicitation(context: ClientRequestContext, params: Any) -> Any:
+        seen["elicitation"] = params.message
+        return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+    async def roots(context: ClientRequestContext) -> Any:
+        return types.ListRootsResult(roots=[types.Root(uri="file:///home/ada/project")])
+
+    async def logging_cb(params: types.LoggingMessageNotificationParams) -> None:
+        seen["logs"].append(params.data)
+
+    async def progress(p: float, total: float | None, message: str | None) -> None:
+        seen["progress"].append((p, total, message))
+
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {tok}"}, timeout=30) as http,
+        streamable_http_client(live.mcp_url, http_client=http) as (read, write),
+        ClientSession(
+            read,
+            write,
+            sampling_callback=sampling,
+            elicitation_callback=elicitation,
+            list_roots_callback=roots,
+            logging_callback=logging_cb,
+        ) as s,
+    ):
+        await s.initialize()
+        result = await s.call_tool(f"{ns}.ask_llm", {"question": "meaning of life?"})
+        assert result.content[0].text == "llm said: forty-two", result  # type: ignore[union-attr]
+        assert seen["sampling"] == "meaning of life?"
+        result = await s.call_tool(f"{ns}.ask_user", {})
+        assert "accept" in result.content[0].text and "Ada" in result.content[0].text  # type: ignore[union-attr]
+        assert seen["elicitation"] == "Your name?"
+        result = await s.call_tool(f"{ns}.roots_and_logs", {}, progress_callback=progress)
+        assert result.content[0].text == "roots: file:///home/ada/project"  # type: ignore[union-attr]
+        assert seen["logs"] == ["working on it"]
+        assert seen["progress"] == [(1.0, 2.0, "half")]
+
+
+async def test_relay_refused_when_the_client_lacks_the_capability(
+    live: LiveApp, token: TokenFactory, asking_upstream: str
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="asking2", endpoint_url=asking_upstream)
+    async with mcp_client(live.mcp_url, tok) as s:
+        result = await s.call_tool(f"remote.u1.{server['slug']}.ask_llm", {"question": "q"})
+        assert result.is_error
