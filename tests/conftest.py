@@ -180,6 +180,7 @@ class LiveApp:
             host="127.0.0.1",
             port=self.port,
             log_config=None,
+            ws_max_size=settings.ws_max_frame_bytes,
             lifespan="on",
             timeout_graceful_shutdown=5,
         )

@@ -22,9 +22,10 @@ from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from scailink_mcp import mcp_server
+from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
     RequestIdMiddleware,
@@ -37,6 +38,9 @@ from scailink_mcp.catalog import Catalog, RemoteDirectory
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
+from scailink_mcp.desktop.bridge import Bridge
+from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
+from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus
 from scailink_mcp.notifier import SessionNotifier
@@ -73,6 +77,8 @@ class Components:
     pool: UpstreamPool
     notifier: SessionNotifier
     gateway: mcp_server.Gateway
+    desktop: DesktopRegistry
+    bridge: Bridge
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -82,7 +88,11 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     registry = Registry(settings, db, keyring, events)
     rediscovery = Rediscovery(settings, registry)
     directory = RemoteDirectory(db)
-    catalog = Catalog(directory)
+    desktop = DesktopRegistry(
+        grace_period_s=settings.ws_grace_period_ms / 1000,
+        max_connections_per_user=settings.ws_max_connections_per_user,
+    )
+    catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
 
     def message_handler(key: PoolKey) -> Any:
@@ -119,12 +129,14 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
     directory.listeners.append(notifier.tenant_changed)
+    desktop.listeners.append(notifier.tenant_changed)
+    verifier = TokenVerifier(settings)
     return Components(
         settings=settings,
         db=db,
         events=events,
         keyring=keyring,
-        verifier=TokenVerifier(settings),
+        verifier=verifier,
         registry=registry,
         health=HealthChecker(settings, registry),
         rediscovery=rediscovery,
@@ -132,7 +144,16 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         catalog=catalog,
         pool=pool,
         notifier=notifier,
-        gateway=mcp_server.Gateway(settings, catalog, pool, notifier),
+        gateway=mcp_server.Gateway(
+            settings,
+            catalog,
+            pool,
+            notifier,
+            consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
+            desktop=desktop,
+        ),
+        desktop=desktop,
+        bridge=Bridge(settings, verifier, desktop),
     )
 
 
@@ -177,6 +198,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.pool.run)
             tg.start_soon(parts.notifier.run)
             tg.start_soon(parts.rediscovery.run_triggered)
+            tg.start_soon(parts.desktop.run_expiry)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)
                 tg.start_soon(parts.rediscovery.run)
@@ -185,13 +207,21 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
                     for manager in managers:
                         await stack.enter_async_context(manager.run())
                     yield
+                    # Shutting down: desktop clients are told 1001 and will resume elsewhere.
+                    await parts.desktop.close_all(Close.GOING_AWAY, "server shutting down")
             finally:
                 # MCP sessions are closed first (above), then every background task and pooled session.
                 tg.cancel_scope.cancel()
         parts.db.dispose()
 
     app = Starlette(
-        routes=[*operations.routes, *remote_servers.routes, *routes],
+        routes=[
+            *operations.routes,
+            *remote_servers.routes,
+            *desktop_api.routes,
+            WebSocketRoute("/v1/scailink/ws", parts.bridge.endpoint),
+            *routes,
+        ],
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={
             ScaiLinkError: scailink_error_handler,

@@ -25,6 +25,7 @@ from sqlmodel import Session, select
 from scailink_mcp import auth
 from scailink_mcp.auth import Principal
 from scailink_mcp.db import Database
+from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.events import ServerEvent, ServerEventKind
 from scailink_mcp.models import RemoteServer
@@ -155,11 +156,12 @@ class RemoteDirectory:
 
 @dataclass(frozen=True)
 class Target:
-    """What a public name resolves to."""
+    """What a public name resolves to: a remote server's item, or a desktop session's tool."""
 
     kind: str  # tool | prompt | resource
-    server: ServerSnapshot
-    upstream_name: str  # tool/prompt name or resource URI upstream
+    upstream_name: str  # tool/prompt name or resource URI upstream (the client's own name on a desktop)
+    server: ServerSnapshot | None = None
+    desktop: DesktopSession | None = None
 
 
 def _with_name(payload: dict[str, Any], key: str, value: str) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def paginate(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
 class CatalogView:
     """One principal's catalog in one naming style, built once and reused until it is stale."""
 
-    version: int
+    version: Any
     tools: list[types.Tool] = field(default_factory=list)
     tool_pages: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[types.Prompt] = field(default_factory=list)
@@ -226,13 +228,20 @@ class CatalogView:
         server = self.namespaces.get(parts[0]) if parts else None
         if parts is None or server is None:
             raise ToolNotFound(f"unknown resource {uri!r}")
-        return Target("resource", server, parts[1])
+        return Target("resource", parts[1], server=server)
 
 
-def build_view(servers: list[ServerSnapshot], version: int, style: NameStyle) -> CatalogView:
+def build_view(
+    servers: list[ServerSnapshot],
+    version: Any,
+    style: NameStyle,
+    desktops: list[DesktopSession] | None = None,
+) -> CatalogView:
     view = CatalogView(version=version)
-    tools: list[tuple[str, dict[str, Any], ServerSnapshot]] = []
+    tools: list[tuple[str, dict[str, Any], ServerSnapshot | DesktopSession]] = []
     prompts: list[tuple[str, dict[str, Any], ServerSnapshot]] = []
+    for session in desktops or []:
+        tools += [(namespaced_name(session.namespace, name), t, session) for name, t in session.tools.items()]
     for server in servers:
         if not server.listed:
             continue
@@ -251,16 +260,19 @@ def build_view(servers: list[ServerSnapshot], version: int, style: NameStyle) ->
             )
     names = compat_names([n for n, _, _ in tools] + [n for n, _, _ in prompts]) if style == "compat" else {}
     payloads: list[dict[str, Any]] = []
-    for dotted, payload, server in sorted(tools, key=lambda t: t[0]):
+    for dotted, payload, owner in sorted(tools, key=lambda t: t[0]):
         public = names.get(dotted, dotted)
         payloads.append(_with_name(payload, "name", public))
-        view.tool_targets[public] = Target("tool", server, payload["name"])
+        if isinstance(owner, ServerSnapshot):
+            view.tool_targets[public] = Target("tool", payload["name"], server=owner)
+        else:
+            view.tool_targets[public] = Target("tool", payload["name"], desktop=owner)
     view.tools = [types.Tool.model_validate(p) for p in payloads]
     view.tool_pages = paginate(payloads)
     for dotted, payload, server in sorted(prompts, key=lambda t: t[0]):
         public = names.get(dotted, dotted)
         view.prompts.append(types.Prompt.model_validate(_with_name(payload, "name", public)))
-        view.prompt_targets[public] = Target("prompt", server, payload["name"])
+        view.prompt_targets[public] = Target("prompt", payload["name"], server=server)
     view.fingerprint = (
         digest(payloads),
         digest([p.model_dump(by_alias=True, mode="json") for p in view.prompts]),
@@ -288,15 +300,20 @@ def server_fingerprint(server: ServerSnapshot | None) -> tuple[str, str, str]:
 class Catalog:
     """Per-principal views over the directory, cached until the tenant's version moves."""
 
-    def __init__(self, directory: RemoteDirectory) -> None:
+    def __init__(self, directory: RemoteDirectory, desktop: DesktopRegistry | None = None) -> None:
         self.directory = directory
-        self._views: dict[tuple[str, str, bool, str], CatalogView] = {}
+        self.desktop = desktop
+        self._views: dict[tuple[str, str, bool, bool, str], CatalogView] = {}
         self.builds = 0  # how many views were built (tests show the cache works)
 
     def view(self, principal: Principal, style: NameStyle) -> CatalogView:
         remote = principal.has(auth.REMOTE_USE)
-        key = (principal.tenant_id, principal.user_id, remote, style)
-        version = self.directory.version(principal.tenant_id)
+        desktop = principal.has(auth.VIEW) and self.desktop is not None
+        key = (principal.tenant_id, principal.user_id, remote, desktop, style)
+        version = (
+            self.directory.version(principal.tenant_id),
+            self.desktop.version(principal.tenant_id, principal.user_id) if self.desktop else 0,
+        )
         cached = self._views.get(key)
         if cached is not None and cached.version == version:
             return cached
@@ -305,7 +322,12 @@ class Catalog:
             if remote
             else []
         )
-        view = build_view(servers, version, style)
+        sessions = (
+            self.desktop.sessions_for(principal.tenant_id, principal.user_id)
+            if self.desktop and desktop
+            else []
+        )
+        view = build_view(servers, version, style, sessions)
         self.builds += 1
         self._views[key] = view
         return view

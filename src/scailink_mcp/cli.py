@@ -66,6 +66,8 @@ def _serve(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=25,
+        ws_max_size=settings.ws_max_frame_bytes,  # a larger frame closes with 1009
+        ws_ping_interval=20.0,
     )
 
 

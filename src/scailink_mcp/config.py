@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # --- desktop bridge
     ws_heartbeat_interval_ms: int = 30000
     ws_grace_period_ms: int = 120000
+    ws_init_timeout_s: float = 10.0
+    ws_max_connections_per_user: int = 5
+    ws_max_frame_bytes: int = 1024 * 1024
 
     # --- background tasks
     background_tasks: bool = True

@@ -31,7 +31,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, Streamable
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from pydantic import ConfigDict
+from pydantic import ConfigDict, ValidationError
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -40,9 +40,9 @@ from scailink_mcp import auth
 from scailink_mcp.auth import Principal, TokenVerifier
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerSnapshot, Target
 from scailink_mcp.config import Settings
+from scailink_mcp.desktop.connections import DesktopRegistry, consent_denied, needs_consent
+from scailink_mcp.desktop.protocol import TOOL_INVOKE
 from scailink_mcp.errors import (
-    ConsentDenied,
-    Forbidden,
     ScaiLinkError,
     ToolNotFound,
     Unauthorized,
@@ -152,7 +152,9 @@ class Gateway:
         pool: UpstreamPool,
         notifier: SessionNotifier,
         consent: ConsentGate | None = None,
+        desktop: DesktopRegistry | None = None,
     ) -> None:
+        self.desktop = desktop
         self.settings = settings
         self.catalog = catalog
         self.pool = pool
@@ -181,32 +183,90 @@ class Gateway:
 
     async def approve(
         self,
-        ctx: ServerRequestContext[Any, Any],
         principal: Principal,
         target: Target,
         public: str,
         args: Any,
+        ctx: ServerRequestContext[Any, Any] | None = None,
     ) -> None:
+        """The consent tier: `locked` is never callable, `confirm` needs the user's approval per call."""
+        if target.desktop is not None:
+            tool = target.desktop.tools.get(target.upstream_name, {})
+            if needs_consent(tool) and not await self._ask_desktop(target, public, args):
+                raise consent_denied()
+            return
+        assert target.server is not None
         tier = target.server.consent_tier
         if tier == "locked":
             raise ToolNotFound(f"unknown tool {public!r}")
         if tier != "confirm":
             return
-        session: ServerSession = ctx.session
-        caps = session.client_capabilities
-        if caps is not None and caps.elicitation is not None:
-            answer = await session.elicit_form(
-                f"Allow the call of {public}?",
-                {"type": "object", "properties": {}},
-                related_request_id=ctx.request_id,
-            )
-            if answer.action == "accept":
-                return
-            raise ConsentDenied()
+        session: ServerSession | None = ctx.session if ctx is not None else None
+        caps = session.client_capabilities if session is not None else None
+        if session is not None and caps is not None and caps.elicitation is not None:
+            with anyio.move_on_after(self.settings.consent_timeout_s):
+                answer = await session.elicit_form(
+                    f"Allow the call of {public}?",
+                    {"type": "object", "properties": {}},
+                    related_request_id=ctx.request_id if ctx is not None else None,
+                )
+                if answer.action == "accept":
+                    return
+            raise consent_denied()
         with anyio.move_on_after(self.settings.consent_timeout_s):
             if await self.consent.ask(principal, public, args):
                 return
-        raise ConsentDenied()
+        raise consent_denied()
+
+    async def _ask_desktop(self, target: Target, public: str, args: Any) -> bool:
+        assert target.desktop is not None and self.desktop is not None
+        return await self.desktop.ask_consent(
+            target.desktop, target.upstream_name, args, timeout=self.settings.consent_timeout_s
+        )
+
+    async def invoke(
+        self,
+        principal: Principal,
+        target: Target,
+        public: str,
+        arguments: dict[str, Any] | None,
+        *,
+        timeout: float,
+        ctx: ServerRequestContext[Any, Any] | None = None,
+        progress: ProgressFnT | None = None,
+    ) -> types.CallToolResult:
+        """The one call path of MCP and REST: permission, consent, forward, size cap. Raises ScaiLinkError."""
+        principal.require(auth.INVOKE)
+        await self.approve(principal, target, public, arguments, ctx)
+        if target.desktop is not None:
+            assert self.desktop is not None
+            raw = await self.desktop.invoke(
+                target.desktop,
+                TOOL_INVOKE,
+                {
+                    "tool": target.upstream_name,
+                    "arguments": arguments or {},
+                    "caller": {"user_id": principal.user_id},
+                },
+                timeout=timeout,
+            )
+            try:
+                result = types.CallToolResult.model_validate(raw)
+            except ValidationError:
+                raise UpstreamError("the desktop device answered with an invalid tool result") from None
+        else:
+            assert target.server is not None
+            result = await self.pool.call_tool(
+                PoolKey(target.server.id, target.server.credential_version, principal.user_id),
+                target.upstream_name,
+                arguments,
+                timeout=timeout,
+                progress_callback=progress,
+                relay=DownstreamCall(ctx.session, ctx.request_id) if ctx is not None else None,
+            )
+        if result_size(result) > self.settings.max_result_bytes:
+            raise UpstreamError(f"tool result over {self.settings.max_result_bytes} bytes refused")
+        return result
 
     async def call(
         self,
@@ -216,25 +276,19 @@ class Gateway:
         public: str,
         params: types.CallToolRequestParams,
     ) -> types.CallToolResult:
+        """`tools/call` over MCP: failures become `isError` results with `_meta["scailink/error"]`."""
         try:
-            principal.require(auth.INVOKE)
-            await self.approve(ctx, principal, target, public, params.arguments)
-            progress = self._progress_relay(ctx, params)
-            result = await self.pool.call_tool(
-                PoolKey(target.server.id, target.server.credential_version, principal.user_id),
-                target.upstream_name,
+            return await self.invoke(
+                principal,
+                target,
+                public,
                 params.arguments,
                 timeout=self.timeout(params.meta),
-                progress_callback=progress,
-                relay=DownstreamCall(ctx.session, ctx.request_id),
+                ctx=ctx,
+                progress=self._progress_relay(ctx, params),
             )
-        except (Forbidden, ConsentDenied, UpstreamError, ScaiLinkError) as err:
+        except ScaiLinkError as err:
             return error_result(err)
-        if result_size(result) > self.settings.max_result_bytes:
-            return error_result(
-                UpstreamError(f"tool result over {self.settings.max_result_bytes} bytes refused")
-            )
-        return result
 
     def _progress_relay(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
@@ -254,8 +308,10 @@ class Gateway:
         return relay
 
     async def use(
-        self, principal: Principal, server: ServerSnapshot, fn: Callable[[Any], Awaitable[Any]]
+        self, principal: Principal, server: ServerSnapshot | None, fn: Callable[[Any], Awaitable[Any]]
     ) -> Any:
+        if server is None:
+            raise MCPError(INVALID_PARAMS, "desktop resources and prompts are not relayed yet")
         try:
             return await self.pool.use(
                 PoolKey(server.id, server.credential_version, principal.user_id),
@@ -392,7 +448,7 @@ def build_single_server(gw: Gateway) -> Server[Any]:
         principal, server = server_of(ctx)
         if params.name not in {t["name"] for t in server.tools}:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}")
-        return await gw.call(ctx, principal, Target("tool", server, params.name), params.name, params)
+        return await gw.call(ctx, principal, Target("tool", params.name, server=server), params.name, params)
 
     async def list_prompts(
         ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None

@@ -1,0 +1,152 @@
+"""Routes of the desktop bridge's REST side (SPEC section 4): discovery, invoke, sessions, capabilities.
+
+`POST /users/{user_id}/tools/{tool_name}/invoke` goes through `Gateway.invoke`, the same path as an MCP
+`tools/call`; only the caller's own catalog can be invoked (another user's id answers 404).
+Sessions: the caller's by default; `?user_id=` (another user) or `?scope=tenant` needs `scailink:manage`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from scailink_mcp import auth
+from scailink_mcp.api.envelope import no_content, ok, page, parse_body, principal
+from scailink_mcp.auth import Principal
+from scailink_mcp.desktop.connections import DesktopSession
+from scailink_mcp.desktop.protocol import PROTOCOL_VERSIONS, Close
+from scailink_mcp.errors import NotFound, ToolNotFound
+
+BASE = "/v1/modules/scailink"
+
+
+class InvokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    timeout_ms: int | None = Field(default=None, ge=1, le=300_000)
+
+
+def _parts(request: Request) -> Any:
+    return request.app.state.scailink
+
+
+async def discover(request: Request) -> Response:
+    settings = _parts(request).settings
+    base = (settings.public_url or str(request.base_url)).rstrip("/")
+    ws_base = (
+        "wss://" + base.removeprefix("https://")
+        if base.startswith("https://")
+        else "ws://" + base.removeprefix("http://")
+    )
+    return JSONResponse(
+        {
+            "issuer": settings.jwt_issuer,
+            "audience": settings.jwt_audience,
+            "jwks_uri": settings.jwt_jwks_url,
+            "gateway_ws": f"{ws_base}/v1/scailink/ws",
+            "protocol_versions": list(PROTOCOL_VERSIONS),
+        }
+    )
+
+
+async def invoke(request: Request) -> Response:
+    who = await principal(request)
+    if request.path_params["user_id"] != who.user_id:
+        raise NotFound("user not found")
+    parts = _parts(request)
+    body = await parse_body(request, InvokeBody, parts.settings.max_body_bytes)
+    name = request.path_params["tool_name"]
+    view = parts.catalog.view(who, parts.settings.tool_name_style)
+    target = view.resolve_tool(name)
+    timeout = min(
+        (body.timeout_ms / 1000) if body.timeout_ms else parts.settings.call_timeout_s,
+        parts.settings.call_timeout_max_s,
+    )
+    result = await parts.gateway.invoke(who, target, name, body.arguments, timeout=timeout)
+    return ok(request, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
+
+
+def _visible(who: Principal, session: DesktopSession) -> bool:
+    if session.tenant_id != who.tenant_id:
+        return False
+    return session.user_id == who.user_id or who.has(auth.MANAGE)
+
+
+async def list_sessions(request: Request) -> Response:
+    who = await principal(request)
+    registry = _parts(request).desktop
+    user_id = request.query_params.get("user_id", who.user_id)
+    tenant_wide = request.query_params.get("scope") == "tenant"
+    if (tenant_wide or user_id != who.user_id) and not who.has(auth.MANAGE):
+        who.require(auth.MANAGE)
+    sessions = [
+        s.describe()
+        for s in registry.sessions.values()
+        if s.tenant_id == who.tenant_id and (tenant_wide or s.user_id == user_id)
+    ]
+    return page(request, sorted(sessions, key=lambda s: s["session_id"]), None)
+
+
+def _session(request: Request, who: Principal) -> DesktopSession:
+    session: DesktopSession | None = _parts(request).desktop.sessions.get(request.path_params["session_id"])
+    if session is None or not _visible(who, session):
+        raise NotFound("session not found")
+    return session
+
+
+async def get_session(request: Request) -> Response:
+    who = await principal(request)
+    return ok(request, _session(request, who).describe())
+
+
+async def delete_session(request: Request) -> Response:
+    who = await principal(request)
+    session = _session(request, who)
+    if session.close is not None:
+        await session.close(Close.NORMAL, "session terminated through the REST API")
+    _parts(request).desktop.remove(session)
+    return no_content()
+
+
+async def capabilities(request: Request) -> Response:
+    who = await principal(request)
+    parts = _parts(request)
+    view = parts.catalog.view(who, parts.settings.tool_name_style)
+    items: list[dict[str, Any]] = []
+    for public, target in sorted(view.tool_targets.items()):
+        items.append(_item("tool", public, target))
+    for public, target in sorted(view.prompt_targets.items()):
+        items.append(_item("prompt", public, target))
+    for resource in view.resources:
+        target = view.resolve_resource(str(resource.uri))
+        items.append(_item("resource", str(resource.uri), target))
+    return page(request, items, None)
+
+
+def _item(kind: str, public: str, target: Any) -> dict[str, Any]:
+    desktop = target.desktop is not None
+    return {
+        "kind": kind,
+        "name": public,
+        "upstream_name": target.upstream_name,
+        "source": "desktop" if desktop else "remote",
+        "session_id": target.desktop.session_id if desktop else None,
+        "server_id": None if desktop else target.server.id,
+    }
+
+
+routes = [
+    Route("/v1/scailink/auth/discover", discover, methods=["GET"]),
+    Route(BASE + "/users/{user_id}/tools/{tool_name}/invoke", invoke, methods=["POST"]),
+    Route(BASE + "/sessions", list_sessions, methods=["GET"]),
+    Route(BASE + "/sessions/{session_id}", get_session, methods=["GET"]),
+    Route(BASE + "/sessions/{session_id}", delete_session, methods=["DELETE"]),
+    Route(BASE + "/capabilities", capabilities, methods=["GET"]),
+]
+
+__all__ = ["ToolNotFound", "routes"]

@@ -1,0 +1,162 @@
+"""The desktop bridge wire protocol: pydantic models of every frame, validation, close codes.
+
+JSON-RPC 2.0 text frames over a WebSocket. Validation errors name the failing field (they become the
+close reason of a 4002), never echo values.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from typing import Any, Literal
+
+import mcp_types as types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROTOCOL_VERSIONS = ("scailink/1.0",)
+JSONRPC = "2.0"
+
+INIT = "scailink/session_init"
+HEARTBEAT = "scailink/heartbeat"
+CATALOG_UPDATE = "scailink/catalog_update"
+CONSENT_RESPONSE = "scailink/consent_response"
+TERMINATE = "scailink/session_terminate"
+TOOL_INVOKE = "scailink/tool_invoke"
+RESOURCE_READ = "scailink/resource_read"
+PROMPT_GET = "scailink/prompt_get"
+CONSENT_REQUEST = "scailink/consent_request"
+POLICY_UPDATE = "scailink/policy_update"
+CLIENT_NOTIFICATIONS = frozenset({HEARTBEAT, CATALOG_UPDATE, CONSENT_RESPONSE, TERMINATE})
+
+
+class Close(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_BIG = 1009
+    UNAUTHORIZED = 4001
+    BAD_INIT = 4002
+    PROTOCOL = 4003
+    LIVENESS = 4008
+    TOO_MANY = 4009
+    REPLACED = 4010
+
+
+class FrameError(ValueError):
+    """A frame that is not acceptable; `reason` is safe to send as a close reason (<= 123 bytes)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason[:120]
+
+
+def _check_tool(item: dict[str, Any]) -> dict[str, Any]:
+    types.Tool.model_validate(item)
+    return item
+
+
+class Platform(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    os: str = Field(min_length=1, max_length=64)
+    arch: str | None = Field(default=None, max_length=64)
+    version: str | None = Field(default=None, max_length=128)
+
+
+class Capabilities(BaseModel):
+    tools: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
+    resources: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
+    prompts: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, item in enumerate(value):
+            try:
+                _check_tool(item)
+            except ValidationError:
+                raise ValueError(f"tools[{index}] is not an MCP tool") from None
+        return value
+
+
+class SessionInit(BaseModel):
+    protocol_version: str
+    client_version: str = Field(min_length=1, max_length=64)
+    device_name: str = Field(min_length=1, max_length=128)
+    device_id: str | None = Field(default=None, min_length=1, max_length=128)
+    platform: Platform
+    capabilities: Capabilities
+    audit_detail_level: Literal["off", "metadata"] = "metadata"
+    resume_session_id: str | None = Field(default=None, max_length=64)
+
+    @field_validator("protocol_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if value not in PROTOCOL_VERSIONS:
+            raise ValueError(f"unsupported protocol_version (supported: {', '.join(PROTOCOL_VERSIONS)})")
+        return value
+
+
+class CatalogUpdate(BaseModel):
+    added: list[dict[str, Any]] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+
+    @field_validator("added")
+    @classmethod
+    def _tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, item in enumerate(value):
+            try:
+                _check_tool(item)
+            except ValidationError:
+                raise ValueError(f"added[{index}] is not an MCP tool") from None
+        return value
+
+
+class ConsentResponse(BaseModel):
+    consent_id: str
+    decision: Literal["approved", "denied"]
+    remember: Literal["once", "session"] = "once"
+
+
+def first_error_field(exc: ValidationError) -> str:
+    err = exc.errors(include_input=False, include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"]) or "params"
+    return f"{field}: {err['msg']}"
+
+
+def parse_frame(text: str | bytes) -> dict[str, Any]:
+    """A JSON-RPC 2.0 message object, else `FrameError`."""
+    try:
+        message = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise FrameError("frame is not valid JSON") from None
+    if not isinstance(message, dict) or message.get("jsonrpc") != JSONRPC:
+        raise FrameError("frame is not a JSON-RPC 2.0 message")
+    return message
+
+
+def parse_init(message: dict[str, Any]) -> SessionInit:
+    if message.get("method") != INIT or "id" not in message:
+        raise FrameError("first frame must be a scailink/session_init request")
+    params = message.get("params")
+    if not isinstance(params, dict):
+        raise FrameError("params: must be an object")
+    try:
+        return SessionInit.model_validate(params)
+    except ValidationError as exc:
+        raise FrameError(first_error_field(exc)) from None
+
+
+def request(request_id: str, method: str, params: dict[str, Any]) -> str:
+    return json.dumps({"jsonrpc": JSONRPC, "id": request_id, "method": method, "params": params})
+
+
+def notification(method: str, params: dict[str, Any]) -> str:
+    return json.dumps({"jsonrpc": JSONRPC, "method": method, "params": params})
+
+
+def result(request_id: Any, value: dict[str, Any]) -> str:
+    return json.dumps({"jsonrpc": JSONRPC, "id": request_id, "result": value})
+
+
+def error(request_id: Any, code: int, message: str) -> str:
+    return json.dumps({"jsonrpc": JSONRPC, "id": request_id, "error": {"code": code, "message": message}})
