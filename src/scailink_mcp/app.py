@@ -43,6 +43,7 @@ from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus
+from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import Relay
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
@@ -79,6 +80,7 @@ class Components:
     gateway: mcp_server.Gateway
     desktop: DesktopRegistry
     bridge: Bridge
+    metrics: Metrics
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -131,6 +133,17 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     directory.listeners.append(notifier.tenant_changed)
     desktop.listeners.append(notifier.tenant_changed)
     verifier = TokenVerifier(settings)
+    metrics = Metrics()
+    metrics.gauge("scailink_pool_sessions", "Warm upstream sessions", lambda: pool.size())
+    metrics.gauge("scailink_pool_hits", "Pool hits (warm sessions reused)", lambda: pool.stats.hits)
+    metrics.gauge("scailink_pool_misses", "Pool misses (new handshakes)", lambda: pool.stats.misses)
+    metrics.gauge("scailink_pool_evictions", "Pool LRU evictions", lambda: pool.stats.evictions)
+    metrics.gauge(
+        "scailink_desktop_sessions", "Desktop sessions (connected or in grace)", lambda: len(desktop.sessions)
+    )
+    metrics.gauge(
+        "scailink_mcp_sessions", "Tracked downstream MCP sessions", lambda: notifier.session_count()
+    )
     return Components(
         settings=settings,
         db=db,
@@ -151,9 +164,11 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
             notifier,
             consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
             desktop=desktop,
+            metrics=metrics,
         ),
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop),
+        metrics=metrics,
     )
 
 
@@ -193,7 +208,10 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(parts.directory.load)
+        try:
+            await anyio.to_thread.run_sync(parts.directory.load)
+        except Exception as exc:  # e.g. migrations not applied: serve anyway, /readyz says why
+            logger.error("could not load the server directory", extra={"error": type(exc).__name__})
         async with anyio.create_task_group() as tg:
             tg.start_soon(parts.pool.run)
             tg.start_soon(parts.notifier.run)
@@ -220,6 +238,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             *remote_servers.routes,
             *desktop_api.routes,
             WebSocketRoute("/v1/scailink/ws", parts.bridge.endpoint),
+            Route("/metrics", parts.metrics.endpoint, methods=["GET"]),
             *routes,
         ],
         middleware=[Middleware(RequestIdMiddleware)],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -43,11 +44,14 @@ from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import DesktopRegistry, consent_denied, needs_consent
 from scailink_mcp.desktop.protocol import TOOL_INVOKE
 from scailink_mcp.errors import (
+    ConsentDenied,
+    Forbidden,
     ScaiLinkError,
     ToolNotFound,
     Unauthorized,
     UpstreamError,
 )
+from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
@@ -153,8 +157,10 @@ class Gateway:
         notifier: SessionNotifier,
         consent: ConsentGate | None = None,
         desktop: DesktopRegistry | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.desktop = desktop
+        self.metrics = metrics
         self.settings = settings
         self.catalog = catalog
         self.pool = pool
@@ -236,6 +242,33 @@ class Gateway:
         progress: ProgressFnT | None = None,
     ) -> types.CallToolResult:
         """The one call path of MCP and REST: permission, consent, forward, size cap. Raises ScaiLinkError."""
+        started = time.perf_counter()
+        source = "desktop" if target.desktop is not None else "remote"
+        outcome = "error"
+        try:
+            result = await self._invoke(
+                principal, target, public, arguments, timeout=timeout, ctx=ctx, progress=progress
+            )
+            outcome = "tool_error" if result.is_error else "ok"
+            return result
+        except (Forbidden, ConsentDenied):
+            outcome = "denied"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.call(source, outcome, time.perf_counter() - started)
+
+    async def _invoke(
+        self,
+        principal: Principal,
+        target: Target,
+        public: str,
+        arguments: dict[str, Any] | None,
+        *,
+        timeout: float,
+        ctx: ServerRequestContext[Any, Any] | None,
+        progress: ProgressFnT | None,
+    ) -> types.CallToolResult:
         principal.require(auth.INVOKE)
         await self.approve(principal, target, public, arguments, ctx)
         if target.desktop is not None:

@@ -1,0 +1,58 @@
+"""Operations: /healthz, /readyz, /metrics (parsed with prometheus-client's own parser)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import LiveApp, TokenFactory
+from tests.test_mcp_gateway import mcp_client, register
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.anyio
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_health_ready_and_metrics_move(live: LiveApp, token: TokenFactory) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    async with httpx.AsyncClient(base_url=live.base_url) as c:
+        assert (await c.get("/healthz")).json() == {"status": "ok"}
+        ready = await c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+        before = samples((await c.get("/metrics")).text)
+        with UpstreamServer() as upstream:
+            server = await register(live, tok, name="m", endpoint_url=upstream.url)
+            async with mcp_client(live.mcp_url, tok) as s:
+                for _ in range(3):
+                    await s.call_tool(f"remote.u1.{server['slug']}.echo", {"text": "x"})
+                await s.call_tool(f"remote.u1.{server['slug']}.fail", {})
+                after = samples((await c.get("/metrics")).text)
+    ok_key = ("scailink_tool_calls_total", (("outcome", "ok"), ("source", "remote")))
+    assert after[ok_key] - before.get(ok_key, 0) == 3
+    assert after[("scailink_tool_calls_total", (("outcome", "tool_error"), ("source", "remote")))] == 1
+    assert after[("scailink_tool_call_seconds_count", (("source", "remote"),))] == 4
+    assert after[("scailink_pool_sessions", ())] == 1
+    assert after[("scailink_pool_hits", ())] >= 3
+
+
+async def test_readyz_reports_pending_migrations(settings_factory: object, tmp_path: object) -> None:
+    from scailink_mcp.app import create_app
+    from scailink_mcp.config import Settings
+
+    assert callable(settings_factory)
+    settings: Settings = settings_factory(database_url=f"sqlite:///{tmp_path}/empty.db")  # never migrated
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        resp = await c.get("/readyz")
+    assert resp.status_code == 503 and resp.json()["checks"]["database"] == "migrations pending"
