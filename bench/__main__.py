@@ -141,6 +141,56 @@ async def concurrent(
     return {"calls_per_s": clients * per_client / (time.perf_counter() - start)}
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def idle_desktops(base: str, data_dir: Path, pid: int, count: int) -> dict[str, float]:
+    """RSS of the ScaiLink process per idle desktop session (5 devices per user, the per-user cap)."""
+    from websockets.asyncio.client import connect
+
+    from scailink_mcp.auth import mint_token
+
+    key = (data_dir / "dev_signing_key.pem").read_bytes()
+    url = base.replace("http://", "ws://") + "/v1/scailink/ws"
+    tool = {"name": "echo", "inputSchema": {"type": "object"}}
+    before = rss_kib(pid)
+    opened = 0
+    stop = anyio.Event()
+
+    async def one(i: int) -> None:
+        nonlocal opened
+        token = mint_token(key, user_id=f"bench-{i // 5}", tenant_id="bench", groups=["tenant_user"])
+        init = {
+            "protocol_version": "scailink/1.0", "client_version": "bench", "device_name": f"dev {i}",
+            "device_id": f"dev-{i}", "platform": {"os": "linux"}, "capabilities": {"tools": [tool]},
+        }  # fmt: skip
+        async with connect(
+            url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=60
+        ) as ws:
+            await ws.send(
+                json.dumps({"jsonrpc": "2.0", "id": 1, "method": "scailink/session_init", "params": init})
+            )
+            await ws.recv()
+            opened += 1
+            await stop.wait()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(one, i)
+        with anyio.fail_after(120):
+            while opened < count:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        await anyio.sleep(1)
+        after = rss_kib(pid)
+        stop.set()
+    return {"sessions": float(count), "rss_before_kib": float(before), "rss_after_kib": float(after),
+            "kib_per_session": (after - before) / count}  # fmt: skip
+
+
 async def measure(
     name: str, results: dict[str, Any], fn: Callable[..., Awaitable[dict[str, float]]], *args: Any
 ) -> None:
@@ -169,7 +219,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 str(sl_port),
             ],
             env=env,
-        ),
+        ) as scailink_proc,
     ):
         upstream = f"http://127.0.0.1:{up_port}/mcp"
         scailink = f"http://127.0.0.1:{sl_port}"
@@ -198,6 +248,10 @@ async def run(quick: bool) -> dict[str, Any]:
         await measure("list_100", proxied, list_tools, scailink + "/mcp", list_n, token)
         await measure(
             "concurrent", proxied, concurrent, scailink + "/mcp", tool, conc_clients, conc_each, token
+        )
+        desktops = 200 if quick else 1000
+        await measure(
+            "idle_desktops", proxied, idle_desktops, scailink, data_dir, scailink_proc.pid, desktops
         )
     results["direct"], results["scailink"] = direct, proxied
     results["ratios"] = {

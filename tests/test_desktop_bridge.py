@@ -327,3 +327,43 @@ async def test_device_drop_mid_call_is_clean(fast: LiveApp, token: TokenFactory)
         assert result.meta["scailink/error"]["code"] == "SCAILINK_UPSTREAM_ERROR"  # type: ignore[index]
     for session in fast.parts.desktop.sessions.values():
         assert session.pending == {} and session.consents == {}
+
+
+async def test_a_thousand_idle_sessions_stay_connected(
+    settings_factory: Callable[..., Settings], token: TokenFactory
+) -> None:
+    """1,000 concurrent idle desktop sessions (200 users x 5 devices) through several heartbeat
+    intervals, driven fast by settings: no error, no close."""
+    settings = settings_factory(ws_heartbeat_interval_ms=400, ws_max_connections_per_user=5)
+    users = [token(f"user-{i}", "t1", ("tenant_user",)) for i in range(200)]
+    closed: list[Any] = []
+    ready = 0
+    with LiveApp(settings) as live:
+
+        async def idle(tok: str, device_id: str, stop: anyio.Event) -> None:
+            nonlocal ready
+            async with connect(ws_url(live), additional_headers=auth_headers(tok), open_timeout=60) as ws:
+                await ws.send(init_frame(device_id=device_id, capabilities={"tools": [ECHO]}))
+                json.loads(await ws.recv())
+                ready += 1
+                try:
+                    while not stop.is_set():
+                        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "scailink/heartbeat"}))
+                        with anyio.move_on_after(0.2):
+                            await stop.wait()
+                except ConnectionClosed as exc:
+                    closed.append(exc.rcvd.code if exc.rcvd else None)
+
+        stop = anyio.Event()
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i, tok in enumerate(users):
+                    for d in range(5):
+                        tg.start_soon(idle, tok, f"u{i}-d{d}", stop)
+                while ready < 1000:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+                assert len(live.parts.desktop.sessions) == 1000
+                await anyio.sleep(4 * 0.4)  # four heartbeat intervals, all connected
+                assert sum(1 for s in live.parts.desktop.sessions.values() if s.send is not None) == 1000
+                stop.set()
+    assert closed == []
