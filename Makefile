@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## Run the whole test suite (lint, types, tests; PostgreSQL too when it is reachable).
 test: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench conformance
+	$(BIN)/ruff format --check src tests bench conformance
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

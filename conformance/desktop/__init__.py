@@ -1,0 +1,1 @@
+"""Desktop-bridge protocol scenarios, runnable against any ScaiLink: `python -m conformance.desktop`."""
