@@ -460,3 +460,16 @@ async def test_health_flip_and_refresh(
             assert data["status"] == "active" and data["consecutive_failures"] == 0
             assert "echo" not in [t["name"] for t in data["capabilities"]["tools"]]
             assert "add" in [t["name"] for t in data["capabilities"]["tools"]]
+
+
+async def test_rate_limited_per_user(settings_factory: Callable[..., Settings], token: TokenFactory) -> None:
+    async with start_app(settings_factory(rate_limit_per_s=0.5, rate_limit_burst=3)) as h:
+        hdr = auth_headers(token("u1", "t1", ("tenant_user",)))
+        for _ in range(3):
+            assert (await h.client.get(BASE, headers=hdr)).status_code == 200
+        body = assert_envelope_error(await h.client.get(BASE, headers=hdr), 429, "SCAILINK_RATE_LIMITED")
+        assert body["error"]["retry_after"] > 0
+        # another user has a bucket of their own
+        assert (
+            await h.client.get(BASE, headers=auth_headers(token("u2", "t1", ("tenant_user",))))
+        ).status_code == 200

@@ -45,6 +45,7 @@ from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
+from scailink_mcp.ratelimit import RateLimiter
 from scailink_mcp.relay import Relay
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
@@ -81,6 +82,7 @@ class Components:
     desktop: DesktopRegistry
     bridge: Bridge
     metrics: Metrics
+    limiter: RateLimiter
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -169,6 +171,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop),
         metrics=metrics,
+        limiter=RateLimiter(per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
     )
 
 

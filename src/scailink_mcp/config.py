@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     registry_max_body_bytes: int = 64 * 1024
     page_limit_default: int = 50
     page_limit_max: int = 200
+    # Per-user REST request rate (token bucket); 0 disables.
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 200
 
     # --- cloud registry
     allowed_private_networks: CommaList = Field(default_factory=list)

@@ -74,9 +74,10 @@ async def parse_body(request: Request, model: type[M], limit: int) -> M:
 
 
 async def principal(request: Request) -> Principal:
-    verifier = request.app.state.scailink.verifier
+    parts = request.app.state.scailink
     token = bearer_token(request.headers.get("authorization"))
-    result: Principal = await verifier.verify(token)
+    result: Principal = await parts.verifier.verify(token)
+    parts.limiter.check(f"{result.tenant_id}/{result.user_id}")
     return result
 
 
