@@ -473,3 +473,54 @@ async def test_rate_limited_per_user(settings_factory: Callable[..., Settings], 
         assert (
             await h.client.get(BASE, headers=auth_headers(token("u2", "t1", ("tenant_user",))))
         ).status_code == 200
+
+
+async def test_capability_eviction_and_periodic_rediscovery(harness: AppHarness, token: TokenFactory) -> None:
+    from datetime import timedelta
+
+    from scailink_mcp.models import utcnow
+    from scailink_mcp.remote.health import Rediscovery
+
+    tok = token("u1", "t1", ("tenant_user",))
+    with UpstreamServer() as up:
+        sid = (await register(harness, tok, name="evict", endpoint_url=up.url)).json()["data"]["id"]
+        up.remove_tool("echo")
+        refreshed = (await harness.client.post(f"{BASE}/{sid}/refresh", headers=auth_headers(tok))).json()[
+            "data"
+        ]
+        assert "echo" not in [t["name"] for t in refreshed["capabilities"]["tools"]]
+
+        def echo_rows() -> int:
+            with harness.parts.db.engine.connect() as conn:
+                query = text("SELECT count(*) FROM capability WHERE server_id = :s AND name = 'echo'")
+                return int(conn.execute(query, {"s": sid}).scalar() or 0)
+
+        assert echo_rows() == 1, "unseen rows are kept (hidden) for 24 h"
+        with harness.parts.db.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE capability SET last_seen_at = :t WHERE name = 'echo'"),
+                {"t": utcnow() - timedelta(hours=25)},
+            )
+        await harness.client.post(f"{BASE}/{sid}/refresh", headers=auth_headers(tok))
+        assert echo_rows() == 0, "rows unseen for over 24 h are deleted on refresh"
+
+        # periodic re-discovery (15 min), stepped with an injected clock instead of sleeping
+        up.add_tool("fresh_tool")
+        settings = harness.parts.settings
+        not_yet = Rediscovery(settings, harness.parts.registry, clock=lambda: utcnow() + timedelta(minutes=5))
+        assert await not_yet.run_once() == []
+        later = Rediscovery(settings, harness.parts.registry, clock=lambda: utcnow() + timedelta(minutes=16))
+        assert await later.run_once() == [sid]
+        detail = (await harness.client.get(f"{BASE}/{sid}", headers=auth_headers(tok))).json()["data"]
+        assert "fresh_tool" in [t["name"] for t in detail["capabilities"]["tools"]]
+
+
+def test_health_interval_jitter(settings_factory: Callable[..., Settings]) -> None:
+    import random
+
+    from scailink_mcp.app import build_components
+
+    parts = build_components(settings_factory(health_interval_s=60, health_jitter=0.1))
+    parts.health.rng = random.Random(7)
+    delays = [parts.health.next_delay() for _ in range(500)]
+    assert 54 <= min(delays) < 56 and 64 < max(delays) <= 66
