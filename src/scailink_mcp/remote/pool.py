@@ -152,6 +152,8 @@ class UpstreamPool:
             del self._entries[entry.key]
 
     async def _acquire(self, key: PoolKey) -> _Entry:
+        if self._tg is None and not self._started.is_set():
+            await self._started.wait()  # the lifespan is starting `run()`; bounded by the call's timeout
         if self._tg is None:
             raise UpstreamError("the upstream pool is not running")
         entry = self._entries.get(key)
