@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -57,18 +58,30 @@ def prepare_dev(settings: Settings) -> Settings:
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from scailink_mcp.app import create_app
+    from scailink_mcp.app import build_components, create_app
+    from scailink_mcp.desktop.protocol import Close
 
-    uvicorn.run(
-        create_app(settings),
+    parts = build_components(settings)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM: stop accepting, tell desktop clients 1001 (they resume elsewhere), then let
+        uvicorn finish in-flight requests for up to 25 s before the lifespan closes the pool."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await parts.desktop.close_all(Close.GOING_AWAY, "server shutting down")
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        create_app(settings, parts),
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=25,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
         ws_max_size=settings.ws_max_frame_bytes,  # a larger frame closes with 1009
         ws_ping_interval=20.0,
     )
+    DrainingServer(config).run()
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

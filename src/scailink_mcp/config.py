@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     ws_max_connections_per_user: int = 5
     ws_max_frame_bytes: int = 1024 * 1024
 
+    # --- shutdown: in-flight requests get this long after SIGTERM
+    shutdown_grace_s: int = 25
+
     # --- background tasks
     background_tasks: bool = True
 
