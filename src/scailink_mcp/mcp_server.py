@@ -356,7 +356,15 @@ class Gateway:
 
 
 class _Server(Server[Any]):
-    """The SDK's session manager builds init options without notification options; announce listChanged."""
+    """The SDK's session manager builds init options without notification options; announce listChanged.
+
+    The SDK's default OpenTelemetry middleware is dropped: it wraps every message on the hot path and
+    ScaiLink exports Prometheus metrics instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.middleware = []
 
     def create_initialization_options(
         self,

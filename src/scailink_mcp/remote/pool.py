@@ -63,6 +63,8 @@ class _Entry:
     error: BaseException | None = None
     in_flight: int = 0
     relays: list[Any] = field(default_factory=list)  # downstream calls in flight (see relay.py)
+    # Cancel scopes of the calls in flight, cancelled by the owner when the session ends mid-call.
+    scopes: set[anyio.CancelScope] = field(default_factory=set)
     ready: anyio.Event = field(default_factory=anyio.Event)
     stop: anyio.Event = field(default_factory=anyio.Event)
     closed: anyio.Event = field(default_factory=anyio.Event)
@@ -140,6 +142,8 @@ class UpstreamPool:
             entry.session = None
             entry.ready.set()
             entry.closed.set()
+            for scope in list(entry.scopes):
+                scope.cancel()
             self.stats.closed += 1
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
@@ -303,24 +307,21 @@ class UpstreamPool:
 
 
 async def _unless_closed(entry: _Entry, fn: Callable[[ClientSession], Awaitable[T]]) -> T:
-    """Run `fn`, but give up at once if the session's owner ends (upstream gone mid-call)."""
+    """Run `fn`, but give up at once if the session's owner ends (upstream gone mid-call).
+
+    A cancel scope registered on the entry (rather than a watcher task per call) keeps the warm path
+    to one await on the SDK.
+    """
     session = entry.session
-    if session is None:
+    if session is None or entry.closed.is_set():
         raise UpstreamError("the upstream session closed")
-    outcome: list[T] = []
-
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            await entry.closed.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        outcome.append(await fn(session))
-        tg.cancel_scope.cancel()
-    if not outcome:
-        raise UpstreamError("the upstream connection was lost during the call")
-    return outcome[0]
+    with anyio.CancelScope() as scope:
+        entry.scopes.add(scope)
+        try:
+            return await fn(session)
+        finally:
+            entry.scopes.discard(scope)
+    raise UpstreamError("the upstream connection was lost during the call")
 
 
 def _short(exc: BaseException) -> str:
