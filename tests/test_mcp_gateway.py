@@ -375,3 +375,20 @@ async def test_legacy_sse_transport(live: LiveApp, token: TokenFactory, upstream
         assert result.content[0].text == "sse"  # type: ignore[union-attr]
     async with httpx.AsyncClient(base_url=live.base_url) as c:
         assert (await c.get("/sse")).status_code == 401
+
+
+async def test_dns_rebinding_protection(live: LiveApp, token: TokenFactory) -> None:
+    params = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    }
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
+    headers = {**auth_headers(token()), "Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(base_url=live.base_url) as c:
+        forged_host = await c.post("/mcp", json=body, headers={**headers, "Host": "evil.example:80"})
+        assert forged_host.status_code in (403, 421)
+        forged_origin = await c.post("/mcp", json=body, headers={**headers, "Origin": "http://evil.example"})
+        assert forged_origin.status_code in (403, 421)
+        fine = await c.post("/mcp", json=body, headers=headers)
+        assert fine.status_code == 200
