@@ -76,10 +76,43 @@ def postgres_url(postgres_reason: str | None) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session")
+def mariadb_reason() -> str | None:
+    try:
+        import pymysql
+
+        pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=3).close()
+        return None
+    except Exception as exc:
+        reason = f"MariaDB not reachable at 127.0.0.1:3306 ({type(exc).__name__})"
+    if os.environ.get("SCAILINK_TEST_REQUIRE_MARIADB"):
+        pytest.fail(f"{reason}, but SCAILINK_TEST_REQUIRE_MARIADB is set (CI)")
+    return reason
+
+
+@pytest.fixture
+def mariadb_url(mariadb_reason: str | None) -> Iterator[str]:
+    """A fresh MariaDB database per test, dropped afterwards."""
+    if mariadb_reason:
+        pytest.skip(mariadb_reason)
+    import pymysql
+
+    name = f"scailink_t_{uuid.uuid4().hex[:12]}"
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def database_url(request: pytest.FixtureRequest) -> str:
-    """Parametrizes a test over both real databases."""
-    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    """Parametrizes a test over the real databases."""
+    fixture = {"sqlite": "sqlite_url", "postgresql": "postgres_url", "mariadb": "mariadb_url"}[request.param]
     url: str = request.getfixturevalue(fixture)
     return url
 

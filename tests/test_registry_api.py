@@ -524,3 +524,41 @@ def test_health_interval_jitter(settings_factory: Callable[..., Settings]) -> No
     parts.health.rng = random.Random(7)
     delays = [parts.health.next_delay() for _ in range(500)]
     assert 54 <= min(delays) < 56 and 64 < max(delays) <= 66
+
+
+async def test_registry_flow_on_every_database(
+    database_url: str,
+    settings_factory: Callable[..., Settings],
+    token: TokenFactory,
+    upstream: UpstreamServer,
+) -> None:
+    """Register with credentials, page, patch, rotate, refresh, delete: SQLite, PostgreSQL and MariaDB."""
+    async with start_app(settings_factory(database_url=database_url)) as h:
+        tok = token("u1", "t1", ("tenant_user",))
+        hdr = auth_headers(tok)
+        ids = []
+        for i in range(3):
+            resp = await register(h, tok, name=f"db-{i}", endpoint_url=upstream.url, auth_type="bearer",
+                                  credentials={"authorization": f"{SECRET}-{i}"})  # fmt: skip
+            assert resp.status_code == 201 and resp.json()["data"]["status"] == "active", resp.text
+            ids.append(resp.json()["data"]["id"])
+        assert (await register(h, tok, name="db-0", endpoint_url=upstream.url)).status_code == 409
+        first = (await h.client.get(f"{BASE}?limit=2", headers=hdr)).json()["data"]
+        rest = (await h.client.get(f"{BASE}?limit=2&cursor={first['next_cursor']}", headers=hdr)).json()[
+            "data"
+        ]
+        assert [s["id"] for s in first["items"] + rest["items"]] == ids and rest["next_cursor"] is None
+        assert (
+            await h.client.patch(f"{BASE}/{ids[0]}", json={"name": "renamed"}, headers=hdr)
+        ).status_code == 200
+        rotated = await h.client.put(
+            f"{BASE}/{ids[1]}/credentials/authorization", json={"value": "v2"}, headers=hdr
+        )
+        assert rotated.status_code == 200
+        target = await h.parts.db.run(lambda s: h.parts.registry._target_by_id(s, ids[1]))
+        assert target is not None and target.headers["Authorization"] == "Bearer v2"
+        assert (await h.client.post(f"{BASE}/{ids[2]}/refresh", headers=hdr)).json()["data"][
+            "status"
+        ] == "active"
+        assert (await h.client.delete(f"{BASE}/{ids[2]}", headers=hdr)).status_code == 204
+        assert len((await h.client.get(BASE, headers=hdr)).json()["data"]["items"]) == 2

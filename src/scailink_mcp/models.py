@@ -11,7 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, ForeignKey, LargeBinary, String, UniqueConstraint
+from sqlalchemy.dialects import mysql
 from sqlmodel import Field, SQLModel
+
+# Microsecond precision everywhere (MySQL/MariaDB DATETIME defaults to whole seconds, which would
+# break the keyset order of lists and the "seen by the latest discovery" comparison).
+Timestamp = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def utcnow() -> datetime:
@@ -52,12 +57,12 @@ class RemoteServer(SQLModel, table=True):
     consecutive_failures: int = Field(default=0)
     consecutive_successes: int = Field(default=0)
     last_health_status: str | None = Field(default=None, max_length=128)
-    last_health_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
-    last_discovery_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_health_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    last_discovery_at: datetime | None = Field(default=None, sa_type=Timestamp)
     # Bumped whenever credentials or the endpoint change: part of the upstream pool's key.
     credential_version: int = Field(default=1)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
-    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
 class Credential(SQLModel, table=True):
@@ -79,8 +84,8 @@ class Credential(SQLModel, table=True):
     wrapped_dek: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     nonce: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
-    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
 class Capability(SQLModel, table=True):
@@ -100,4 +105,4 @@ class Capability(SQLModel, table=True):
     name: str = Field(max_length=1024)
     description: str | None = Field(default=None)
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    last_seen_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)

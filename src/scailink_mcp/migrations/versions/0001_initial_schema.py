@@ -7,6 +7,9 @@ Create Date: 2026-11-24 19:13:45.272797
 from alembic import op
 import sqlalchemy as sa
 import sqlmodel
+from sqlalchemy.dialects import mysql
+
+TS = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 revision = '0001'
@@ -34,11 +37,11 @@ def upgrade() -> None:
     sa.Column('consecutive_failures', sa.Integer(), nullable=False),
     sa.Column('consecutive_successes', sa.Integer(), nullable=False),
     sa.Column('last_health_status', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
-    sa.Column('last_health_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('last_discovery_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_health_at', TS, nullable=True),
+    sa.Column('last_discovery_at', TS, nullable=True),
     sa.Column('credential_version', sa.Integer(), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', TS, nullable=False),
+    sa.Column('updated_at', TS, nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('tenant_id', 'owner_scope', 'name', name='uq_server_owner_name')
     )
@@ -57,7 +60,7 @@ def upgrade() -> None:
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
     sa.Column('description', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('payload', sa.JSON(), nullable=False),
-    sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('last_seen_at', TS, nullable=False),
     sa.ForeignKeyConstraint(['server_id'], ['remote_server.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('server_id', 'kind', 'name', name='uq_capability')
@@ -75,8 +78,8 @@ def upgrade() -> None:
     sa.Column('wrapped_dek', sa.LargeBinary(), nullable=False),
     sa.Column('nonce', sa.LargeBinary(), nullable=False),
     sa.Column('ciphertext', sa.LargeBinary(), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', TS, nullable=False),
+    sa.Column('updated_at', TS, nullable=False),
     sa.ForeignKeyConstraint(['server_id'], ['remote_server.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('server_id', 'field', name='uq_credential_field')
