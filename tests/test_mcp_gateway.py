@@ -392,3 +392,21 @@ async def test_dns_rebinding_protection(live: LiveApp, token: TokenFactory) -> N
         assert forged_origin.status_code in (403, 421)
         fine = await c.post("/mcp", json=body, headers=headers)
         assert fine.status_code == 200
+
+
+async def test_modern_per_request_era(live: LiveApp, token: TokenFactory, upstream: UpstreamServer) -> None:
+    """The 2026-07-28 era (`server/discover`, no handshake, one request per exchange) on the same `/mcp`."""
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="modern", endpoint_url=upstream.url)
+    async with (
+        httpx2.AsyncClient(headers=auth_headers(tok), timeout=30) as http,
+        streamable_http_client(live.mcp_url, http_client=http) as (read, write),
+        ClientSession(read, write) as s,
+    ):
+        discovered = await s.discover()
+        assert "2026-07-28" in discovered.supported_versions
+        assert s.protocol_version == "2026-07-28"
+        names = {t.name for t in await list_all_tools(s)}
+        assert f"remote.u1.{server['slug']}.echo" in names
+        result = await s.call_tool(f"remote.u1.{server['slug']}.echo", {"text": "modern"})
+        assert result.content[0].text == "modern"  # type: ignore[union-attr]
