@@ -367,3 +367,39 @@ async def test_a_thousand_idle_sessions_stay_connected(
                 assert sum(1 for s in live.parts.desktop.sessions.values() if s.send is not None) == 1000
                 stop.set()
     assert closed == []
+
+
+async def test_desktop_prompts_and_resources(fast: LiveApp, token: TokenFactory) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    caps = {
+        "tools": [],
+        "resources": [{"uri": "file:///home/ada/notes.md", "name": "notes", "mimeType": "text/markdown"}],
+        "prompts": [{"name": "summarize", "description": "summarize a file"}],
+    }
+
+    async def device_side(ws: ClientConnection) -> None:
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg.get("method") == "scailink/resource_read":
+                uri = msg["params"]["uri"]
+                answer = {"contents": [{"uri": uri, "mimeType": "text/markdown", "text": "# notes"}]}
+            elif msg.get("method") == "scailink/prompt_get":
+                text = f"summarize {msg['params']['arguments']}"
+                answer = {"messages": [{"role": "user", "content": {"type": "text", "text": text}}]}
+            else:
+                continue
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": answer}))
+
+    async with device(fast, tok, capabilities=caps) as (ws, ack), anyio.create_task_group() as tg:
+        tg.start_soon(device_side, ws)
+        ns = ack["namespace"]
+        async with mcp_client(fast.mcp_url, tok) as s:
+            resources = (await s.list_resources()).resources
+            uri = next(str(r.uri) for r in resources if str(r.uri).startswith(f"scailink://{ns}/"))
+            read = await s.read_resource(uri)
+            assert read.contents[0].text == "# notes"  # type: ignore[union-attr]
+            prompts = (await s.list_prompts()).prompts
+            assert f"{ns}.summarize" in [p.name for p in prompts]
+            got = await s.get_prompt(f"{ns}.summarize", {"path": "notes.md"})
+            assert "notes.md" in got.messages[0].content.text  # type: ignore[union-attr]
+        tg.cancel_scope.cancel()

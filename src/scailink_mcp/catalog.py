@@ -207,7 +207,7 @@ class CatalogView:
     resource_templates: list[types.ResourceTemplate] = field(default_factory=list)
     tool_targets: dict[str, Target] = field(default_factory=dict)
     prompt_targets: dict[str, Target] = field(default_factory=dict)
-    namespaces: dict[str, ServerSnapshot] = field(default_factory=dict)
+    namespaces: dict[str, ServerSnapshot | DesktopSession] = field(default_factory=dict)
     # Per kind (tools, prompts, resources): a digest of what a client would list, for list_changed.
     fingerprint: tuple[str, str, str] = ("", "", "")
 
@@ -225,10 +225,12 @@ class CatalogView:
 
     def resolve_resource(self, uri: str) -> Target:
         parts = split_uri(uri)
-        server = self.namespaces.get(parts[0]) if parts else None
-        if parts is None or server is None:
+        owner = self.namespaces.get(parts[0]) if parts else None
+        if parts is None or owner is None:
             raise ToolNotFound(f"unknown resource {uri!r}")
-        return Target("resource", parts[1], server=server)
+        if isinstance(owner, ServerSnapshot):
+            return Target("resource", parts[1], server=owner)
+        return Target("resource", parts[1], desktop=owner)
 
 
 def build_view(
@@ -239,9 +241,16 @@ def build_view(
 ) -> CatalogView:
     view = CatalogView(version=version)
     tools: list[tuple[str, dict[str, Any], ServerSnapshot | DesktopSession]] = []
-    prompts: list[tuple[str, dict[str, Any], ServerSnapshot]] = []
+    prompts: list[tuple[str, dict[str, Any], ServerSnapshot | DesktopSession]] = []
     for session in desktops or []:
-        tools += [(namespaced_name(session.namespace, name), t, session) for name, t in session.tools.items()]
+        ns = session.namespace
+        view.namespaces[ns] = session
+        tools += [(namespaced_name(ns, name), t, session) for name, t in session.tools.items()]
+        prompts += [(namespaced_name(ns, p["name"]), p, session) for p in session.prompts]
+        for res in session.resources:
+            view.resources.append(
+                types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
+            )
     for server in servers:
         if not server.listed:
             continue
@@ -269,10 +278,13 @@ def build_view(
             view.tool_targets[public] = Target("tool", payload["name"], desktop=owner)
     view.tools = [types.Tool.model_validate(p) for p in payloads]
     view.tool_pages = paginate(payloads)
-    for dotted, payload, server in sorted(prompts, key=lambda t: t[0]):
+    for dotted, payload, owner in sorted(prompts, key=lambda t: t[0]):
         public = names.get(dotted, dotted)
         view.prompts.append(types.Prompt.model_validate(_with_name(payload, "name", public)))
-        view.prompt_targets[public] = Target("prompt", payload["name"], server=server)
+        if isinstance(owner, ServerSnapshot):
+            view.prompt_targets[public] = Target("prompt", payload["name"], server=owner)
+        else:
+            view.prompt_targets[public] = Target("prompt", payload["name"], desktop=owner)
     view.fingerprint = (
         digest(payloads),
         digest([p.model_dump(by_alias=True, mode="json") for p in view.prompts]),

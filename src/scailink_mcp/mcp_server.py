@@ -42,7 +42,7 @@ from scailink_mcp.auth import Principal, TokenVerifier
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerSnapshot, Target
 from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import DesktopRegistry, consent_denied, needs_consent
-from scailink_mcp.desktop.protocol import TOOL_INVOKE
+from scailink_mcp.desktop.protocol import PROMPT_GET, RESOURCE_READ, TOOL_INVOKE
 from scailink_mcp.errors import (
     ConsentDenied,
     Forbidden,
@@ -340,6 +340,16 @@ class Gateway:
 
         return relay
 
+    async def desktop_request(self, target: Target, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """`scailink/resource_read` / `scailink/prompt_get` to the device; failures are JSON-RPC errors."""
+        assert target.desktop is not None and self.desktop is not None
+        try:
+            return await self.desktop.invoke(
+                target.desktop, method, params, timeout=self.settings.call_timeout_s
+            )
+        except ScaiLinkError as err:
+            raise MCPError(INVALID_REQUEST, f"{err.code}: {err.message}") from None
+
     async def use(
         self, principal: Principal, server: ServerSnapshot | None, fn: Callable[[Any], Awaitable[Any]]
     ) -> Any:
@@ -417,6 +427,11 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
             target = view.resolve_prompt(params.name)
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
+        if target.desktop is not None:
+            raw = await gw.desktop_request(
+                target, PROMPT_GET, {"name": target.upstream_name, "arguments": params.arguments}
+            )
+            return types.GetPromptResult.model_validate(raw)
         result: types.GetPromptResult = await gw.use(
             principal, target.server, lambda s: s.get_prompt(target.upstream_name, params.arguments)
         )
@@ -440,6 +455,9 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
             target = view.resolve_resource(str(params.uri))
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}") from None
+        if target.desktop is not None:
+            raw = await gw.desktop_request(target, RESOURCE_READ, {"uri": target.upstream_name})
+            return types.ReadResourceResult.model_validate(raw)
         result: types.ReadResourceResult = await gw.use(
             principal, target.server, lambda s: s.read_resource(target.upstream_name)
         )

@@ -59,6 +59,8 @@ class DesktopSession:
     client_version: str
     audit_detail_level: str
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     disconnected_at: float | None = None
     send: Send | None = None
@@ -162,6 +164,8 @@ class DesktopRegistry:
             same_device = old is not None and (init.device_id is None or old.device_id == init.device_id)
             if old is not None and old.user_id == user_id and same_device:
                 old.tools = {t["name"]: t for t in init.capabilities.tools}
+                old.resources = [r for r in init.capabilities.resources if isinstance(r.get("uri"), str)]
+                old.prompts = [p for p in init.capabilities.prompts if isinstance(p.get("name"), str)]
                 return old, True
         device_id = init.device_id or uuid.uuid4().hex
         session = DesktopSession(
@@ -177,6 +181,8 @@ class DesktopRegistry:
             client_version=init.client_version,
             audit_detail_level=init.audit_detail_level,
             tools={t["name"]: t for t in init.capabilities.tools},
+            resources=[r for r in init.capabilities.resources if isinstance(r.get("uri"), str)],
+            prompts=[p for p in init.capabilities.prompts if isinstance(p.get("name"), str)],
         )
         self.sessions[session.session_id] = session
         return session, False
