@@ -66,7 +66,9 @@ def asking_upstream() -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     app = _asking_server().streamable_http_app()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=1)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -140,3 +142,97 @@ async def test_relay_refused_when_the_client_lacks_the_capability(
     async with mcp_client(live.mcp_url, tok) as s:
         result = await s.call_tool(f"remote.u1.{server['slug']}.ask_llm", {"question": "q"})
         assert result.is_error
+
+
+def _subscribable_server() -> Any:
+    from mcp.server.lowlevel.server import Server
+
+    subscribed: dict[str, Any] = {}
+    uri = "file:///watched.txt"
+
+    async def list_resources(ctx: Any, params: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=[types.Resource(uri=uri, name="watched")])
+
+    async def read_resource(ctx: Any, params: Any) -> types.ReadResourceResult:
+        return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, text="v1")])
+
+    async def subscribe(ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        subscribed[str(params.uri)] = ctx.session
+        return types.EmptyResult()
+
+    async def unsubscribe(ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        subscribed.pop(str(params.uri), None)
+        return types.EmptyResult()
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[types.Tool(name="touch", input_schema={"type": "object"})])
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        for watched, session in list(subscribed.items()):
+            await session.send_resource_updated(watched)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=f"touched {len(subscribed)}")]
+        )
+
+    return Server(
+        "subscribable",
+        on_list_resources=list_resources,
+        on_read_resource=read_resource,
+        on_subscribe_resource=subscribe,
+        on_unsubscribe_resource=unsubscribe,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+@pytest.fixture
+def subscribable_upstream() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            _subscribable_server().streamable_http_app(),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            timeout_graceful_shutdown=1,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/mcp"
+    server.should_exit = True
+    thread.join(10)
+
+
+async def test_resource_subscription_relay(
+    live: LiveApp, token: TokenFactory, subscribable_upstream: str
+) -> None:
+    import anyio
+
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="subs", endpoint_url=subscribable_upstream)
+    updates: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    async with mcp_client(live.mcp_url, tok, on_message=on_message) as s:
+        resources = (await s.list_resources()).resources
+        public = str(resources[0].uri)
+        assert public.startswith(f"scailink://remote.u1.{server['slug']}/")
+        await s.subscribe_resource(public)
+        touched = await s.call_tool(f"remote.u1.{server['slug']}.touch", {})
+        assert touched.content[0].text == "touched 1"  # type: ignore[union-attr]
+        with anyio.fail_after(10):
+            while not updates:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        assert updates == [public]
+        await s.unsubscribe_resource(public)
+        touched = await s.call_tool(f"remote.u1.{server['slug']}.touch", {})
+        assert touched.content[0].text == "touched 0"  # type: ignore[union-attr]

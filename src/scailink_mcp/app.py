@@ -51,6 +51,7 @@ from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.registry import Registry
 from scailink_mcp.remote.upstream import open_session
+from scailink_mcp.subscriptions import Subscriptions
 
 SINGLE_SERVER_MCP_PATH = "/v1/modules/scailink/remote-servers/{server_id}/mcp"
 LIST_CHANGED = (
@@ -98,6 +99,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     )
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
+    subscriptions = Subscriptions()
 
     def message_handler(key: PoolKey) -> Any:
         async def handle(message: IncomingMessage) -> None:
@@ -105,6 +107,8 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
             # request on the same session from inside its message handler).
             if isinstance(message, LIST_CHANGED):
                 rediscovery.trigger(key.server_id)
+            elif isinstance(message, types.ResourceUpdatedNotification):
+                await subscriptions.updated(key, str(message.params.uri))
 
         return handle
 
@@ -167,6 +171,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
             consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
             desktop=desktop,
             metrics=metrics,
+            subscriptions=subscriptions,
         ),
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop),

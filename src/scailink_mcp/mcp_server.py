@@ -23,6 +23,7 @@ import mcp_types as types
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, get_access_token
 from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
 from mcp.server.auth.provider import AccessToken
+from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
@@ -55,6 +56,7 @@ from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+from scailink_mcp.subscriptions import Subscriptions
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +160,9 @@ class Gateway:
         consent: ConsentGate | None = None,
         desktop: DesktopRegistry | None = None,
         metrics: Metrics | None = None,
+        subscriptions: Subscriptions | None = None,
     ) -> None:
+        self.subscriptions = subscriptions or Subscriptions()
         self.desktop = desktop
         self.metrics = metrics
         self.settings = settings
@@ -340,6 +344,23 @@ class Gateway:
 
         return relay
 
+    async def subscription(self, ctx: ServerRequestContext[Any, Any], uri: str, *, subscribe: bool) -> None:
+        """`resources/(un)subscribe` of a remote resource, relayed to the caller's upstream session."""
+        principal, view = self.view(ctx)
+        try:
+            target = view.resolve_resource(uri)
+        except ToolNotFound:
+            raise MCPError(INVALID_PARAMS, f"Unknown resource: {uri}") from None
+        if target.server is None:
+            raise MCPError(INVALID_PARAMS, "desktop resources cannot be subscribed to")
+        key = PoolKey(target.server.id, target.server.credential_version, principal.user_id)
+        connection: Connection = ctx.session._connection  # see notifier.py: no public accessor in mcp 2.3
+        upstream = target.upstream_name
+        if subscribe and self.subscriptions.add(key, upstream, connection, uri):
+            await self.use(principal, target.server, lambda s: s.subscribe_resource(upstream))
+        elif not subscribe and self.subscriptions.remove(key, upstream, connection):
+            await self.use(principal, target.server, lambda s: s.unsubscribe_resource(upstream))
+
     async def desktop_request(self, target: Target, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """`scailink/resource_read` / `scailink/prompt_get` to the device; failures are JSON-RPC errors."""
         assert target.desktop is not None and self.desktop is not None
@@ -463,8 +484,22 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
         )
         return result
 
+    async def subscribe(
+        ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        await gw.subscription(ctx, str(params.uri), subscribe=True)
+        return types.EmptyResult()
+
+    async def unsubscribe(
+        ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        await gw.subscription(ctx, str(params.uri), subscribe=False)
+        return types.EmptyResult()
+
     return _Server(
         "scailink",
+        on_subscribe_resource=subscribe,
+        on_unsubscribe_resource=unsubscribe,
         version="0.1.0",
         instructions="ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced.",
         on_list_tools=list_tools,

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import anyio
 from mcp.client.session import ClientSession
+from mcp.shared.exceptions import MCPError
 from mcp.types import PaginatedRequestParams
 from sqlmodel import Session, col, delete, select
 
@@ -23,6 +24,7 @@ from scailink_mcp.remote.upstream import Network, UpstreamTarget, open_session
 
 KINDS = ("tool", "resource", "resource_template", "prompt")
 MAX_PAGES = 1000
+METHOD_NOT_FOUND = -32601
 
 R = TypeVar("R")
 
@@ -53,7 +55,13 @@ async def _paginate(fetch: Callable[[PaginatedRequestParams | None], Awaitable[A
     cursor: str | None = None
     seen: set[str] = set()
     for _ in range(MAX_PAGES):
-        page = await fetch(PaginatedRequestParams(cursor=cursor) if cursor else None)
+        try:
+            page = await fetch(PaginatedRequestParams(cursor=cursor) if cursor else None)
+        except MCPError as exc:
+            # A server that advertises resources may still not serve resources/templates/list.
+            if exc.error.code == METHOD_NOT_FOUND and not items:
+                return []
+            raise
         items.extend(getattr(page, attr))
         cursor = page.next_cursor
         if not cursor or cursor in seen:
