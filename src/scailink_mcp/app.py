@@ -25,6 +25,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
 from scailink_mcp import mcp_server
+from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
@@ -33,6 +34,7 @@ from scailink_mcp.api.middleware import (
     scailink_error_handler,
     unhandled_error_handler,
 )
+from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import TokenVerifier
 from scailink_mcp.catalog import Catalog, RemoteDirectory
 from scailink_mcp.config import Settings
@@ -42,7 +44,7 @@ from scailink_mcp.desktop.bridge import Bridge
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
-from scailink_mcp.events import EventBus
+from scailink_mcp.events import EventBus, ServerEvent
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter
@@ -84,6 +86,7 @@ class Components:
     bridge: Bridge
     metrics: Metrics
     limiter: RateLimiter
+    audit: AuditLog
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -100,6 +103,20 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
     subscriptions = Subscriptions()
+    audit = AuditLog(db, queue_size=settings.audit_queue_size)
+
+    def audit_registry_change(event: ServerEvent) -> None:
+        if event.actor_user_id:  # changes made by a person (system flips live in the server's health fields)
+            audit.record(
+                AuditRecord(
+                    tenant_id=event.tenant_id,
+                    user_id=event.actor_user_id,
+                    event=f"registry.{event.kind.value}",
+                    outcome="ok",
+                    target=event.server_id,
+                    detail_level=settings.audit_detail_level,
+                )
+            )
 
     def message_handler(key: PoolKey) -> Any:
         async def handle(message: IncomingMessage) -> None:
@@ -134,6 +151,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
 
     pool = UpstreamPool(connect, idle_ttl_s=settings.pool_idle_ttl_s, max_sessions=settings.pool_max_sessions)
     relay = Relay(pool)
+    events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
     directory.listeners.append(notifier.tenant_changed)
@@ -149,6 +167,11 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     )
     metrics.gauge(
         "scailink_mcp_sessions", "Tracked downstream MCP sessions", lambda: notifier.session_count()
+    )
+    metrics.gauge("scailink_audit_queue_depth", "Audit events waiting to be written", lambda: audit.depth())
+    metrics.gauge("scailink_audit_dropped", "Audit events dropped: queue full", lambda: audit.dropped)
+    metrics.gauge(
+        "scailink_audit_failed_writes", "Audit events the database refused", lambda: audit.failed_writes
     )
     return Components(
         settings=settings,
@@ -172,11 +195,13 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
             desktop=desktop,
             metrics=metrics,
             subscriptions=subscriptions,
+            audit=audit,
         ),
         desktop=desktop,
-        bridge=Bridge(settings, verifier, desktop),
+        bridge=Bridge(settings, verifier, desktop, audit),
         metrics=metrics,
         limiter=RateLimiter(per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
+        audit=audit,
     )
 
 
@@ -225,9 +250,11 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.notifier.run)
             tg.start_soon(parts.rediscovery.run_triggered)
             tg.start_soon(parts.desktop.run_expiry)
+            tg.start_soon(parts.audit.run)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)
                 tg.start_soon(parts.rediscovery.run)
+                tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)
             try:
                 async with AsyncExitStack() as stack:
                     for manager in managers:
@@ -245,6 +272,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             *operations.routes,
             *remote_servers.routes,
             *desktop_api.routes,
+            *audit_api.routes,
             WebSocketRoute("/v1/scailink/ws", parts.bridge.endpoint),
             Route("/metrics", parts.metrics.endpoint, methods=["GET"]),
             *routes,

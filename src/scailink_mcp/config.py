@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     ws_max_connections_per_user: int = 5
     ws_max_frame_bytes: int = 1024 * 1024
 
+    # --- audit
+    audit_detail_level: Literal["off", "metadata"] = (
+        "metadata"  # the tenant default; desktops choose their own
+    )
+    audit_retention_s: float = 90 * 24 * 3600.0
+    audit_queue_size: int = 10_000
+
     # --- shutdown: in-flight requests get this long after SIGTERM
     shutdown_grace_s: int = 25
 

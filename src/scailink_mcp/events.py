@@ -47,6 +47,7 @@ class ServerEvent:
     tenant_id: str
     owner_user_id: str
     is_tenant_shared: bool
+    actor_user_id: str = ""  # who made the change ("" for the system: health checks, discovery)
 
     @property
     def closes_sessions(self) -> bool:

@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scailink_mcp import auth
+from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import Principal, TokenVerifier
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerSnapshot, Target
 from scailink_mcp.config import Settings
@@ -132,6 +133,15 @@ def result_size(result: types.CallToolResult) -> int:
     return size
 
 
+def request_id_of(ctx: ServerRequestContext[Any, Any] | None) -> str | None:
+    """The HTTP request id (set by `RequestIdMiddleware`) of the request that carried this message."""
+    request = ctx.request if ctx is not None else None
+    if isinstance(request, Request):
+        value = request.scope.get("state", {}).get("request_id")
+        return str(value) if value else None
+    return None
+
+
 def _page_cursor(index: int) -> str:
     return base64.urlsafe_b64encode(f"p{index}".encode()).decode()
 
@@ -161,7 +171,9 @@ class Gateway:
         desktop: DesktopRegistry | None = None,
         metrics: Metrics | None = None,
         subscriptions: Subscriptions | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit
         self.subscriptions = subscriptions or Subscriptions()
         self.desktop = desktop
         self.metrics = metrics
@@ -202,8 +214,11 @@ class Gateway:
         """The consent tier: `locked` is never callable, `confirm` needs the user's approval per call."""
         if target.desktop is not None:
             tool = target.desktop.tools.get(target.upstream_name, {})
-            if needs_consent(tool) and not await self._ask_desktop(target, public, args):
-                raise consent_denied()
+            if needs_consent(tool):
+                approved = await self._ask_desktop(target, public, args)
+                self.record(principal, "consent", "ok" if approved else "denied", target=public)
+                if not approved:
+                    raise consent_denied()
             return
         assert target.server is not None
         tier = target.server.consent_tier
@@ -221,11 +236,15 @@ class Gateway:
                     related_request_id=ctx.request_id if ctx is not None else None,
                 )
                 if answer.action == "accept":
+                    self.record(principal, "consent", "ok", target=public)
                     return
+            self.record(principal, "consent", "denied", target=public)
             raise consent_denied()
         with anyio.move_on_after(self.settings.consent_timeout_s):
             if await self.consent.ask(principal, public, args):
+                self.record(principal, "consent", "ok", target=public)
                 return
+        self.record(principal, "consent", "denied", target=public)
         raise consent_denied()
 
     async def _ask_desktop(self, target: Target, public: str, args: Any) -> bool:
@@ -244,23 +263,67 @@ class Gateway:
         timeout: float,
         ctx: ServerRequestContext[Any, Any] | None = None,
         progress: ProgressFnT | None = None,
+        request_id: str | None = None,
     ) -> types.CallToolResult:
         """The one call path of MCP and REST: permission, consent, forward, size cap. Raises ScaiLinkError."""
         started = time.perf_counter()
         source = "desktop" if target.desktop is not None else "remote"
-        outcome = "error"
+        outcome, code = "error", None
         try:
             result = await self._invoke(
                 principal, target, public, arguments, timeout=timeout, ctx=ctx, progress=progress
             )
             outcome = "tool_error" if result.is_error else "ok"
             return result
-        except (Forbidden, ConsentDenied):
-            outcome = "denied"
+        except ScaiLinkError as err:
+            outcome, code = ("denied" if isinstance(err, Forbidden | ConsentDenied) else "error"), err.code
             raise
         finally:
+            elapsed = time.perf_counter() - started
             if self.metrics is not None:
-                self.metrics.call(source, outcome, time.perf_counter() - started)
+                self.metrics.call(source, outcome, elapsed)
+            level = target.desktop.audit_detail_level if target.desktop is not None else None
+            self.record(
+                principal,
+                "tool_call",
+                "error" if outcome == "tool_error" else outcome,
+                code,
+                elapsed,
+                request_id if request_id is not None else request_id_of(ctx),
+                public,
+                arguments,
+                level,
+            )
+
+    def record(
+        self,
+        principal: Principal,
+        event: str,
+        outcome: str,
+        code: str | None = None,
+        elapsed_s: float | None = None,
+        request_id: str | None = None,
+        target: str | None = None,
+        arguments: Any = None,
+        level: str | None = None,
+    ) -> None:
+        """One audit event; never blocks nor fails the caller."""
+        if self.audit is None:
+            return
+        self.audit.record(
+            AuditRecord(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                event=event,
+                outcome=outcome,
+                error_code=code,
+                duration_ms=elapsed_s * 1000 if elapsed_s is not None else None,
+                request_id=request_id,
+                target=target,
+                arguments=arguments,
+                detail_level=level or self.settings.audit_detail_level,
+            )
+        )
 
     async def _invoke(
         self,
@@ -432,6 +495,9 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
         try:
             target = view.resolve_tool(params.name)
         except ToolNotFound:
+            gw.record(
+                principal, "tool_call", "error", ToolNotFound.code, None, request_id_of(ctx), params.name
+            )
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}") from None
         return await gw.call(ctx, principal, target, params.name, params)
 

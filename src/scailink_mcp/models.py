@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, LargeBinary, String, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, LargeBinary, String, UniqueConstraint
 from sqlalchemy.dialects import mysql
 from sqlmodel import Field, SQLModel
 
@@ -106,3 +106,37 @@ class Capability(SQLModel, table=True):
     description: str | None = Field(default=None)
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     last_seen_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+
+
+class AuditEvent(SQLModel, table=True):
+    """One audited event (SPEC section 7). `target`/`arguments` are empty at detail level `off`."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_tenant_ts", "tenant_id", "ts"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    ts: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    tenant_id: str = Field(max_length=128)
+    user_id: str = Field(max_length=128)
+    event: str = Field(max_length=64)
+    outcome: str = Field(max_length=16)
+    error_code: str | None = Field(default=None, max_length=64)
+    duration_ms: float | None = Field(default=None)
+    request_id: str | None = Field(default=None, max_length=128)
+    target: str | None = Field(default=None, max_length=1024)
+    arguments: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class CustomRole(SQLModel, table=True):
+    """A tenant-defined role: exactly the permissions listed."""
+
+    __tablename__ = "custom_role"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_custom_role"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant_id: str = Field(max_length=128)
+    name: str = Field(max_length=64)
+    description: str = Field(default="", max_length=500)
+    permissions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)

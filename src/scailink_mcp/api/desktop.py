@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scailink_mcp import auth
-from scailink_mcp.api.envelope import no_content, ok, page, parse_body, principal
+from scailink_mcp.api.envelope import no_content, ok, page, parse_body, principal, request_id
 from scailink_mcp.auth import Principal
 from scailink_mcp.desktop.connections import DesktopSession
 from scailink_mcp.desktop.protocol import PROTOCOL_VERSIONS, Close
@@ -62,12 +62,18 @@ async def invoke(request: Request) -> Response:
     body = await parse_body(request, InvokeBody, parts.settings.max_body_bytes)
     name = request.path_params["tool_name"]
     view = parts.catalog.view(who, parts.settings.tool_name_style)
-    target = view.resolve_tool(name)
+    try:
+        target = view.resolve_tool(name)
+    except ToolNotFound as err:  # routing failures are audited too
+        parts.gateway.record(who, "tool_call", "error", err.code, None, request_id(request), name)
+        raise
     timeout = min(
         (body.timeout_ms / 1000) if body.timeout_ms else parts.settings.call_timeout_s,
         parts.settings.call_timeout_max_s,
     )
-    result = await parts.gateway.invoke(who, target, name, body.arguments, timeout=timeout)
+    result = await parts.gateway.invoke(
+        who, target, name, body.arguments, timeout=timeout, request_id=request_id(request)
+    )
     return ok(request, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
 
 
@@ -148,5 +154,3 @@ routes = [
     Route(BASE + "/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route(BASE + "/capabilities", capabilities, methods=["GET"]),
 ]
-
-__all__ = ["ToolNotFound", "routes"]

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from scailink_mcp import auth
+from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import TokenVerifier, bearer_token
 from scailink_mcp.config import Settings
 from scailink_mcp.desktop import protocol
@@ -30,7 +31,14 @@ SERVER_VERSION = "scailink-mcp/0.1.0"
 
 
 class Bridge:
-    def __init__(self, settings: Settings, verifier: TokenVerifier, registry: DesktopRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        registry: DesktopRegistry,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.audit = audit
         self.settings = settings
         self.verifier = verifier
         self.registry = registry
@@ -79,6 +87,7 @@ class Bridge:
         session.attach(send, close)
         self.registry.changed(session)
         await send(protocol.result(init_id, self._ack(session, init, resumed)))
+        self._audit(session, "desktop_session_start")
         logger.info(
             "desktop session started",
             extra={"session_id": session.session_id, "user_id": session.user_id, "resumed": resumed},
@@ -88,7 +97,21 @@ class Bridge:
         finally:
             if session.send is send:  # not already replaced by a newer socket
                 session.detach(self.registry.clock())
+                self._audit(session, "desktop_session_end")
             logger.info("desktop session disconnected", extra={"session_id": session.session_id})
+
+    def _audit(self, session: DesktopSession, event: str) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                AuditRecord(
+                    tenant_id=session.tenant_id,
+                    user_id=session.user_id,
+                    event=event,
+                    outcome="ok",
+                    target=f"{session.device_name} ({session.session_id})",
+                    detail_level=session.audit_detail_level,
+                )
+            )
 
     async def _receive_init(self, websocket: WebSocket) -> tuple[Any, protocol.SessionInit]:
         text: str | None = None

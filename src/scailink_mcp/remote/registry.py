@@ -167,7 +167,7 @@ class Registry:
             updated_at=aware(server.updated_at),
         )
 
-    async def _publish(self, kind: ServerEventKind, server: RemoteServer) -> None:
+    async def _publish(self, kind: ServerEventKind, server: RemoteServer, actor: str = "") -> None:
         await self.events.publish(
             ServerEvent(
                 kind=kind,
@@ -175,6 +175,7 @@ class Registry:
                 tenant_id=server.tenant_id,
                 owner_user_id=server.owner_user_id,
                 is_tenant_shared=server.is_tenant_shared,
+                actor_user_id=actor,
             )
         )
 
@@ -311,7 +312,7 @@ class Registry:
             return server
 
         server = await self.db.run(_insert)
-        await self._publish(ServerEventKind.CREATED, server)
+        await self._publish(ServerEventKind.CREATED, server, principal.user_id)
         ok, _ = await self.run_discovery(server.id)
         if not ok:
             await self.db.run(lambda s: _mark_error(s, server.id))
@@ -373,12 +374,12 @@ class Registry:
 
         server, reconnect = await self.db.run(_update)
         if reconnect:
-            await self._publish(ServerEventKind.ENDPOINT_CHANGED, server)
+            await self._publish(ServerEventKind.ENDPOINT_CHANGED, server, principal.user_id)
             ok, _ = await self.run_discovery(server.id)
             if not ok:
                 await self.db.run(lambda s: _mark_error(s, server.id))
         else:
-            await self._publish(ServerEventKind.UPDATED, server)
+            await self._publish(ServerEventKind.UPDATED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
 
     async def delete(self, principal: Principal, server_id: str) -> None:
@@ -399,7 +400,7 @@ class Registry:
             return server
 
         server = await self.db.run(_delete)
-        await self._publish(ServerEventKind.DELETED, server)
+        await self._publish(ServerEventKind.DELETED, server, principal.user_id)
 
     async def refresh(self, principal: Principal, server_id: str) -> ServerDetail:
         self._keyring()
@@ -407,7 +408,7 @@ class Registry:
         ok, _ = await self.run_discovery(server.id)
         if ok:
             # Next call handshakes again with current credentials and endpoint.
-            await self._publish(ServerEventKind.REFRESHED, server)
+            await self._publish(ServerEventKind.REFRESHED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
 
     async def put_credential(
@@ -440,7 +441,7 @@ class Registry:
             return server
 
         server = await self.db.run(_put)
-        await self._publish(ServerEventKind.CREDENTIALS_CHANGED, server)
+        await self._publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
 
     async def delete_credential(self, principal: Principal, server_id: str, field_name: str) -> None:
@@ -461,7 +462,7 @@ class Registry:
             return server
 
         server = await self.db.run(_remove)
-        await self._publish(ServerEventKind.CREDENTIALS_CHANGED, server)
+        await self._publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
 
     def all_server_ids(self) -> Sequence[str]:
         with self.db.session() as session:
