@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from scailink_mcp import mcp_server
 from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
+from scailink_mcp.api import iam as iam_api
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
     RequestIdMiddleware,
@@ -45,6 +46,7 @@ from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus, ServerEvent
+from scailink_mcp.iam import RoleStore
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter
@@ -87,6 +89,7 @@ class Components:
     metrics: Metrics
     limiter: RateLimiter
     audit: AuditLog
+    roles: RoleStore
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -157,6 +160,8 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     directory.listeners.append(notifier.tenant_changed)
     desktop.listeners.append(notifier.tenant_changed)
     verifier = TokenVerifier(settings)
+    roles = RoleStore(db)
+    verifier.custom_roles = roles.roles_for
     metrics = Metrics()
     metrics.gauge("scailink_pool_sessions", "Warm upstream sessions", lambda: pool.size())
     metrics.gauge("scailink_pool_hits", "Pool hits (warm sessions reused)", lambda: pool.stats.hits)
@@ -202,6 +207,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         metrics=metrics,
         limiter=RateLimiter(per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
         audit=audit,
+        roles=roles,
     )
 
 
@@ -243,6 +249,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             await anyio.to_thread.run_sync(parts.directory.load)
+            await anyio.to_thread.run_sync(parts.roles.load)
         except Exception as exc:  # e.g. migrations not applied: serve anyway, /readyz says why
             logger.error("could not load the server directory", extra={"error": type(exc).__name__})
         async with anyio.create_task_group() as tg:
@@ -251,6 +258,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.rediscovery.run_triggered)
             tg.start_soon(parts.desktop.run_expiry)
             tg.start_soon(parts.audit.run)
+            tg.start_soon(parts.roles.run_reload)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)
                 tg.start_soon(parts.rediscovery.run)
@@ -273,6 +281,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             *remote_servers.routes,
             *desktop_api.routes,
             *audit_api.routes,
+            *iam_api.routes,
             WebSocketRoute("/v1/scailink/ws", parts.bridge.endpoint),
             Route("/metrics", parts.metrics.endpoint, methods=["GET"]),
             *routes,

@@ -123,6 +123,8 @@ class TokenVerifier:
         self._jwks: dict[str, jwt.PyJWK] = {}
         self._jwks_fetched_at: float | None = None
         self._lock = anyio.Lock()
+        # Custom roles of a tenant (see iam.RoleStore.roles_for); consulted on every verification.
+        self.custom_roles: Callable[[str], Mapping[str, frozenset[str]]] | None = None
 
     async def _fetch_jwks(self) -> None:
         url = self.settings.jwt_jwks_url
@@ -212,7 +214,7 @@ class TokenVerifier:
             raise Unauthorized("bad signature") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthorized("malformed token") from None
-        return self._principal(claims, custom_roles_for_tenant)
+        return self._principal(claims, custom_roles_for_tenant or self.custom_roles)
 
     def _principal(
         self,
