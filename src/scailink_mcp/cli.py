@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--batch-size", type=int, default=100)
     rotate.set_defaults(func=cmd_kek_rotate)
 
+    desktop = sub.add_parser("desktop", help="the reference desktop client", add_help=False)
+    desktop.set_defaults(func=None)
+
     openapi = sub.add_parser("openapi", help="print the REST contract (registry_api/openapi.yaml)")
     openapi.add_argument("--out")
     openapi.set_defaults(func=cmd_openapi)
@@ -252,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["desktop"]:  # its own options: `scailink desktop --help`
+        from scailink_mcp.desktop.client import main as desktop_main
+
+        logs.configure(os.environ.get("SCAILINK_LOG_LEVEL", "INFO"))
+        return desktop_main(argv[1:])
     args = build_parser().parse_args(argv)
     logs.configure(os.environ.get("SCAILINK_LOG_LEVEL", "INFO"))
     result: int = args.func(args)
