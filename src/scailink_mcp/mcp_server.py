@@ -418,11 +418,36 @@ class Gateway:
             raise MCPError(INVALID_PARAMS, "desktop resources cannot be subscribed to")
         key = PoolKey(target.server.id, target.server.credential_version, principal.user_id)
         connection: Connection = ctx.session._connection  # see notifier.py: no public accessor in mcp 2.3
-        upstream = target.upstream_name
-        if subscribe and self.subscriptions.add(key, upstream, connection, uri):
-            await self.use(principal, target.server, lambda s: s.subscribe_resource(upstream))
+        await self._subscribe(principal, target.server, key, connection, target.upstream_name, uri, subscribe)
+
+    async def subscribe_raw(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        principal: Principal,
+        server: ServerSnapshot,
+        uri: str,
+        *,
+        subscribe: bool,
+    ) -> None:
+        """The per-server endpoint: URIs are the upstream's own."""
+        key = PoolKey(server.id, server.credential_version, principal.user_id)
+        connection: Connection = ctx.session._connection
+        await self._subscribe(principal, server, key, connection, uri, uri, subscribe)
+
+    async def _subscribe(
+        self,
+        principal: Principal,
+        server: ServerSnapshot,
+        key: PoolKey,
+        connection: Connection,
+        upstream: str,
+        public: str,
+        subscribe: bool,
+    ) -> None:
+        if subscribe and self.subscriptions.add(key, upstream, connection, public):
+            await self.use(principal, server, lambda s: s.subscribe_resource(upstream))
         elif not subscribe and self.subscriptions.remove(key, upstream, connection):
-            await self.use(principal, target.server, lambda s: s.unsubscribe_resource(upstream))
+            await self.use(principal, server, lambda s: s.unsubscribe_resource(upstream))
 
     async def desktop_request(self, target: Target, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """`scailink/resource_read` / `scailink/prompt_get` to the device; failures are JSON-RPC errors."""
@@ -650,7 +675,38 @@ def build_single_server(gw: Gateway) -> Server[Any]:
         )
         return result
 
-    return _Server(
+    async def complete(
+        ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
+    ) -> types.CompleteResult:
+        principal, server = server_of(ctx)
+        request = types.CompleteRequest(params=params)
+        result: types.CompleteResult = await gw.use(
+            principal, server, lambda s: s.send_request(request, types.CompleteResult)
+        )
+        return result
+
+    async def set_level(
+        ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
+    ) -> types.EmptyResult:
+        principal, server = server_of(ctx)
+        await gw.use(principal, server, lambda s: s.set_logging_level(params.level))
+        return types.EmptyResult()
+
+    async def subscribe(
+        ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        principal, server = server_of(ctx)
+        await gw.subscribe_raw(ctx, principal, server, str(params.uri), subscribe=True)
+        return types.EmptyResult()
+
+    async def unsubscribe(
+        ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        principal, server = server_of(ctx)
+        await gw.subscribe_raw(ctx, principal, server, str(params.uri), subscribe=False)
+        return types.EmptyResult()
+
+    single = _Server(
         "scailink-server",
         version="0.1.0",
         on_list_tools=list_tools,
@@ -660,7 +716,14 @@ def build_single_server(gw: Gateway) -> Server[Any]:
         on_list_resources=list_resources,
         on_list_resource_templates=list_templates,
         on_read_resource=read_resource,
+        on_completion=complete,
+        on_subscribe_resource=subscribe,
+        on_unsubscribe_resource=unsubscribe,
     )
+    # Registered directly: the constructor argument warns that logging is deprecated as of 2026-07-28,
+    # but clients of the handshake era still send it and the upstream may honour it.
+    single.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
+    return single
 
 
 def security_settings(settings: Settings) -> TransportSecuritySettings:
