@@ -403,3 +403,26 @@ async def test_desktop_prompts_and_resources(fast: LiveApp, token: TokenFactory)
             got = await s.get_prompt(f"{ns}.summarize", {"path": "notes.md"})
             assert "notes.md" in got.messages[0].content.text  # type: ignore[union-attr]
         tg.cancel_scope.cancel()
+
+
+async def test_consent_timeout_denies(settings_factory: Callable[..., Settings], token: TokenFactory) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    with LiveApp(settings_factory(consent_timeout_s=0.5)) as live:
+        async with device(live, tok) as (ws, ack):
+            asked: list[str] = []
+
+            async def silent_device() -> None:  # sees the consent request, never answers
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    asked.append(msg.get("method", ""))
+                    if msg.get("method") == "scailink/tool_invoke":
+                        raise AssertionError("a tool must not run without consent")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(silent_device)
+                async with mcp_client(live.mcp_url, tok) as s:
+                    with anyio.fail_after(10):
+                        result = await s.call_tool(f"{ack['namespace']}.rm", {"path": "/"})
+                tg.cancel_scope.cancel()
+    assert result.is_error and result.meta["scailink/error"]["code"] == "SCAILINK_CONSENT_DENIED"  # type: ignore[index]
+    assert asked == ["scailink/consent_request"]

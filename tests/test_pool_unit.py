@@ -169,3 +169,40 @@ async def test_shutdown_closes_everything(upstream: UpstreamServer) -> None:
         for entry in entries:
             await entry.closed.wait()
     assert pool.size() == 0
+
+
+async def test_garbage_answering_upstream_fails_cleanly() -> None:
+    """An upstream answering non-MCP garbage: a clear UpstreamError within the timeout, nothing hangs."""
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def garbage(request: Any) -> Response:
+        return Response(b"\x00\x01 this is not JSON-RPC", media_type="application/json")
+
+    app = Starlette(routes=[Route("/mcp", garbage, methods=["GET", "POST", "DELETE"])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:  # noqa: ASYNC110  (a flag set by the server thread)
+        await anyio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    def connect(key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
+        target = UpstreamTarget(key.server_id, f"http://127.0.0.1:{port}/mcp", "streamable_http")
+        return open_session(target, ALLOWED, connect_timeout=2, read_timeout=5)
+
+    pool = UpstreamPool(connect, idle_ttl_s=300, max_sessions=4)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run)
+            with anyio.fail_after(10), pytest.raises((UpstreamError, UpstreamTimeout)):
+                await pool.call_tool(KEY, "echo", {"text": "x"}, timeout=3)
+            assert pool.size() == 0
+            tg.cancel_scope.cancel()
+    finally:
+        server.should_exit = True
+        thread.join(5)

@@ -66,3 +66,11 @@ async def test_sigterm_drains(tmp_path: Path) -> None:
                 await anyio.sleep(0.1)
         # uvicorn re-raises the captured SIGTERM after a graceful shutdown, so the status is -15
         assert proc.returncode in (0, -signal.SIGTERM)
+    # the audit was flushed on the way out: one row per call
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "scailink.db") as db:
+        rows = db.execute(
+            "SELECT count(*) FROM audit_event WHERE event = 'tool_call' AND outcome = 'ok'"
+        ).fetchone()
+    assert rows[0] == 20
