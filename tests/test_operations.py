@@ -56,3 +56,24 @@ async def test_readyz_reports_pending_migrations(settings_factory: object, tmp_p
     ):
         resp = await c.get("/readyz")
     assert resp.status_code == 503 and resp.json()["checks"]["database"] == "migrations pending"
+
+
+async def test_one_json_log_line_per_request(
+    harness: object, token: TokenFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from scailink_mcp.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="scailink_mcp.access")
+    client = harness.client  # type: ignore[attr-defined]
+    tok = token()
+    headers = {"Authorization": f"Bearer {tok}", "X-Request-ID": "log-me-1"}
+    await client.get("/v1/modules/scailink/remote-servers?cursor=x", headers=headers)
+    lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "scailink_mcp.access"]
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["request_id"] == "log-me-1" and line["status"] == 422 and line["method"] == "GET"
+    assert line["path"] == "/v1/modules/scailink/remote-servers"
+    assert tok not in lines[0] and "cursor" not in lines[0]

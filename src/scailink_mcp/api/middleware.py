@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
 from starlette.exceptions import HTTPException
@@ -40,15 +41,32 @@ class RequestIdMiddleware:
                 incoming = value.decode("latin-1")
         rid = incoming if _WELL_FORMED_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        started = time.perf_counter()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", rid.encode()))
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # One line per request: never headers, query strings or bodies (they may carry secrets).
+            logger.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "method": scope.get("method", "WEBSOCKET"),
+                    "path": scope.get("path", ""),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
 
 
 def _rid(request: Request) -> str:
