@@ -77,3 +77,21 @@ async def test_one_json_log_line_per_request(
     assert line["request_id"] == "log-me-1" and line["status"] == 422 and line["method"] == "GET"
     assert line["path"] == "/v1/modules/scailink/remote-servers"
     assert tok not in lines[0] and "cursor" not in lines[0]
+
+
+async def test_readyz_checks_redis_when_configured(settings_factory: object) -> None:
+    from tests.conftest import start_app
+
+    assert callable(settings_factory)
+    async with start_app(settings_factory(redis_url="redis://127.0.0.1:1/0")) as h:
+        resp = await h.client.get("/readyz")
+        assert resp.status_code == 503 and resp.json()["checks"]["redis"].startswith("unreachable")
+    try:
+        import redis
+
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+    except Exception:
+        return  # no local Redis: the reachable case cannot be shown here
+    async with start_app(settings_factory(redis_url="redis://127.0.0.1:6379/0")) as h:
+        resp = await h.client.get("/readyz")
+        assert resp.status_code == 200 and resp.json()["checks"]["redis"] == "ok"

@@ -1,4 +1,5 @@
-"""`/healthz` (process alive), `/readyz` (database reachable and migrated) and the served OpenAPI."""
+"""`/healthz` (process alive), `/readyz` (database reachable and migrated, Redis reachable when one is
+configured) and the served OpenAPI."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _redis(url: str) -> str:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        await client.ping()
+        return "ok"
+    except Exception as exc:
+        return f"unreachable ({type(exc).__name__})"
+    finally:
+        await client.aclose()
+
+
 async def readyz(request: Request) -> Response:
     db = request.app.state.scailink.db
     checks: dict[str, str] = {}
@@ -20,6 +34,9 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok" if migrated else "migrations pending"
     except Exception as exc:
         checks["database"] = f"unreachable ({type(exc).__name__})"
+    redis_url = request.app.state.scailink.settings.redis_url
+    if redis_url:
+        checks["redis"] = await _redis(redis_url)
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
 
