@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,69 +198,149 @@ async def measure(
     print(f"  {name}: {json.dumps({k: round(v, 2) for k, v in results[name].items()})}", flush=True)
 
 
-async def run(quick: bool) -> dict[str, Any]:
-    warm_n, cold_n, list_n = (200, 5, 5) if quick else (2000, 30, 20)
-    conc_clients, conc_each = (4, 25) if quick else (16, 100)
+PEERS_DIR = Path(__file__).resolve().parent / ".peers"
+FASTMCP_PIN = "fastmcp==4.2.3"
+
+
+def fastmcp_python(setup: bool) -> Path | None:
+    """The FastMCP proxy runs from its own virtualenv (bench/.peers/fastmcp), created on request."""
+    python = PEERS_DIR / "fastmcp" / "bin" / "python"
+    if python.exists():
+        return python
+    if not setup:
+        return None
+    subprocess.run([sys.executable, "-m", "venv", str(PEERS_DIR / "fastmcp")], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", FASTMCP_PIN], check=True)
+    return python
+
+
+async def measure_target(
+    label: str, url: str, tool: str, token: str | None, counts: dict[str, int], results: dict[str, Any]
+) -> None:
+    print(f"{label}:", flush=True)
+    out: dict[str, Any] = {}
+    await measure("warm", out, warm_calls, url, tool, counts["warm"], token)
+    await measure("cold", out, cold_calls, url, tool, counts["cold"], token)
+    await measure("list_100", out, list_tools, url, counts["list"], token)
+    await measure("concurrent", out, concurrent, url, tool, counts["clients"], counts["each"], token)
+    results[label] = out
+
+
+async def register(base: str, token: str, name: str, endpoint: str) -> str:
+    async with httpx.AsyncClient(timeout=60) as rest:
+        resp = await rest.post(
+            f"{base}/v1/modules/scailink/remote-servers",
+            json={"name": name, "endpoint_url": endpoint},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    resp.raise_for_status()
+    return str(resp.json()["data"]["slug"])
+
+
+async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
+    counts = (
+        {"warm": 200, "cold": 5, "list": 5, "clients": 4, "each": 25}
+        if quick
+        else {"warm": 2000, "cold": 30, "list": 20, "clients": 16, "each": 100}
+    )
     data_dir = Path(tempfile.mkdtemp(prefix="scailink-bench-"))
-    up_port, sl_port = free_port(), free_port()
+    up_port, sl_port, naive_port, fast_port = free_port(), free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
-    results: dict[str, Any] = {"quick": quick}
-    with (
-        process([sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--tools", "100"]),
-        process(
-            [
-                sys.executable,
-                "-m",
-                "scailink_mcp.cli",
-                "dev",
-                "--data-dir",
-                str(data_dir),
+    upstream = f"http://127.0.0.1:{up_port}/mcp"
+    fast_python = fastmcp_python(setup_peers)
+    results: dict[str, Any] = {"quick": quick, "counts": counts}
+    scailink_cmd = [
+        sys.executable,
+        "-m",
+        "scailink_mcp.cli",
+        "dev",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(sl_port),
+    ]
+    with ExitStack() as stack:
+        stack.enter_context(
+            process([sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--tools", "100"])
+        )
+        scailink_proc = stack.enter_context(process(scailink_cmd, env=env))
+        stack.enter_context(
+            process(
+                [sys.executable, "-m", "bench.naive_proxy", "--port", str(naive_port), "--upstream", upstream]
+            )
+        )
+        if fast_python is not None:
+            fast_cmd = [
+                str(fast_python),
+                "bench/fastmcp_proxy.py",
                 "--port",
-                str(sl_port),
-            ],
-            env=env,
-        ) as scailink_proc,
-    ):
-        upstream = f"http://127.0.0.1:{up_port}/mcp"
+                str(fast_port),
+                "--upstream",
+                upstream,
+            ]
+            stack.enter_context(process(fast_cmd))
         scailink = f"http://127.0.0.1:{sl_port}"
         wait_http(upstream)
         wait_http(scailink + "/healthz")
+        wait_http(f"http://127.0.0.1:{naive_port}/mcp")
         token = (data_dir / "dev_admin_token").read_text().strip()
-        async with httpx.AsyncClient(timeout=60) as rest:
-            resp = await rest.post(
-                f"{scailink}/v1/modules/scailink/remote-servers",
-                json={"name": "bench", "endpoint_url": upstream},
-                headers={"Authorization": f"Bearer {token}"},
-            )
-        resp.raise_for_status()
-        slug = resp.json()["data"]["slug"]
-        tool = f"remote.dev-admin.{slug}.echo"
-        print("direct:", flush=True)
-        direct: dict[str, Any] = {}
-        await measure("warm", direct, warm_calls, upstream, "echo", warm_n, None)
-        await measure("cold", direct, cold_calls, upstream, "echo", cold_n, None)
-        await measure("list_100", direct, list_tools, upstream, list_n, None)
-        await measure("concurrent", direct, concurrent, upstream, "echo", conc_clients, conc_each, None)
-        print("scailink:", flush=True)
-        proxied: dict[str, Any] = {}
-        await measure("warm", proxied, warm_calls, scailink + "/mcp", tool, warm_n, token)
-        await measure("cold", proxied, cold_calls, scailink + "/mcp", tool, cold_n, token)
-        await measure("list_100", proxied, list_tools, scailink + "/mcp", list_n, token)
-        await measure(
-            "concurrent", proxied, concurrent, scailink + "/mcp", tool, conc_clients, conc_each, token
+        slug = await register(scailink, token, "bench", upstream)
+        await measure_target("direct", upstream, "echo", None, counts, results)
+        await measure_target(
+            "scailink", scailink + "/mcp", f"remote.dev-admin.{slug}.echo", token, counts, results
         )
+        await measure_target(
+            "naive_proxy", f"http://127.0.0.1:{naive_port}/mcp", "echo", None, counts, results
+        )
+        if fast_python is not None:
+            wait_http(f"http://127.0.0.1:{fast_port}/mcp")
+            await measure_target(
+                "fastmcp_proxy", f"http://127.0.0.1:{fast_port}/mcp", "echo", None, counts, results
+            )
+        else:
+            print(
+                "fastmcp_proxy: skipped (run with --setup-peers to create bench/.peers/fastmcp)", flush=True
+            )
+        # 50 upstreams of 100 tools (the same upstream registered 50 times): 5,000 aggregated names
+        for i in range(1, 50):
+            await register(scailink, token, f"bench-{i}", upstream)
+        print("scailink, 50 upstreams:", flush=True)
+        await measure("list_5000", results["scailink"], list_tools, scailink + "/mcp", counts["list"], token)
         desktops = 200 if quick else 1000
         await measure(
-            "idle_desktops", proxied, idle_desktops, scailink, data_dir, scailink_proc.pid, desktops
+            "idle_desktops",
+            results["scailink"],
+            idle_desktops,
+            scailink,
+            data_dir,
+            scailink_proc.pid,
+            desktops,
         )
-    results["direct"], results["scailink"] = direct, proxied
-    results["ratios"] = {
+    direct, proxied = results["direct"], results["scailink"]
+    ratios = {
         "warm_p50_scailink_over_direct": proxied["warm"]["p50_ms"] / direct["warm"]["p50_ms"],
         "warm_p99_scailink_over_direct": proxied["warm"]["p99_ms"] / direct["warm"]["p99_ms"],
         "warm_over_cold_scailink": proxied["warm"]["p50_ms"] / proxied["cold"]["median_ms"],
         "list_100_scailink_over_direct": proxied["list_100"]["median_ms"] / direct["list_100"]["median_ms"],
+        "list_5000_scailink_over_direct_list_100": proxied["list_5000"]["median_ms"]
+        / direct["list_100"]["median_ms"],
         "throughput_scailink_over_direct": proxied["concurrent"]["calls_per_s"]
         / direct["concurrent"]["calls_per_s"],
+        "warm_p50_naive_over_direct": results["naive_proxy"]["warm"]["p50_ms"] / direct["warm"]["p50_ms"],
+    }
+    if "fastmcp_proxy" in results:
+        fast = results["fastmcp_proxy"]
+        ratios["warm_p50_fastmcp_over_direct"] = fast["warm"]["p50_ms"] / direct["warm"]["p50_ms"]
+        ratios["added_latency_scailink_over_fastmcp"] = (
+            proxied["warm"]["p50_ms"] - direct["warm"]["p50_ms"]
+        ) / max(1e-9, fast["warm"]["p50_ms"] - direct["warm"]["p50_ms"])
+        ratios["throughput_scailink_over_fastmcp"] = (
+            proxied["concurrent"]["calls_per_s"] / fast["concurrent"]["calls_per_s"]
+        )
+    results["ratios"] = ratios
+    results["not_measured"] = {
+        "mcp-proxy": "pins mcp<2 and bridges stdio<->SSE; no Streamable HTTP front to compare like for like",
+        "workers": "1 vs 2 uvicorn workers: multi-worker coordination (Redis) is not built yet",
     }
     return results
 
@@ -268,12 +348,15 @@ async def run(quick: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small counts, for CI smoke (< 2 min)")
+    parser.add_argument("--setup-peers", action="store_true", help="create bench/.peers/fastmcp if missing")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
-    results = anyio.run(run, args.quick)
-    print("\nratios (ScaiLink / direct, same run):")
+    results = anyio.run(run, args.quick, args.setup_peers)
+    print("\nratios (same run):")
     for name, value in results["ratios"].items():
-        print(f"  {name:40s} {value:6.2f}")
+        print(f"  {name:45s} {value:7.2f}")
+    for name, why in results["not_measured"].items():
+        print(f"  not measured: {name}: {why}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.out}")
 
