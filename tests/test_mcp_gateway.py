@@ -412,3 +412,37 @@ async def test_modern_per_request_era(live: LiveApp, token: TokenFactory, upstre
         assert f"remote.u1.{server['slug']}.echo" in names
         result = await s.call_tool(f"remote.u1.{server['slug']}.echo", {"text": "modern"})
         assert result.content[0].text == "modern"  # type: ignore[union-attr]
+
+
+async def test_modern_era_listen_delivers_list_changed(
+    live: LiveApp, token: TokenFactory, upstream: UpstreamServer
+) -> None:
+    """2026-07-28: change notifications only travel over `subscriptions/listen`, per principal."""
+    from mcp.client.subscriptions import listen
+
+    tok = token("u1", "t1", ("tenant_user",))
+    other = token("u2", "t2", ("tenant_user",))
+    async with (
+        httpx2.AsyncClient(headers=auth_headers(tok), timeout=30) as http,
+        streamable_http_client(live.mcp_url, http_client=http) as (read, write),
+        ClientSession(read, write) as s,
+        httpx2.AsyncClient(headers=auth_headers(other), timeout=30) as http2,
+        streamable_http_client(live.mcp_url, http_client=http2) as (read2, write2),
+        ClientSession(read2, write2) as s2,
+    ):
+        discovered = await s.discover()
+        assert discovered.capabilities.tools is not None and discovered.capabilities.tools.list_changed
+        await s2.discover()
+        async with (
+            listen(s, tools_list_changed=True) as mine,
+            listen(s2, tools_list_changed=True) as theirs,
+        ):
+            server = await register(live, tok, name="modern-listen", endpoint_url=upstream.url)
+            with anyio.fail_after(10):
+                event = await mine.__anext__()
+            assert type(event).__name__ == "ToolsListChanged"
+            names = {t.name for t in await list_all_tools(s)}
+            assert f"remote.u1.{server['slug']}.echo" in names
+            with anyio.move_on_after(1) as quiet:
+                await theirs.__anext__()
+            assert quiet.cancelled_caught, "another tenant's stream gets nothing"

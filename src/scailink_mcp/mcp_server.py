@@ -587,8 +587,15 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
         await gw.subscription(ctx, str(params.uri), subscribe=False)
         return types.EmptyResult()
 
+    async def listen(
+        ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        principal = current_principal()
+        return await gw.notifier.modern.handler(principal, gw.style(ctx))(ctx, params)
+
     return _Server(
         "scailink",
+        on_subscriptions_listen=listen,
         on_subscribe_resource=subscribe,
         on_unsubscribe_resource=unsubscribe,
         version="0.1.0",

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import anyio
 from mcp.server.connection import Connection
 from mcp.server.session import ServerSession
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
+from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ToolsListChanged
 
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, NameStyle, server_fingerprint
@@ -31,9 +33,52 @@ class Tracked:
     fingerprint: tuple[str, str, str]
 
 
+class ModernListeners:
+    """The 2026-07-28 era has no standing stream: clients `subscriptions/listen`. Each principal (and
+    naming style) gets its own SDK `ListenHandler` over its own bus, so an event is only ever delivered
+    to streams of a principal whose listing changed."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._entries: dict[
+            tuple[str, str, NameStyle], tuple[Principal, InMemorySubscriptionBus, ListenHandler]
+        ] = {}
+        self._fingerprints: dict[tuple[str, str, NameStyle], tuple[str, str, str]] = {}
+
+    def handler(self, principal: Principal, style: NameStyle) -> ListenHandler:
+        key = (principal.tenant_id, principal.user_id, style)
+        entry = self._entries.get(key)
+        if entry is None:
+            bus = InMemorySubscriptionBus()
+            entry = (principal, bus, ListenHandler(bus))
+            self._entries[key] = entry
+            self._fingerprints[key] = self.catalog.view(principal, style).fingerprint
+        return entry[2]
+
+    async def flush(self, tenants: set[str]) -> int:
+        sent = 0
+        for key, (principal, bus, _) in list(self._entries.items()):
+            if key[0] not in tenants:
+                continue
+            fresh = self.catalog.view(principal, key[2]).fingerprint
+            old, self._fingerprints[key] = self._fingerprints[key], fresh
+            events: list[ToolsListChanged | PromptsListChanged | ResourcesListChanged] = []
+            if fresh[0] != old[0]:
+                events.append(ToolsListChanged())
+            if fresh[1] != old[1]:
+                events.append(PromptsListChanged())
+            if fresh[2] != old[2]:
+                events.append(ResourcesListChanged())
+            for event in events:
+                await bus.publish(event)
+                sent += 1
+        return sent
+
+
 class SessionNotifier:
     def __init__(self, catalog: Catalog, *, debounce_s: float) -> None:
         self.catalog = catalog
+        self.modern = ModernListeners(catalog)
         self.debounce_s = debounce_s
         self._sessions: weakref.WeakKeyDictionary[Connection, Tracked] = weakref.WeakKeyDictionary()
         self._pending: set[str] = set()
@@ -89,6 +134,7 @@ class SessionNotifier:
                     "dropping session after failed notification", extra={"error": type(exc).__name__}
                 )
                 self._sessions.pop(session, None)
+        sent += await self.modern.flush(tenants)
         self.sent += sent
         return sent
 
