@@ -426,3 +426,21 @@ async def test_consent_timeout_denies(settings_factory: Callable[..., Settings],
                 tg.cancel_scope.cancel()
     assert result.is_error and result.meta["scailink/error"]["code"] == "SCAILINK_CONSENT_DENIED"  # type: ignore[index]
     assert asked == ["scailink/consent_request"]
+
+
+async def test_late_answer_after_timeout_is_ignored(fast: LiveApp, token: TokenFactory) -> None:
+    """A device answering after the caller gave up is not a protocol violation: no 4003."""
+    tok = token("u1", "t1", ("tenant_user",))
+    async with device(fast, tok) as (ws, ack):
+        session = fast.parts.desktop.sessions[ack["session_id"]]
+        with pytest.raises(Exception, match="did not answer"):
+            await fast.parts.desktop.invoke(
+                session, "scailink/tool_invoke", {"tool": "echo", "arguments": {}}, timeout=0.3
+            )
+        invoke = json.loads(await ws.recv())
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": invoke["id"], "result": {"content": []}}))
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "scailink/heartbeat"}))
+        with anyio.move_on_after(0.5) as still_open:
+            await ws.recv()
+        assert still_open.cancelled_caught, "the connection stays open"
+        assert session.send is not None

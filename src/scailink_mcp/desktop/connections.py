@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,9 @@ class DesktopSession:
     close: Closer | None = None
     connected: anyio.Event = field(default_factory=anyio.Event)
     pending: dict[str, _Pending] = field(default_factory=dict)
+    # Invocations given up on (timeout, cancellation): a late answer to one of these is ignored,
+    # not a protocol violation (the device could not know the caller stopped waiting).
+    abandoned: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
     consents: dict[str, _Pending] = field(default_factory=dict)
     approved_for_session: set[str] = field(default_factory=set)
     in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
@@ -251,7 +255,8 @@ class DesktopRegistry:
                 raise ToolNotFound("the desktop device is offline") from None
             raise UpstreamTimeout(f"the desktop device did not answer within {timeout:g} s") from None
         finally:
-            session.pending.pop(invocation_id, None)
+            if session.pending.pop(invocation_id, None) is not None and not pending.done.is_set():
+                session.abandoned.append(invocation_id)
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -261,7 +266,7 @@ class DesktopRegistry:
         """A JSON-RPC response from the device; False if it answers no pending request."""
         pending = session.pending.get(str(message.get("id")))
         if pending is None:
-            return False
+            return str(message.get("id")) in session.abandoned
         if "error" in message:
             err = message["error"] if isinstance(message["error"], dict) else {}
             pending.settle(

@@ -49,9 +49,14 @@ class FrameError(ValueError):
         self.reason = reason[:120]
 
 
-def _check_tool(item: dict[str, Any]) -> dict[str, Any]:
-    types.Tool.model_validate(item)
-    return item
+def check_tools(value: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """Every item must be an MCP tool in wire shape; the error names the first bad index."""
+    for index, item in enumerate(value):
+        try:
+            types.Tool.model_validate(item)
+        except ValidationError:
+            raise ValueError(f"{field}[{index}] is not an MCP tool") from None
+    return value
 
 
 class Platform(BaseModel):
@@ -70,12 +75,7 @@ class Capabilities(BaseModel):
     @field_validator("tools")
     @classmethod
     def _tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for index, item in enumerate(value):
-            try:
-                _check_tool(item)
-            except ValidationError:
-                raise ValueError(f"tools[{index}] is not an MCP tool") from None
-        return value
+        return check_tools(value, "tools")
 
 
 class SessionInit(BaseModel):
@@ -103,12 +103,7 @@ class CatalogUpdate(BaseModel):
     @field_validator("added")
     @classmethod
     def _tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for index, item in enumerate(value):
-            try:
-                _check_tool(item)
-            except ValidationError:
-                raise ValueError(f"added[{index}] is not an MCP tool") from None
-        return value
+        return check_tools(value, "added")
 
 
 class ConsentResponse(BaseModel):

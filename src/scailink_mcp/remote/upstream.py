@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,40 +76,34 @@ async def open_session(
     each HTTP connect/write and `read_timeout` each read.
     """
     headers = dict(target.headers)
-    options: dict[str, Any] = dict(session_options or {})
     timeout = httpx2.Timeout(connect_timeout, read=read_timeout)
-    if target.transport == "sse":
-        async with (
-            sse_client(
-                target.endpoint_url,
-                headers=headers,
-                timeout=connect_timeout,
-                sse_read_timeout=read_timeout,
-                httpx_client_factory=sse_client_factory(allowed),
-            ) as (read, write),
+    async with AsyncExitStack() as stack:
+        if target.transport == "sse":
+            read, write = await stack.enter_async_context(
+                sse_client(
+                    target.endpoint_url,
+                    headers=headers,
+                    timeout=connect_timeout,
+                    sse_read_timeout=read_timeout,
+                    httpx_client_factory=sse_client_factory(allowed),
+                )
+            )
+        else:
+            http_client = await stack.enter_async_context(
+                guarded_http_client(allowed, headers=headers, timeout=timeout)
+            )
+            read, write = await stack.enter_async_context(
+                streamable_http_client(target.endpoint_url, http_client=http_client)
+            )
+        session = await stack.enter_async_context(
             ClientSession(
                 read,
                 write,
                 read_timeout_seconds=read_timeout,
                 client_info=CLIENT_INFO,
                 message_handler=message_handler,
-                **options,
-            ) as session,
-        ):
-            await session.initialize()
-            yield session
-        return
-    async with (
-        guarded_http_client(allowed, headers=headers, timeout=timeout) as http_client,
-        streamable_http_client(target.endpoint_url, http_client=http_client) as (read, write),
-        ClientSession(
-            read,
-            write,
-            read_timeout_seconds=read_timeout,
-            client_info=CLIENT_INFO,
-            message_handler=message_handler,
-            **options,
-        ) as session,
-    ):
+                **dict(session_options or {}),
+            )
+        )
         await session.initialize()
         yield session
