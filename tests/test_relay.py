@@ -233,6 +233,20 @@ async def test_resource_subscription_relay(
             while not updates:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         assert updates == [public]
+        # a refresh recycles the pooled upstream session: the subscription survives the new handshake
+        import httpx
+
+        async with httpx.AsyncClient(base_url=live.base_url) as c:
+            refreshed = await c.post(
+                f"/v1/modules/scailink/remote-servers/{server['id']}/refresh",
+                headers={"Authorization": f"Bearer {tok}"},
+            )
+            assert refreshed.status_code == 200
+        touched = await s.call_tool(f"remote.u1.{server['slug']}.touch", {})
+        assert touched.content[0].text == "touched 1"  # type: ignore[union-attr]
+        with anyio.fail_after(10):
+            while len(updates) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
         await s.unsubscribe_resource(public)
         touched = await s.call_tool(f"remote.u1.{server['slug']}.touch", {})
         assert touched.content[0].text == "touched 0"  # type: ignore[union-attr]

@@ -148,6 +148,9 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
                 message_handler=message_handler(key),
                 session_options=relay.session_options(key),
             ) as session:
+                # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions.
+                for uri in subscriptions.uris_for(key):
+                    await session.subscribe_resource(uri)
                 yield session
 
         return opened()

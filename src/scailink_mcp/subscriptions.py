@@ -1,7 +1,8 @@
 """Resource subscriptions relayed through ScaiLink.
 
 A downstream `resources/subscribe` of a `scailink://` URI subscribes the caller's pooled upstream
-session to the upstream URI (once per upstream session, however many downstream sessions ask);
+session to the upstream URI (once per upstream session, however many downstream sessions ask, and
+again whenever the pool reopens that session);
 the upstream's `notifications/resources/updated` is sent to each subscribed downstream connection
 under the public URI. Connections are held weakly: a closed MCP session drops out by itself.
 """
@@ -48,6 +49,14 @@ class Subscriptions:
             del self._subs[key]
             return True
         return False
+
+    def uris_for(self, pool_key: PoolKey) -> list[str]:
+        """Upstream URIs someone is subscribed to through this (server, user) session."""
+        return [
+            uri
+            for (server_id, user_id, uri), subscribers in self._subs.items()
+            if server_id == pool_key.server_id and user_id == pool_key.user_id and len(subscribers)
+        ]
 
     async def updated(self, pool_key: PoolKey, upstream_uri: str) -> int:
         """The upstream says `upstream_uri` changed: tell every subscribed downstream connection."""
