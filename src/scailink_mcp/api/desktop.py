@@ -138,7 +138,7 @@ def _item(kind: str, public: str, target: Any) -> dict[str, Any]:
     desktop = target.desktop is not None
     return {
         "kind": kind,
-        "name": public,
+        "namespaced_name": public,
         "upstream_name": target.upstream_name,
         "source": "desktop" if desktop else "remote",
         "session_id": target.desktop.session_id if desktop else None,
