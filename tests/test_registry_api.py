@@ -95,7 +95,7 @@ async def test_register_streamable_http_with_bearer(
     # The upstream received the credential header, and a session built from the stored credentials
     # reaches a tool that echoes the headers back.
     parts = harness.parts
-    target = await parts.db.run(lambda s: parts.registry._target_by_id(s, data["id"]))
+    target = await parts.db.run(lambda s: parts.registry.target_by_id(s, data["id"]))
     assert target is not None
     async with open_session(target, parts.registry.allowed, connect_timeout=5, read_timeout=10) as session:
         result = await session.call_tool("echo_headers", {})
@@ -281,7 +281,7 @@ async def test_update_rotate_delete(
     rotated = await c.put(f"{BASE}/{kid}/credentials/x-api-key", json={"value": "new-value"}, headers=h)
     assert rotated.status_code == 200 and rotated.json()["data"]["credential_fields"] == ["x-api-key"]
     assert "credentials_changed" in events
-    target = await harness.parts.db.run(lambda s: harness.parts.registry._target_by_id(s, kid))
+    target = await harness.parts.db.run(lambda s: harness.parts.registry.target_by_id(s, kid))
     assert target is not None and target.headers["x-api-key"] == "new-value"
     assert (await c.delete(f"{BASE}/{kid}/credentials/x-api-key", headers=h)).status_code == 204
     assert_envelope_error(
@@ -555,7 +555,7 @@ async def test_registry_flow_on_every_database(
             f"{BASE}/{ids[1]}/credentials/authorization", json={"value": "v2"}, headers=hdr
         )
         assert rotated.status_code == 200
-        target = await h.parts.db.run(lambda s: h.parts.registry._target_by_id(s, ids[1]))
+        target = await h.parts.db.run(lambda s: h.parts.registry.target_by_id(s, ids[1]))
         assert target is not None and target.headers["Authorization"] == "Bearer v2"
         assert (await h.client.post(f"{BASE}/{ids[2]}/refresh", headers=hdr)).json()["data"][
             "status"

@@ -137,7 +137,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
 
         @asynccontextmanager
         async def opened() -> AsyncIterator[ClientSession]:
-            target = await db.run(lambda s: registry._target_by_id(s, key.server_id))
+            target = await db.run(lambda s: registry.target_by_id(s, key.server_id))
             if target is None:
                 raise UpstreamError("the server no longer exists")
             async with open_session(

@@ -56,7 +56,7 @@ class HealthChecker:
 
     async def check(self, server_id: str) -> str | None:
         """Check one server and record the outcome; returns the new `last_health_status`."""
-        target = await self.registry.db.run(lambda s: self.registry._target_by_id(s, server_id))
+        target = await self.registry.db.run(lambda s: self.registry.target_by_id(s, server_id))
         if target is None:
             return None
         error: str | None = None
@@ -66,7 +66,7 @@ class HealthChecker:
             error = error_class_name(exc)
         flipped, server = await self.registry.db.run(lambda s: self._record(s, server_id, error))
         if flipped and server is not None:
-            await self.registry._publish(ServerEventKind.STATUS_CHANGED, server)
+            await self.registry.publish(ServerEventKind.STATUS_CHANGED, server)
         return error or "ok"
 
     def _record(

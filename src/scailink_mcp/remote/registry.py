@@ -167,7 +167,8 @@ class Registry:
             updated_at=aware(server.updated_at),
         )
 
-    async def _publish(self, kind: ServerEventKind, server: RemoteServer, actor: str = "") -> None:
+    async def publish(self, kind: ServerEventKind, server: RemoteServer, actor: str = "") -> None:
+        """Tell the subscribers (catalog, pool, audit) that this server changed."""
         await self.events.publish(
             ServerEvent(
                 kind=kind,
@@ -216,7 +217,7 @@ class Registry:
 
     async def run_discovery(self, server_id: str) -> tuple[bool, bool]:
         """Discover and record the outcome; returns (succeeded, visible capabilities changed)."""
-        target = await self.db.run(lambda s: self._target_by_id(s, server_id))
+        target = await self.db.run(lambda s: self.target_by_id(s, server_id))
         if target is None:
             return False, False
         outcome = await self._discover(target)
@@ -249,12 +250,13 @@ class Registry:
         ok, changed, server, was_error = await self.db.run(_record)
         if server is not None and ok:
             if changed:
-                await self._publish(ServerEventKind.CAPABILITIES_CHANGED, server)
+                await self.publish(ServerEventKind.CAPABILITIES_CHANGED, server)
             if was_error:
-                await self._publish(ServerEventKind.STATUS_CHANGED, server)
+                await self.publish(ServerEventKind.STATUS_CHANGED, server)
         return ok, changed
 
-    def _target_by_id(self, session: Session, server_id: str) -> UpstreamTarget | None:
+    def target_by_id(self, session: Session, server_id: str) -> UpstreamTarget | None:
+        """The connection target of a server, or None once it is deleted (cold path only)."""
         server = session.get(RemoteServer, server_id)
         return None if server is None else self.target(session, server)
 
@@ -312,7 +314,7 @@ class Registry:
             return server
 
         server = await self.db.run(_insert)
-        await self._publish(ServerEventKind.CREATED, server, principal.user_id)
+        await self.publish(ServerEventKind.CREATED, server, principal.user_id)
         ok, _ = await self.run_discovery(server.id)
         if not ok:
             await self.db.run(lambda s: _mark_error(s, server.id))
@@ -374,12 +376,12 @@ class Registry:
 
         server, reconnect = await self.db.run(_update)
         if reconnect:
-            await self._publish(ServerEventKind.ENDPOINT_CHANGED, server, principal.user_id)
+            await self.publish(ServerEventKind.ENDPOINT_CHANGED, server, principal.user_id)
             ok, _ = await self.run_discovery(server.id)
             if not ok:
                 await self.db.run(lambda s: _mark_error(s, server.id))
         else:
-            await self._publish(ServerEventKind.UPDATED, server, principal.user_id)
+            await self.publish(ServerEventKind.UPDATED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
 
     async def delete(self, principal: Principal, server_id: str) -> None:
@@ -400,7 +402,7 @@ class Registry:
             return server
 
         server = await self.db.run(_delete)
-        await self._publish(ServerEventKind.DELETED, server, principal.user_id)
+        await self.publish(ServerEventKind.DELETED, server, principal.user_id)
 
     async def refresh(self, principal: Principal, server_id: str) -> ServerDetail:
         self._keyring()
@@ -408,7 +410,7 @@ class Registry:
         ok, _ = await self.run_discovery(server.id)
         if ok:
             # Next call handshakes again with current credentials and endpoint.
-            await self._publish(ServerEventKind.REFRESHED, server, principal.user_id)
+            await self.publish(ServerEventKind.REFRESHED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
 
     async def put_credential(
@@ -441,7 +443,7 @@ class Registry:
             return server
 
         server = await self.db.run(_put)
-        await self._publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
+        await self.publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
 
     async def delete_credential(self, principal: Principal, server_id: str, field_name: str) -> None:
@@ -462,7 +464,7 @@ class Registry:
             return server
 
         server = await self.db.run(_remove)
-        await self._publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
+        await self.publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
 
     def all_server_ids(self) -> Sequence[str]:
         with self.db.session() as session:
