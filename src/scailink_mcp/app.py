@@ -262,10 +262,12 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.desktop.run_expiry)
             tg.start_soon(parts.audit.run)
             tg.start_soon(parts.roles.run_reload)
+            if settings.background_tasks:
+                # Audit retention does not depend on the registry being enabled.
+                tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)
                 tg.start_soon(parts.rediscovery.run)
-                tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)
             try:
                 async with AsyncExitStack() as stack:
                     for manager in managers:

@@ -1,8 +1,13 @@
 """Custom roles per tenant, kept in the database and cached in memory for the auth path.
 
 `RoleStore.roles_for(tenant)` is what `TokenVerifier` consults on every request: a dict lookup, never
-a query. Changes through the API update the cache at once (no restart); other workers pick them up
-through `run_reload` (every 30 s) until catalog fan-out moves to Redis.
+a query. Changes through the API update this worker's cache at once (no restart); other workers pick
+them up through `run_reload` until role changes are fanned out through Redis. A reload that raced with
+a change is discarded rather than allowed to put an older view back.
+
+A custom role grants exactly its permission list (the admin catch-all never applies). Its name must
+not be a built-in role's, and nobody can grant a permission they do not hold themselves
+(`ungrantable`), so `scailink:manage` alone is not a way to `scailink:audit`.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import TypedDict
 
 import anyio
+import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlmodel import Session, col, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
 
 from scailink_mcp import auth
 from scailink_mcp.db import Database
@@ -28,9 +36,11 @@ ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
 class RoleBody(BaseModel):
+    """`PUT /v1/iam/roles/{name}`: the complete permission list (replaces the previous one)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    permissions: list[str] = Field(max_length=len(auth.ALL_PERMISSIONS))
+    permissions: list[str] = Field(max_length=64)
     description: str = Field(default="", max_length=500)
 
     @field_validator("permissions")
@@ -42,7 +52,17 @@ class RoleBody(BaseModel):
         return sorted(set(value))
 
 
+class RoleView(TypedDict):
+    name: str
+    description: str
+    permissions: list[str]
+    builtin: bool
+    created_at: str | None
+    updated_at: str | None
+
+
 def check_name(name: str) -> None:
+    """422 unless `name` may name a custom role. Pure."""
     if not ROLE_NAME.match(name):
         raise ValidationFailed(
             "invalid role name", details=[{"field": "name", "reason": "must match " + ROLE_NAME.pattern}]
@@ -53,67 +73,124 @@ def check_name(name: str) -> None:
         )
 
 
-def _dump(row: CustomRole) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "description": row.description,
-        "permissions": sorted(row.permissions),
-        "builtin": False,
-    }
+def ungrantable(held: Iterable[str], requested: Iterable[str]) -> list[str]:
+    """The requested permissions the grantor does not hold (sorted). Pure."""
+    return sorted(set(requested) - set(held))
+
+
+def _builtin_view(name: str) -> RoleView:
+    return RoleView(
+        name=name,
+        description="built-in",
+        permissions=sorted(auth.BUILTIN_ROLES[name]),
+        builtin=True,
+        created_at=None,
+        updated_at=None,
+    )
+
+
+def _iso(ts: datetime) -> str:
+    return (ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts).isoformat()
+
+
+def _view(row: CustomRole) -> RoleView:
+    return RoleView(
+        name=row.name,
+        description=row.description,
+        permissions=sorted(row.permissions),
+        builtin=False,
+        created_at=_iso(row.created_at),
+        updated_at=_iso(row.updated_at),
+    )
 
 
 class RoleStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, max_roles_per_tenant: int = 100) -> None:
         self.db = db
+        self.max_roles_per_tenant = max_roles_per_tenant
         self._roles: dict[str, dict[str, frozenset[str]]] = {}
-        self._lock = threading.Lock()
+        self._version = 0  # bumped by every local change; see `load`
+        self._lock = threading.Lock()  # `load` runs in a worker thread
+        # Changes are serialised so the cache ends as the database does when two land at once.
+        self._writes = anyio.Lock()
 
-    def load(self) -> None:
+    # ---- the auth path (sync, no I/O) ---------------------------------------------------------------
+
+    def roles_for(self, tenant_id: str) -> Mapping[str, frozenset[str]]:
+        return self._roles.get(tenant_id, {})
+
+    def _cache(self, tenant_id: str, name: str, permissions: frozenset[str] | None) -> None:
+        # Copy on write: a reader holding the previous mapping never sees it change under it.
+        with self._lock:
+            tenant = dict(self._roles.get(tenant_id, {}))
+            if permissions is None:
+                tenant.pop(name, None)
+            else:
+                tenant[name] = permissions
+            self._roles = {**self._roles, tenant_id: tenant}
+            self._version += 1
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Replace the cache with the database's roles (blocking: at startup, or in a worker thread).
+        Returns False when a local change landed meanwhile and the result was discarded."""
+        with self._lock:
+            version = self._version
         with self.db.session() as session:
             rows = session.exec(select(CustomRole)).all()
         fresh: dict[str, dict[str, frozenset[str]]] = {}
         for row in rows:
             fresh.setdefault(row.tenant_id, {})[row.name] = frozenset(row.permissions)
         with self._lock:
+            if self._version != version:
+                return False
             self._roles = fresh
-
-    def roles_for(self, tenant_id: str) -> Mapping[str, frozenset[str]]:
-        return self._roles.get(tenant_id, {})
+        return True
 
     async def run_reload(self, interval_s: float = 30.0) -> None:
-        """Owned by the app lifespan."""
+        """Owned by the app lifespan: picks up changes made through other workers."""
         while True:
             await anyio.sleep(interval_s)
             try:
                 await anyio.to_thread.run_sync(self.load)
-            except Exception:
-                logger.exception("custom roles reload failed")
+            except Exception as exc:
+                logger.warning("custom roles reload failed", extra={"error": type(exc).__name__})
 
-    async def list(self, tenant_id: str) -> list[dict[str, Any]]:
-        def run(session: Session) -> list[dict[str, Any]]:
+    # ---- reads and changes ---------------------------------------------------------------------------
+
+    async def list(self, tenant_id: str) -> list[RoleView]:
+        """Built-in and the tenant's custom roles, by name."""
+
+        def run(session: Session) -> list[RoleView]:
             rows = session.exec(select(CustomRole).where(col(CustomRole.tenant_id) == tenant_id)).all()
-            return [_dump(r) for r in sorted(rows, key=lambda r: r.name)]
+            return [_view(r) for r in rows]
 
-        builtin = [
-            {"name": name, "description": "built-in", "permissions": sorted(perms), "builtin": True}
-            for name, perms in auth.BUILTIN_ROLES.items()
-        ]
-        return builtin + await self.db.run(run)
+        views = [_builtin_view(name) for name in auth.BUILTIN_ROLES] + await self.db.run(run)
+        return sorted(views, key=lambda v: v["name"])
 
-    async def get(self, tenant_id: str, name: str) -> dict[str, Any]:
+    async def get(self, tenant_id: str, name: str) -> RoleView:
         if name in auth.BUILTIN_ROLES:
-            return {"name": name, "description": "built-in", "permissions": sorted(auth.BUILTIN_ROLES[name]),
-                    "builtin": True}  # fmt: skip
+            return _builtin_view(name)
         row = await self.db.run(lambda s: _find(s, tenant_id, name))
         if row is None:
             raise NotFound("role not found")
-        return _dump(row)
+        return _view(row)
 
-    async def put(self, tenant_id: str, name: str, body: RoleBody) -> dict[str, Any]:
+    async def put(self, tenant_id: str, name: str, body: RoleBody) -> RoleView:
+        """Create or replace."""
         check_name(name)
 
         def run(session: Session) -> CustomRole:
-            row = _find(session, tenant_id, name) or CustomRole(tenant_id=tenant_id, name=name)
+            row = _find(session, tenant_id, name)
+            if row is None:
+                count = session.exec(
+                    select(func.count()).select_from(CustomRole).where(col(CustomRole.tenant_id) == tenant_id)
+                ).one()
+                if count >= self.max_roles_per_tenant:
+                    reason = f"the tenant already has {self.max_roles_per_tenant} custom roles"
+                    raise ValidationFailed("too many roles", details=[{"field": "name", "reason": reason}])
+                row = CustomRole(tenant_id=tenant_id, name=name)
             row.permissions = body.permissions
             row.description = body.description
             row.updated_at = utcnow()
@@ -121,12 +198,20 @@ class RoleStore:
             session.commit()
             return row
 
-        row = await self.db.run(run)
-        with self._lock:
-            self._roles.setdefault(tenant_id, {})[name] = frozenset(row.permissions)
-        return _dump(row)
+        async with self._writes:
+            try:
+                row = await self.db.run(run)
+            except IntegrityError:  # created at once by another worker: replace it instead
+                row = await self.db.run(run)
+            self._cache(tenant_id, name, frozenset(row.permissions))
+        return _view(row)
 
     async def delete(self, tenant_id: str, name: str) -> None:
+        if name in auth.BUILTIN_ROLES:
+            raise ValidationFailed(
+                "built-in roles cannot be deleted", details=[{"field": "name", "reason": "a built-in role"}]
+            )
+
         def run(session: Session) -> bool:
             row = _find(session, tenant_id, name)
             if row is None:
@@ -135,10 +220,10 @@ class RoleStore:
             session.commit()
             return True
 
-        if not await self.db.run(run):
-            raise NotFound("role not found")
-        with self._lock:
-            self._roles.get(tenant_id, {}).pop(name, None)
+        async with self._writes:
+            if not await self.db.run(run):
+                raise NotFound("role not found")
+            self._cache(tenant_id, name, None)
 
 
 def _find(session: Session, tenant_id: str, name: str) -> CustomRole | None:

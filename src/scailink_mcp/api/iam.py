@@ -1,8 +1,15 @@
 """IAM routes: effective permissions and custom roles (SPEC section 1).
 
-`GET /v1/iam/users/{user_id}/permissions`: for oneself, computed from the caller's token. ScaiLink
-stores no users, so for another user of the tenant (needs `scailink:manage`) the caller passes that
-user's groups as `?groups=a,b` and gets what a token with those groups would be granted.
+`GET /v1/iam/users/{user_id}/permissions`
+  - For oneself: computed from the caller's own token (its groups, the tenant's current custom roles).
+  - For anyone else (needs `scailink:manage`): ScaiLink stores no users and cannot know another
+    user's groups, so the caller passes them as `?groups=a,b` and gets what a token of that user with
+    those groups would be granted in the caller's tenant. Without `groups` the answer is 422 (the
+    details say why), never a guess. Only the caller's tenant is ever considered: another tenant's
+    users and roles are invisible. Oneself with `?groups=` is an evaluation too (needs manage).
+
+Roles (`scailink:manage`): list, get, PUT (create or replace, 200), DELETE (204). A caller cannot
+grant a permission they do not hold (403, details list them).
 """
 
 from __future__ import annotations
@@ -12,11 +19,39 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from scailink_mcp import auth
-from scailink_mcp.api.envelope import no_content, ok, page, parse_body, principal
-from scailink_mcp.errors import ValidationFailed
-from scailink_mcp.iam import RoleBody
+from scailink_mcp.api.envelope import (
+    decode_cursor,
+    encode_cursor,
+    no_content,
+    ok,
+    page,
+    page_limit,
+    parse_body,
+    principal,
+)
+from scailink_mcp.errors import Forbidden, ValidationFailed
+from scailink_mcp.iam import RoleBody, RoleStore, ungrantable
 
 BASE = "/v1/iam"
+MAX_GROUPS = 100
+MAX_GROUP_LENGTH = 256
+
+
+def _roles(request: Request) -> RoleStore:
+    store: RoleStore = request.app.state.scailink.roles
+    return store
+
+
+def _groups(request: Request) -> list[str]:
+    raw = request.query_params.get("groups")
+    if raw is None:
+        reason = "ScaiLink stores no users: pass the user's groups (comma-separated) to evaluate them"
+        raise ValidationFailed("groups required", details=[{"field": "groups", "reason": reason}])
+    groups = [g.strip() for g in raw.split(",") if g.strip()]
+    if len(groups) > MAX_GROUPS or any(len(g) > MAX_GROUP_LENGTH for g in groups):
+        reason = f"at most {MAX_GROUPS} groups of at most {MAX_GROUP_LENGTH} characters"
+        raise ValidationFailed("invalid groups", details=[{"field": "groups", "reason": reason}])
+    return groups
 
 
 async def permissions(request: Request) -> Response:
@@ -24,22 +59,16 @@ async def permissions(request: Request) -> Response:
     parts = request.app.state.scailink
     user_id = request.path_params["user_id"]
     if user_id == who.user_id and "groups" not in request.query_params:
-        roles, sources = list(who.roles), who.permission_sources
+        roles, sources = who.roles, who.permission_sources
     else:
         who.require(auth.MANAGE)
-        raw = request.query_params.get("groups")
-        if raw is None:
-            reason = "ScaiLink stores no users: pass the user's groups to evaluate them"
-            raise ValidationFailed("groups required", details=[{"field": "groups", "reason": reason}])
-        groups = [g.strip() for g in raw.split(",") if g.strip()]
-        role_tuple, _, sources = auth.resolve_roles(
-            groups, parts.settings.group_role_map, parts.roles.roles_for(who.tenant_id)
+        roles, _, sources = auth.resolve_roles(
+            _groups(request), parts.settings.group_role_map, _roles(request).roles_for(who.tenant_id)
         )
-        roles = list(role_tuple)
     data = {
         "user_id": user_id,
         "tenant_id": who.tenant_id,
-        "roles": roles,
+        "roles": list(roles),
         "permissions": {perm: list(granted_by) for perm, granted_by in sorted(sources.items())},
     }
     return ok(request, data)
@@ -48,27 +77,37 @@ async def permissions(request: Request) -> Response:
 async def list_roles(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    return page(request, await request.app.state.scailink.roles.list(who.tenant_id), None)
+    settings = request.app.state.scailink.settings
+    limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
+    after = decode_cursor(request, 1)
+    views = [v for v in await _roles(request).list(who.tenant_id) if after is None or v["name"] > after[0]]
+    more = len(views) > limit
+    return page(request, list(views[:limit]), encode_cursor((views[limit - 1]["name"],)) if more else None)
 
 
 async def get_role(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    return ok(request, await request.app.state.scailink.roles.get(who.tenant_id, request.path_params["name"]))
+    return ok(request, await _roles(request).get(who.tenant_id, request.path_params["name"]))
 
 
 async def put_role(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    parts = request.app.state.scailink
-    body = await parse_body(request, RoleBody, parts.settings.registry_max_body_bytes)
-    return ok(request, await parts.roles.put(who.tenant_id, request.path_params["name"], body))
+    body = await parse_body(request, RoleBody, request.app.state.scailink.settings.registry_max_body_bytes)
+    missing = ungrantable(who.permissions, body.permissions)
+    if missing:
+        raise Forbidden(
+            "cannot grant permissions you do not hold",
+            details=[{"field": "permissions", "reason": f"not held: {p}"} for p in missing],
+        )
+    return ok(request, await _roles(request).put(who.tenant_id, request.path_params["name"], body))
 
 
 async def delete_role(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    await request.app.state.scailink.roles.delete(who.tenant_id, request.path_params["name"])
+    await _roles(request).delete(who.tenant_id, request.path_params["name"])
     return no_content()
 
 
