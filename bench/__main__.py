@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -27,6 +28,8 @@ import httpx
 import httpx2
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+
+from bench.mcp_proxy import STOP_SIGNAL, mcp_proxy_bin, mcp_proxy_command
 
 
 def free_port() -> int:
@@ -47,12 +50,14 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], env: dict[str, str] | None = None, stop: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield proc
     finally:
-        proc.terminate()
+        proc.send_signal(stop)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -209,19 +214,30 @@ def fastmcp_python(setup: bool) -> Path | None:
         return python
     if not setup:
         return None
-    subprocess.run([sys.executable, "-m", "venv", str(PEERS_DIR / "fastmcp")], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", FASTMCP_PIN], check=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_DIR / "fastmcp")], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", FASTMCP_PIN], check=True)
+    except subprocess.CalledProcessError as exc:
+        print(f"fastmcp_proxy: could not be installed ({exc}); skipped", flush=True)
+        return None
     return python
 
 
 async def measure_target(
-    label: str, url: str, tool: str, token: str | None, counts: dict[str, int], results: dict[str, Any]
+    label: str,
+    url: str,
+    tool: str,
+    token: str | None,
+    counts: dict[str, int],
+    results: dict[str, Any],
+    calls_only: bool = False,
 ) -> None:
     print(f"{label}:", flush=True)
     out: dict[str, Any] = {}
     await measure("warm", out, warm_calls, url, tool, counts["warm"], token)
-    await measure("cold", out, cold_calls, url, tool, counts["cold"], token)
-    await measure("list_100", out, list_tools, url, counts["list"], token)
+    if not calls_only:
+        await measure("cold", out, cold_calls, url, tool, counts["cold"], token)
+        await measure("list_100", out, list_tools, url, counts["list"], token)
     await measure("concurrent", out, concurrent, url, tool, counts["clients"], counts["each"], token)
     results[label] = out
 
@@ -237,6 +253,15 @@ async def register(base: str, token: str, name: str, endpoint: str) -> str:
     return str(resp.json()["data"]["slug"])
 
 
+def scailink_command(data_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "scailink_mcp.cli", "dev", "--data-dir", str(data_dir), "--port", str(port)]
+
+
+# ScaiLink as it was before the lean `tools/call` path and the verified-token cache, same code base:
+# both switched off by settings, measured in the same run for a before/after comparison.
+BEFORE_ENV = {"SCAILINK_POOL_LEAN_CALLS": "false", "SCAILINK_JWT_VERIFIED_CACHE_SIZE": "0"}
+
+
 async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
     counts = (
         {"warm": 200, "cold": 5, "list": 5, "clients": 4, "each": 25}
@@ -244,31 +269,32 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
         else {"warm": 2000, "cold": 30, "list": 20, "clients": 16, "each": 100}
     )
     data_dir = Path(tempfile.mkdtemp(prefix="scailink-bench-"))
-    up_port, sl_port, naive_port, fast_port = free_port(), free_port(), free_port(), free_port()
+    before_dir = Path(tempfile.mkdtemp(prefix="scailink-bench-before-"))
+    up_port, sl_port, before_port = free_port(), free_port(), free_port()
+    naive_port, fast_port, proxy_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
     upstream = f"http://127.0.0.1:{up_port}/mcp"
     fast_python = fastmcp_python(setup_peers)
+    proxy_bin = mcp_proxy_bin(PEERS_DIR, setup_peers)
     results: dict[str, Any] = {"quick": quick, "counts": counts}
-    scailink_cmd = [
-        sys.executable,
-        "-m",
-        "scailink_mcp.cli",
-        "dev",
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        str(sl_port),
-    ]
+    peers: dict[str, str] = {}  # label -> URL of the peers that run
     with ExitStack() as stack:
         stack.enter_context(
             process([sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--tools", "100"])
         )
-        scailink_proc = stack.enter_context(process(scailink_cmd, env=env))
-        stack.enter_context(
-            process(
-                [sys.executable, "-m", "bench.naive_proxy", "--port", str(naive_port), "--upstream", upstream]
-            )
-        )
+        scailink_proc = stack.enter_context(process(scailink_command(data_dir, sl_port), env=env))
+        stack.enter_context(process(scailink_command(before_dir, before_port), env={**env, **BEFORE_ENV}))
+        naive_cmd = [
+            sys.executable,
+            "-m",
+            "bench.naive_proxy",
+            "--port",
+            str(naive_port),
+            "--upstream",
+            upstream,
+        ]
+        stack.enter_context(process(naive_cmd))
+        peers["naive_proxy"] = f"http://127.0.0.1:{naive_port}/mcp"
         if fast_python is not None:
             fast_cmd = [
                 str(fast_python),
@@ -279,34 +305,45 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
                 upstream,
             ]
             stack.enter_context(process(fast_cmd))
+            peers["fastmcp_proxy"] = f"http://127.0.0.1:{fast_port}/mcp"
+        wait_http(upstream)  # mcp-proxy opens its one upstream session at start
+        if proxy_bin is not None:
+            stack.enter_context(process(mcp_proxy_command(proxy_bin, proxy_port, upstream), stop=STOP_SIGNAL))
+            peers["mcp_proxy"] = f"http://127.0.0.1:{proxy_port}/mcp"
         scailink = f"http://127.0.0.1:{sl_port}"
-        wait_http(upstream)
-        wait_http(scailink + "/healthz")
-        wait_http(f"http://127.0.0.1:{naive_port}/mcp")
+        before = f"http://127.0.0.1:{before_port}"
+        for url in (scailink + "/healthz", before + "/healthz", *peers.values()):
+            wait_http(url)
         token = (data_dir / "dev_admin_token").read_text().strip()
+        before_token = (before_dir / "dev_admin_token").read_text().strip()
         slug = await register(scailink, token, "bench", upstream)
+        before_slug = await register(before, before_token, "bench", upstream)
         await measure_target("direct", upstream, "echo", None, counts, results)
         await measure_target(
             "scailink", scailink + "/mcp", f"remote.dev-admin.{slug}.echo", token, counts, results
         )
         await measure_target(
-            "naive_proxy", f"http://127.0.0.1:{naive_port}/mcp", "echo", None, counts, results
+            "scailink_before",
+            before + "/mcp",
+            f"remote.dev-admin.{before_slug}.echo",
+            before_token,
+            counts,
+            results,
+            calls_only=True,
         )
-        if fast_python is not None:
-            wait_http(f"http://127.0.0.1:{fast_port}/mcp")
-            await measure_target(
-                "fastmcp_proxy", f"http://127.0.0.1:{fast_port}/mcp", "echo", None, counts, results
-            )
-        else:
-            print(
-                "fastmcp_proxy: skipped (run with --setup-peers to create bench/.peers/fastmcp)", flush=True
-            )
+        for label, url in peers.items():
+            await measure_target(label, url, "echo", None, counts, results)
+        for label, why in (
+            ("fastmcp_proxy", "bench/.peers/fastmcp"),
+            ("mcp_proxy", "bench/.peers/mcp-proxy"),
+        ):
+            if label not in peers:
+                print(f"{label}: skipped (run with --setup-peers to create {why})", flush=True)
         # 50 upstreams of 100 tools (the same upstream registered 50 times): 5,000 aggregated names
         for i in range(1, 50):
             await register(scailink, token, f"bench-{i}", upstream)
         print("scailink, 50 upstreams:", flush=True)
         await measure("list_5000", results["scailink"], list_tools, scailink + "/mcp", counts["list"], token)
-        desktops = 200 if quick else 1000
         await measure(
             "idle_desktops",
             results["scailink"],
@@ -314,35 +351,65 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
             scailink,
             data_dir,
             scailink_proc.pid,
-            desktops,
+            200 if quick else 1000,
         )
-    direct, proxied = results["direct"], results["scailink"]
-    ratios = {
-        "warm_p50_scailink_over_direct": proxied["warm"]["p50_ms"] / direct["warm"]["p50_ms"],
-        "warm_p99_scailink_over_direct": proxied["warm"]["p99_ms"] / direct["warm"]["p99_ms"],
-        "warm_over_cold_scailink": proxied["warm"]["p50_ms"] / proxied["cold"]["median_ms"],
-        "list_100_scailink_over_direct": proxied["list_100"]["median_ms"] / direct["list_100"]["median_ms"],
-        "list_5000_scailink_over_direct_list_100": proxied["list_5000"]["median_ms"]
-        / direct["list_100"]["median_ms"],
-        "throughput_scailink_over_direct": proxied["concurrent"]["calls_per_s"]
-        / direct["concurrent"]["calls_per_s"],
-        "warm_p50_naive_over_direct": results["naive_proxy"]["warm"]["p50_ms"] / direct["warm"]["p50_ms"],
-    }
-    if "fastmcp_proxy" in results:
-        fast = results["fastmcp_proxy"]
-        ratios["warm_p50_fastmcp_over_direct"] = fast["warm"]["p50_ms"] / direct["warm"]["p50_ms"]
-        ratios["added_latency_scailink_over_fastmcp"] = (
-            proxied["warm"]["p50_ms"] - direct["warm"]["p50_ms"]
-        ) / max(1e-9, fast["warm"]["p50_ms"] - direct["warm"]["p50_ms"])
-        ratios["throughput_scailink_over_fastmcp"] = (
-            proxied["concurrent"]["calls_per_s"] / fast["concurrent"]["calls_per_s"]
-        )
-    results["ratios"] = ratios
+    results["ratios"] = ratios(results)
+    results["targets"] = targets(results["ratios"])
     results["not_measured"] = {
-        "mcp-proxy": "pins mcp<2 and bridges stdio<->SSE; no Streamable HTTP front to compare like for like",
         "workers": "1 vs 2 uvicorn workers: multi-worker coordination (Redis) is not built yet",
     }
     return results
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    direct, proxied, before = results["direct"], results["scailink"], results["scailink_before"]
+
+    def p50(label: str) -> float:
+        return float(results[label]["warm"]["p50_ms"])
+
+    def rate(label: str) -> float:
+        return float(results[label]["concurrent"]["calls_per_s"])
+
+    out = {
+        "warm_p50_scailink_over_direct": p50("scailink") / p50("direct"),
+        "warm_p99_scailink_over_direct": proxied["warm"]["p99_ms"] / direct["warm"]["p99_ms"],
+        "warm_over_cold_scailink": p50("scailink") / proxied["cold"]["median_ms"],
+        "list_100_scailink_over_direct": proxied["list_100"]["median_ms"] / direct["list_100"]["median_ms"],
+        "list_5000_scailink_over_direct_list_100": proxied["list_5000"]["median_ms"]
+        / direct["list_100"]["median_ms"],
+        "throughput_scailink_over_direct": rate("scailink") / rate("direct"),
+        "warm_p50_before_over_direct": p50("scailink_before") / p50("direct"),
+        "throughput_before_over_direct": rate("scailink_before") / rate("direct"),
+        "warm_p50_after_over_before": p50("scailink") / before["warm"]["p50_ms"],
+    }
+    for peer in ("naive_proxy", "fastmcp_proxy", "mcp_proxy"):
+        if peer not in results:
+            continue
+        out[f"warm_p50_{peer}_over_direct"] = p50(peer) / p50("direct")
+        out[f"added_latency_scailink_over_{peer}"] = (p50("scailink") - p50("direct")) / max(
+            1e-9, p50(peer) - p50("direct")
+        )
+        out[f"throughput_scailink_over_{peer}"] = rate("scailink") / rate(peer)
+    return out
+
+
+def targets(r: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Issue 7's targets against this run's ratios (reported, never asserted)."""
+    wanted: list[tuple[str, str, float, str]] = [
+        ("warm p50 <= 1.5x direct", "warm_p50_scailink_over_direct", 1.5, "<="),
+        ("added latency <= 0.5x FastMCP's", "added_latency_scailink_over_fastmcp_proxy", 0.5, "<="),
+        ("warm <= 0.3x cold", "warm_over_cold_scailink", 0.3, "<="),
+        ("list of 5,000 <= 3x direct list of 100", "list_5000_scailink_over_direct_list_100", 3.0, "<="),
+        ("throughput at C clients >= 0.7x direct", "throughput_scailink_over_direct", 0.7, ">="),
+    ]
+    out: dict[str, dict[str, Any]] = {}
+    for label, key, bound, op in wanted:
+        if key not in r:
+            out[label] = {"ratio": None, "met": None}
+            continue
+        value = r[key]
+        out[label] = {"ratio": round(value, 3), "met": value <= bound if op == "<=" else value >= bound}
+    return out
 
 
 def main() -> None:
@@ -355,6 +422,10 @@ def main() -> None:
     print("\nratios (same run):")
     for name, value in results["ratios"].items():
         print(f"  {name:45s} {value:7.2f}")
+    print("\ntargets (issue 7):")
+    for name, verdict in results["targets"].items():
+        met = {True: "met", False: "NOT met", None: "not measured"}[verdict["met"]]
+        print(f"  {name:45s} {verdict['ratio'] if verdict['ratio'] is not None else '-':>7} {met}")
     for name, why in results["not_measured"].items():
         print(f"  not measured: {name}: {why}")
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -235,3 +235,36 @@ async def test_principal_over_http(jwks: JwksServer) -> None:
             "/v1/modules/scailink/capabilities", headers={"Authorization": f"Bearer {mint(key, 'x')}"}
         )
         assert bad.status_code == 401 and bad.json()["error"]["message"] == "unknown signing key"
+
+
+async def test_verified_tokens_are_remembered_until_exp_or_ttl() -> None:
+    """The cache skips the signature check on repeats, yet a cached token still expires on time and
+    is re-verified after the cache TTL; a wrong signature is never cached into success."""
+    key = ec_key()
+    now = [time.time()]
+    mono = [0.0]
+    settings = Settings(_env_file=None, jwt_public_key=public_pem(key), jwt_leeway_s=0)  # type: ignore[call-arg]
+    verifier = TokenVerifier(settings, clock=lambda: mono[0], wall_clock=lambda: now[0])
+    token = mint(key, exp=int(now[0]) + 60)
+    first = await verifier.verify(token)
+    decodes = 0
+    real_decode = verifier._decode
+
+    def counting(*args: Any) -> dict[str, Any]:
+        nonlocal decodes
+        decodes += 1
+        return real_decode(*args)
+
+    verifier._decode = counting  # type: ignore[method-assign]
+    assert (await verifier.verify(token)).user_id == first.user_id
+    assert decodes == 0, "a repeat of a verified token does not re-check the signature"
+    mono[0] += settings.jwt_verified_cache_ttl_s
+    await verifier.verify(token)
+    assert decodes == 1, "past the cache TTL the token is verified again"
+    now[0] += 61
+    with pytest.raises(Unauthorized, match="expired"):
+        await verifier.verify(token)
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            await verifier.verify(forged)

@@ -335,7 +335,9 @@ async def test_a_thousand_idle_sessions_stay_connected(
 ) -> None:
     """1,000 concurrent idle desktop sessions (200 users x 5 devices) through several heartbeat
     intervals, driven fast by settings: no error, no close."""
-    settings = settings_factory(ws_heartbeat_interval_ms=400, ws_max_connections_per_user=5)
+    # 1,000 clients and the server share one process here: a 1 s interval keeps the check about
+    # liveness, not about how fast this 2-core machine can push 5,000 heartbeats a second.
+    settings = settings_factory(ws_heartbeat_interval_ms=1000, ws_max_connections_per_user=5)
     users = [token(f"user-{i}", "t1", ("tenant_user",)) for i in range(200)]
     closed: list[Any] = []
     ready = 0
@@ -364,7 +366,7 @@ async def test_a_thousand_idle_sessions_stay_connected(
                 while ready < 1000:  # noqa: ASYNC110
                     await anyio.sleep(0.1)
                 assert len(live.parts.desktop.sessions) == 1000
-                await anyio.sleep(4 * 0.4)  # four heartbeat intervals, all connected
+                await anyio.sleep(3 * 1.0)  # three heartbeat intervals, all connected
                 assert sum(1 for s in live.parts.desktop.sessions.values() if s.send is not None) == 1000
                 stop.set()
     assert closed == []

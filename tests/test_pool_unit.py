@@ -59,7 +59,7 @@ KEY = PoolKey("s1", 1, "u1")
 
 async def echo(pool: UpstreamPool, key: PoolKey = KEY, text: str = "x", timeout: float = 10) -> str:
     result = await pool.call_tool(key, "echo", {"text": text}, timeout=timeout)
-    return str(result.content[0].text)  # type: ignore[union-attr]
+    return str(result["content"][0]["text"])
 
 
 async def test_single_flight_and_users_apart(upstream: UpstreamServer) -> None:
@@ -147,7 +147,7 @@ async def test_events_close_sessions_and_results_pass_through(upstream: Upstream
     async with running_pool(upstream) as pool:
         await echo(pool)
         failed = await pool.call_tool(KEY, "fail", {}, timeout=10)
-        assert failed.is_error, "isError results pass through and do not close the session"
+        assert failed["isError"] is True, "isError results pass through and do not close the session"
         assert pool.size() == 1
         event = ServerEvent(ServerEventKind.CREDENTIALS_CHANGED, "s1", "t1", "u1", False)
         await pool.on_event(event)

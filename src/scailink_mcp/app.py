@@ -147,6 +147,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
                 read_timeout=settings.call_timeout_max_s,
                 message_handler=message_handler(key),
                 session_options=relay.session_options(key),
+                max_event_bytes=2 * settings.max_result_bytes,
             ) as session:
                 # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions.
                 for uri in subscriptions.uris_for(key):
@@ -155,7 +156,12 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
 
         return opened()
 
-    pool = UpstreamPool(connect, idle_ttl_s=settings.pool_idle_ttl_s, max_sessions=settings.pool_max_sessions)
+    pool = UpstreamPool(
+        connect,
+        idle_ttl_s=settings.pool_idle_ttl_s,
+        max_sessions=settings.pool_max_sessions,
+        lean_calls=settings.pool_lean_calls,
+    )
     relay = Relay(pool)
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     jwt_leeway_s: int = 30
     jwt_max_token_bytes: int = 8192
     jwks_cache_ttl_s: int = 300
+    # Verified tokens remembered so a session's every message does not re-check the signature.
+    jwt_verified_cache_size: int = 10_000
+    jwt_verified_cache_ttl_s: int = 300
     jwks_min_refetch_interval_s: int = 30
     # Extra group -> role mappings, e.g. `{"eng-admins": "tenant_admin"}` (JSON in the env).
     group_role_map: dict[str, str] = Field(default_factory=dict)
@@ -93,6 +96,8 @@ class Settings(BaseSettings):
 
     # --- upstream session pool
     pool_idle_ttl_s: float = 300.0
+    # `tools/call` over Streamable HTTP on the lean path (remote/wire.py); false = the SDK client's.
+    pool_lean_calls: bool = True
     pool_max_sessions: int = 1000
 
     # --- desktop bridge

@@ -13,6 +13,7 @@ No database query, no handshake when a session is warm.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +34,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, Streamable
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ConfigDict, ValidationError
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
@@ -57,6 +59,7 @@ from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+from scailink_mcp.remote.wire import MessageSink
 from scailink_mcp.subscriptions import Subscriptions
 
 logger = logging.getLogger(__name__)
@@ -114,22 +117,40 @@ def current_principal() -> Principal:
     return token.principal
 
 
-def error_result(err: ScaiLinkError) -> types.CallToolResult:
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=f"{err.code}: {err.message}")],
-        is_error=True,
-        _meta={"scailink/error": {"code": err.code, "message": err.message}},
-    )
+# A `CallToolResult` in its wire form (camelCase keys), passed through from the upstream unchanged.
+ToolResult = dict[str, Any]
 
 
-def result_size(result: types.CallToolResult) -> int:
-    """A cheap upper estimate of the result's wire size (text and base64 payloads dominate)."""
+def error_result(err: ScaiLinkError) -> ToolResult:
+    return {
+        "content": [{"type": "text", "text": f"{err.code}: {err.message}"}],
+        "isError": True,
+        "_meta": {"scailink/error": {"code": err.code, "message": err.message}},
+    }
+
+
+def _text_size(item: Any) -> int:
+    if not isinstance(item, dict):
+        return 0
     size = 0
-    for block in result.content:
-        size += len(getattr(block, "text", "") or "") + len(getattr(block, "data", "") or "")
-        resource = getattr(block, "resource", None)
-        if resource is not None:
-            size += len(getattr(resource, "text", "") or "") + len(getattr(resource, "blob", "") or "")
+    for field in ("text", "data", "blob"):
+        value = item.get(field)
+        if isinstance(value, str):
+            size += len(value)
+    return size
+
+
+def result_size(result: ToolResult) -> int:
+    """A cheap estimate of the result's wire size: text and base64 payloads dominate it."""
+    size = 0
+    content = result.get("content")
+    for block in content if isinstance(content, list) else ():
+        size += _text_size(block)
+        if isinstance(block, dict):
+            size += _text_size(block.get("resource"))
+    structured = result.get("structuredContent")
+    if structured is not None:
+        size += len(json.dumps(structured))
     return size
 
 
@@ -264,16 +285,24 @@ class Gateway:
         ctx: ServerRequestContext[Any, Any] | None = None,
         progress: ProgressFnT | None = None,
         request_id: str | None = None,
-    ) -> types.CallToolResult:
+        on_message: MessageSink | None = None,
+    ) -> ToolResult:
         """The one call path of MCP and REST: permission, consent, forward, size cap. Raises ScaiLinkError."""
         started = time.perf_counter()
         source = "desktop" if target.desktop is not None else "remote"
         outcome, code = "error", None
         try:
             result = await self._invoke(
-                principal, target, public, arguments, timeout=timeout, ctx=ctx, progress=progress
+                principal,
+                target,
+                public,
+                arguments,
+                timeout=timeout,
+                ctx=ctx,
+                progress=progress,
+                on_message=on_message,
             )
-            outcome = "tool_error" if result.is_error else "ok"
+            outcome = "tool_error" if result.get("isError") is True else "ok"
             return result
         except ScaiLinkError as err:
             outcome, code = ("denied" if isinstance(err, Forbidden | ConsentDenied) else "error"), err.code
@@ -335,7 +364,8 @@ class Gateway:
         timeout: float,
         ctx: ServerRequestContext[Any, Any] | None,
         progress: ProgressFnT | None,
-    ) -> types.CallToolResult:
+        on_message: MessageSink | None = None,
+    ) -> ToolResult:
         principal.require(auth.INVOKE)
         await self.approve(principal, target, public, arguments, ctx)
         if target.desktop is not None:
@@ -351,7 +381,9 @@ class Gateway:
                 timeout=timeout,
             )
             try:
-                result = types.CallToolResult.model_validate(raw)
+                result = types.CallToolResult.model_validate(raw).model_dump(
+                    by_alias=True, mode="json", exclude_none=True
+                )
             except ValidationError:
                 raise UpstreamError("the desktop device answered with an invalid tool result") from None
         else:
@@ -363,6 +395,7 @@ class Gateway:
                 timeout=timeout,
                 progress_callback=progress,
                 relay=DownstreamCall(ctx.session, ctx.request_id) if ctx is not None else None,
+                on_message=on_message,
             )
         if result_size(result) > self.settings.max_result_bytes:
             raise UpstreamError(f"tool result over {self.settings.max_result_bytes} bytes refused")
@@ -375,8 +408,21 @@ class Gateway:
         target: Target,
         public: str,
         params: types.CallToolRequestParams,
-    ) -> types.CallToolResult:
+    ) -> ToolResult:
         """`tools/call` over MCP: failures become `isError` results with `_meta["scailink/error"]`."""
+        result = await self._call(ctx, principal, target, public, params)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
+            result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
+        return result
+
+    async def _call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        principal: Principal,
+        target: Target,
+        public: str,
+        params: types.CallToolRequestParams,
+    ) -> ToolResult:
         try:
             return await self.invoke(
                 principal,
@@ -515,7 +561,7 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
 
     async def call_tool(
         ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> ToolResult:
         principal, view = gw.view(ctx)
         try:
             target = view.resolve_tool(params.name)
@@ -593,7 +639,7 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
         principal = current_principal()
         return await gw.notifier.modern.handler(principal, gw.style(ctx))(ctx, params)
 
-    return _Server(
+    aggregate = _Server(
         "scailink",
         on_subscriptions_listen=listen,
         on_subscribe_resource=subscribe,
@@ -601,13 +647,15 @@ def build_aggregate_server(gw: Gateway) -> Server[Any]:
         version="0.1.0",
         instructions="ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced.",
         on_list_tools=list_tools,
-        on_call_tool=call_tool,
         on_list_prompts=list_prompts,
         on_get_prompt=get_prompt,
         on_list_resources=list_resources,
         on_list_resource_templates=list_templates,
         on_read_resource=read_resource,
     )
+    # Registered directly: the handler returns the upstream's result dict, passed through unchanged.
+    aggregate.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
+    return aggregate
 
 
 def build_single_server(gw: Gateway) -> Server[Any]:
@@ -636,7 +684,7 @@ def build_single_server(gw: Gateway) -> Server[Any]:
 
     async def call_tool(
         ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> ToolResult:
         principal, server = server_of(ctx)
         if params.name not in {t["name"] for t in server.tools}:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}")
@@ -717,7 +765,6 @@ def build_single_server(gw: Gateway) -> Server[Any]:
         "scailink-server",
         version="0.1.0",
         on_list_tools=list_tools,
-        on_call_tool=call_tool,
         on_list_prompts=list_prompts,
         on_get_prompt=get_prompt,
         on_list_resources=list_resources,
@@ -730,6 +777,7 @@ def build_single_server(gw: Gateway) -> Server[Any]:
     # Registered directly: the constructor argument warns that logging is deprecated as of 2026-07-28,
     # but clients of the handshake era still send it and the upstream may honour it.
     single.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
+    single.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
     return single
 
 

@@ -74,7 +74,7 @@ async def invoke(request: Request) -> Response:
     result = await parts.gateway.invoke(
         who, target, name, body.arguments, timeout=timeout, request_id=request_id(request)
     )
-    return ok(request, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    return ok(request, result)
 
 
 def _visible(who: Principal, session: DesktopSession) -> bool:

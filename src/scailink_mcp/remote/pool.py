@@ -28,6 +28,7 @@ from mcp.shared.dispatcher import ProgressFnT
 from scailink_mcp.errors import ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.remote.upstream import error_class_name
+from scailink_mcp.remote.wire import MessageSink, Wire
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,10 @@ class UpstreamPool:
         breaker_open_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         reap_interval_s: float = 10.0,
+        lean_calls: bool = True,
     ) -> None:
         self.connector = connector
+        self.lean_calls = lean_calls
         self.idle_ttl_s = idle_ttl_s
         self.max_sessions = max_sessions
         self.breaker_failures = breaker_failures
@@ -288,22 +291,71 @@ class UpstreamPool:
         progress_callback: ProgressFnT | None = None,
         meta: dict[str, Any] | None = None,
         relay: Any = None,
-    ) -> types.CallToolResult:
-        """`tools/call` passed through unchanged (content, structuredContent, isError, _meta).
+        on_message: MessageSink | None = None,
+    ) -> dict[str, Any]:
+        """`tools/call` passed through unchanged: the upstream's result dict, never re-validated.
 
-        Sent with `send_request` rather than `ClientSession.call_tool`: a proxy must not validate the
-        upstream's output against its schema, nor pay the `tools/list` the SDK issues to learn it.
+        Over Streamable HTTP it takes the lean path (`wire.py`); `on_message` then receives the call's
+        other messages (progress, logs) verbatim. Over legacy SSE it is the SDK's `send_request`
+        (never `ClientSession.call_tool`: a proxy must not validate the upstream's output against its
+        schema, nor pay the `tools/list` the SDK issues to learn it).
         """
-        request = types.CallToolRequest(
-            params=types.CallToolRequestParams(name=name, arguments=arguments, _meta=meta)
-        )
+        params: dict[str, Any] = {"name": name}
+        if arguments is not None:
+            params["arguments"] = arguments
 
-        async def send(session: ClientSession) -> types.CallToolResult:
-            return await session.send_request(
+        async def send(session: ClientSession) -> dict[str, Any]:
+            wire = getattr(session, "wire", None)
+            if self.lean_calls and isinstance(wire, Wire):
+                sink = _sink(wire, progress_callback, on_message)
+                return await wire.call_tool(_with_progress(params, meta, progress_callback), sink)
+            request = types.CallToolRequest(
+                params=types.CallToolRequestParams.model_validate(
+                    {**params, "_meta": meta} if meta else params
+                )
+            )
+            result = await session.send_request(
                 request, types.CallToolResult, progress_callback=progress_callback
             )
+            return result.model_dump(by_alias=True, mode="json", exclude_none=True)
 
         return await self.use(key, send, timeout=timeout, relay=relay)
+
+
+PROGRESS_TOKEN = "scailink-progress"
+
+
+def _with_progress(
+    params: dict[str, Any], meta: dict[str, Any] | None, progress: ProgressFnT | None
+) -> dict[str, Any]:
+    if progress is not None:
+        meta = {**(meta or {}), "progressToken": PROGRESS_TOKEN}
+    return {**params, "_meta": meta} if meta else params
+
+
+def _sink(wire: Wire, progress: ProgressFnT | None, on_message: MessageSink | None) -> MessageSink | None:
+    """Where a call's other messages go: its own progress to `progress`, the rest to `on_message`."""
+    if progress is None:
+        return on_message
+
+    async def deliver(message: dict[str, Any]) -> None:
+        params = message.get("params")
+        if (
+            message.get("method") == "notifications/progress"
+            and isinstance(params, dict)
+            and params.get("progressToken") == PROGRESS_TOKEN
+            and isinstance(params.get("progress"), int | float)
+        ):
+            total, text = params.get("total"), params.get("message")
+            await progress(
+                params["progress"],
+                total if isinstance(total, int | float) else None,
+                text if isinstance(text, str) else None,
+            )
+        else:
+            await (on_message or wire.inject)(message)
+
+    return deliver
 
 
 async def _unless_closed(entry: _Entry, fn: Callable[[ClientSession], Awaitable[T]]) -> T:

@@ -14,13 +14,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx2
+from anyio.streams.memory import MemoryObjectSendStream
 from mcp.client.session import ClientSession, MessageHandlerFnT
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._stream_protocols import ReadStream
+from mcp.shared.message import SessionMessage
 from mcp.types import Implementation
 
 from scailink_mcp.remote.netguard import guarded_http_client, sse_client_factory
+from scailink_mcp.remote.wire import Wire
 
 CLIENT_INFO = Implementation(name="scailink-mcp", version="0.1.0")
 
@@ -47,6 +52,24 @@ def upstream_headers(auth_type: str, credentials: Mapping[str, str]) -> dict[str
     return {}
 
 
+class UpstreamSession(ClientSession):
+    """The SDK's `ClientSession`, plus the lean `tools/call` path over Streamable HTTP (`wire.py`).
+
+    `wire` is None over the legacy SSE transport, where every call goes through the SDK.
+    """
+
+    wire: Wire | None = None
+
+
+async def _pump(
+    source: ReadStream[SessionMessage | Exception], sink: MemoryObjectSendStream[SessionMessage | Exception]
+) -> None:
+    """Feed the transport's inbound messages to the session; `Wire.inject` feeds the same stream."""
+    async with sink:
+        async for item in source:
+            await sink.send(item)
+
+
 def parse_networks(cidrs: Sequence[str]) -> list[Network]:
     return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
 
@@ -69,14 +92,17 @@ async def open_session(
     read_timeout: float,
     message_handler: MessageHandlerFnT | None = None,
     session_options: Mapping[str, Any] | None = None,
-) -> AsyncIterator[ClientSession]:
-    """Connect, run the `initialize` handshake and yield a ready `ClientSession`.
+    max_event_bytes: int = 16 * 1024 * 1024,
+) -> AsyncIterator[UpstreamSession]:
+    """Connect, run the `initialize` handshake and yield a ready session.
 
     The caller bounds the whole operation (e.g. with `anyio.fail_after`); `connect_timeout` bounds
-    each HTTP connect/write and `read_timeout` each read.
+    each HTTP connect/write and `read_timeout` each read. `max_event_bytes` bounds one answer on the
+    lean `tools/call` path (the SDK's own reads keep its 1 MiB cap per event).
     """
     headers = dict(target.headers)
     timeout = httpx2.Timeout(connect_timeout, read=read_timeout)
+    wire: Wire | None = None
     async with AsyncExitStack() as stack:
         if target.transport == "sse":
             read, write = await stack.enter_async_context(
@@ -92,11 +118,18 @@ async def open_session(
             http_client = await stack.enter_async_context(
                 guarded_http_client(allowed, headers=headers, timeout=timeout)
             )
-            read, write = await stack.enter_async_context(
+            transport_read, write = await stack.enter_async_context(
                 streamable_http_client(target.endpoint_url, http_client=http_client)
             )
+            inbox, read = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+            stack.push_async_callback(read.aclose)
+            wire = Wire(http_client, target.endpoint_url, inbox, max_event_bytes)
+            http_client.event_hooks["response"].append(wire.observe)
+            pumps = await stack.enter_async_context(anyio.create_task_group())
+            pumps.start_soon(_pump, transport_read, inbox)
+            stack.callback(pumps.cancel_scope.cancel)  # runs after the session has closed
         session = await stack.enter_async_context(
-            ClientSession(
+            UpstreamSession(
                 read,
                 write,
                 read_timeout_seconds=read_timeout,
@@ -106,4 +139,7 @@ async def open_session(
             )
         )
         await session.initialize()
+        if wire is not None:
+            wire.protocol_version = session.protocol_version
+            session.wire = wire
         yield session

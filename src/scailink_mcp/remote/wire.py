@@ -1,0 +1,163 @@
+"""The lean `tools/call` of a pooled Streamable HTTP upstream session: ScaiLink's warm hot path.
+
+Why not `ClientSession.send_request`: profiled on the 2-core machine, the SDK client spent more CPU on
+one warm call than the upstream server itself did: a task per POST, pydantic models for every
+message in and out, and a TCP connection dropped after every SSE answer (the SDK stops reading at
+the answer, before the stream's end, so the connection cannot go back to the pool). Here one call is
+one POST on a kept-alive connection, its answer read to the end and parsed with `json.loads`, and
+the upstream's result dict is handed back exactly as it came.
+
+What stays with the SDK's `ClientSession` (opened by `upstream.open_session`): the handshake, the
+GET stream, every other method, and every message that arrives on a call's stream but is not that
+call's answer (a server-to-client request such as `sampling/createMessage`, a log message): those
+are handed to the session's inbound stream unchanged (`inject`), so its callbacks (`relay.py`) serve
+them as before. Progress for the call goes to the caller's `on_message`.
+
+Must not: log headers or bodies (credentials and arguments), or validate the result against a
+schema (a proxy passes results through).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+from anyio.streams.memory import MemoryObjectSendStream
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
+
+MCP_SESSION_ID = "mcp-session-id"
+MCP_PROTOCOL_VERSION = "mcp-protocol-version"
+# After the answer, the rest of the stream (its closing chunk) is read so the connection is reused;
+# a server that keeps the stream open longer than this loses the connection instead of the caller.
+DRAIN_TIMEOUT_S = 0.5
+
+Message = dict[str, Any]
+MessageSink = Callable[[Message], Awaitable[None]]
+
+
+class UpstreamHTTPError(httpx2.HTTPError):
+    """The upstream answered a call with an HTTP error status (404: its session is gone)."""
+
+
+@dataclass
+class Wire:
+    """What the lean path needs of one live Streamable HTTP session. Built by `open_session`."""
+
+    http: httpx2.AsyncClient
+    url: str
+    inbox: MemoryObjectSendStream[SessionMessage | Exception]
+    max_event_bytes: int
+    session_id: str | None = None
+    protocol_version: str | None = None
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def observe(self, response: httpx2.Response) -> None:
+        """httpx2 response hook: remember the session id the upstream assigned at `initialize`."""
+        session_id = response.headers.get(MCP_SESSION_ID)
+        if session_id:
+            self.session_id = session_id
+
+    async def inject(self, message: Message) -> None:
+        """Hand a server message to the SDK session, as if its own transport had read it."""
+        try:
+            parsed = types.jsonrpc_message_adapter.validate_python(message, by_name=False)
+        except ValueError:
+            return  # not JSON-RPC: the SDK transport would have dropped it too
+        await self.inbox.send(SessionMessage(parsed))
+
+    def headers(self) -> dict[str, str]:
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+        if self.session_id:
+            headers[MCP_SESSION_ID] = self.session_id
+        if self.protocol_version:
+            headers[MCP_PROTOCOL_VERSION] = self.protocol_version
+        return headers
+
+    async def call_tool(self, params: Mapping[str, Any], on_message: MessageSink | None = None) -> Message:
+        """POST `tools/call` with `params` as given; return the upstream's result dict unchanged.
+
+        A JSON-RPC error answer raises `MCPError`; an HTTP error status raises `UpstreamHTTPError`.
+        `on_message` receives every other message of the call's stream (default: `inject`).
+        """
+        request_id = f"scailink-{next(self._ids)}"
+        body = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
+        sink = on_message or self.inject
+        try:
+            async with self.http.stream("POST", self.url, content=body, headers=self.headers()) as response:
+                if response.status_code >= 400 or response.status_code == 202:
+                    raise UpstreamHTTPError(f"upstream answered HTTP {response.status_code}")
+                content_type = response.headers.get("content-type", "").lower()
+                if content_type.startswith("application/json"):
+                    answer = _parse(await response.aread())
+                elif content_type.startswith("text/event-stream"):
+                    answer = await self._read_stream(response, request_id, sink)
+                else:
+                    raise UpstreamHTTPError(f"unexpected content type {content_type or 'none'}")
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_TIMEOUT_S):
+                await self._cancel(request_id)
+            raise
+        return _result(answer, request_id)
+
+    async def _cancel(self, request_id: str) -> None:
+        """Tell the upstream the caller gave up (a timeout or a downstream cancellation)."""
+        note = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id, "reason": "cancelled by the caller"},
+        }
+        with contextlib.suppress(httpx2.HTTPError):  # best effort: the upstream may be why it was given up
+            await self.http.post(self.url, content=json.dumps(note), headers=self.headers())
+
+    async def _read_stream(self, response: httpx2.Response, request_id: str, sink: MessageSink) -> Message:
+        events = httpx2.EventSource(response, max_event_size=self.max_event_bytes).__aiter__()
+        answer: Message | None = None
+        async for event in events:
+            if not event.data:
+                continue  # a priming event (id only) or a keep-alive
+            message = _parse(event.data.encode())
+            if message.get("id") == request_id and "method" not in message:
+                answer = message
+                break
+            await sink(message)
+        if answer is None:
+            raise UpstreamHTTPError("the upstream closed the call's stream without an answer")
+        with anyio.move_on_after(DRAIN_TIMEOUT_S):
+            async for _ in events:
+                pass
+        return answer
+
+
+def _parse(raw: bytes) -> Message:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        raise UpstreamHTTPError("the upstream sent a message that is not JSON") from None
+    if not isinstance(message, dict):
+        raise UpstreamHTTPError("the upstream sent a JSON-RPC batch or a non-object message")
+    return message
+
+
+def _result(answer: Message, request_id: str) -> Message:
+    if answer.get("id") != request_id:
+        raise UpstreamHTTPError("the upstream answered another request")
+    error = answer.get("error")
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        raise MCPError(
+            code if isinstance(code, int) else -32603,
+            message if isinstance(message, str) else "upstream error",
+            error.get("data"),
+        )
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        raise UpstreamHTTPError("the upstream's answer has no result object")
+    return result
