@@ -264,7 +264,7 @@ BEFORE_ENV = {"SCAILINK_POOL_LEAN_CALLS": "false", "SCAILINK_JWT_VERIFIED_CACHE_
 
 async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
     counts = (
-        {"warm": 200, "cold": 5, "list": 5, "clients": 4, "each": 25}
+        {"warm": 100, "cold": 3, "list": 3, "clients": 4, "each": 15}
         if quick
         else {"warm": 2000, "cold": 30, "list": 20, "clients": 16, "each": 100}
     )
