@@ -410,21 +410,8 @@ class Gateway:
         params: types.CallToolRequestParams,
     ) -> ToolResult:
         """`tools/call` over MCP: failures become `isError` results with `_meta["scailink/error"]`."""
-        result = await self._call(ctx, principal, target, public, params)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
-            result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
-        return result
-
-    async def _call(
-        self,
-        ctx: ServerRequestContext[Any, Any],
-        principal: Principal,
-        target: Target,
-        public: str,
-        params: types.CallToolRequestParams,
-    ) -> ToolResult:
         try:
-            return await self.invoke(
+            result = await self.invoke(
                 principal,
                 target,
                 public,
@@ -434,7 +421,10 @@ class Gateway:
                 progress=self._progress_relay(ctx, params),
             )
         except ScaiLinkError as err:
-            return error_result(err)
+            result = error_result(err)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
+            result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
+        return result
 
     def _progress_relay(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
