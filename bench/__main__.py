@@ -253,6 +253,11 @@ async def register(base: str, token: str, name: str, endpoint: str) -> str:
     return str(resp.json()["data"]["slug"])
 
 
+def proxy_command(program: list[str], port: int, upstream: str) -> list[str]:
+    """The naive and FastMCP peers take the same two options."""
+    return [*program, "--port", str(port), "--upstream", upstream]
+
+
 def scailink_command(data_dir: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "scailink_mcp.cli", "dev", "--data-dir", str(data_dir), "--port", str(port)]
 
@@ -284,26 +289,12 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
         )
         scailink_proc = stack.enter_context(process(scailink_command(data_dir, sl_port), env=env))
         stack.enter_context(process(scailink_command(before_dir, before_port), env={**env, **BEFORE_ENV}))
-        naive_cmd = [
-            sys.executable,
-            "-m",
-            "bench.naive_proxy",
-            "--port",
-            str(naive_port),
-            "--upstream",
-            upstream,
-        ]
-        stack.enter_context(process(naive_cmd))
+        stack.enter_context(
+            process(proxy_command([sys.executable, "-m", "bench.naive_proxy"], naive_port, upstream))
+        )
         peers["naive_proxy"] = f"http://127.0.0.1:{naive_port}/mcp"
         if fast_python is not None:
-            fast_cmd = [
-                str(fast_python),
-                "bench/fastmcp_proxy.py",
-                "--port",
-                str(fast_port),
-                "--upstream",
-                upstream,
-            ]
+            fast_cmd = proxy_command([str(fast_python), "bench/fastmcp_proxy.py"], fast_port, upstream)
             stack.enter_context(process(fast_cmd))
             peers["fastmcp_proxy"] = f"http://127.0.0.1:{fast_port}/mcp"
         wait_http(upstream)  # mcp-proxy opens its one upstream session at start

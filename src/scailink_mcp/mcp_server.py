@@ -59,7 +59,6 @@ from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
-from scailink_mcp.remote.wire import MessageSink
 from scailink_mcp.subscriptions import Subscriptions
 
 logger = logging.getLogger(__name__)
@@ -285,7 +284,6 @@ class Gateway:
         ctx: ServerRequestContext[Any, Any] | None = None,
         progress: ProgressFnT | None = None,
         request_id: str | None = None,
-        on_message: MessageSink | None = None,
     ) -> ToolResult:
         """The one call path of MCP and REST: permission, consent, forward, size cap. Raises ScaiLinkError."""
         started = time.perf_counter()
@@ -300,7 +298,6 @@ class Gateway:
                 timeout=timeout,
                 ctx=ctx,
                 progress=progress,
-                on_message=on_message,
             )
             outcome = "tool_error" if result.get("isError") is True else "ok"
             return result
@@ -364,7 +361,6 @@ class Gateway:
         timeout: float,
         ctx: ServerRequestContext[Any, Any] | None,
         progress: ProgressFnT | None,
-        on_message: MessageSink | None = None,
     ) -> ToolResult:
         principal.require(auth.INVOKE)
         await self.approve(principal, target, public, arguments, ctx)
@@ -395,7 +391,6 @@ class Gateway:
                 timeout=timeout,
                 progress_callback=progress,
                 relay=DownstreamCall(ctx.session, ctx.request_id) if ctx is not None else None,
-                on_message=on_message,
             )
         if result_size(result) > self.settings.max_result_bytes:
             raise UpstreamError(f"tool result over {self.settings.max_result_bytes} bytes refused")

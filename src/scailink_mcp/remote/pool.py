@@ -291,14 +291,12 @@ class UpstreamPool:
         progress_callback: ProgressFnT | None = None,
         meta: dict[str, Any] | None = None,
         relay: Any = None,
-        on_message: MessageSink | None = None,
     ) -> dict[str, Any]:
         """`tools/call` passed through unchanged: the upstream's result dict, never re-validated.
 
-        Over Streamable HTTP it takes the lean path (`wire.py`); `on_message` then receives the call's
-        other messages (progress, logs) verbatim. Over legacy SSE it is the SDK's `send_request`
-        (never `ClientSession.call_tool`: a proxy must not validate the upstream's output against its
-        schema, nor pay the `tools/list` the SDK issues to learn it).
+        Over Streamable HTTP it takes the lean path (`wire.py`). Over legacy SSE it is the SDK's
+        `send_request` (never `ClientSession.call_tool`: a proxy must not validate the upstream's output
+        against its schema, nor pay the `tools/list` the SDK issues to learn it).
         """
         params: dict[str, Any] = {"name": name}
         if arguments is not None:
@@ -307,7 +305,7 @@ class UpstreamPool:
         async def send(session: ClientSession) -> dict[str, Any]:
             wire = getattr(session, "wire", None)
             if self.lean_calls and isinstance(wire, Wire):
-                sink = _sink(wire, progress_callback, on_message)
+                sink = _sink(wire, progress_callback)
                 return await wire.call_tool(_with_progress(params, meta, progress_callback), sink)
             request = types.CallToolRequest(
                 params=types.CallToolRequestParams.model_validate(
@@ -333,10 +331,10 @@ def _with_progress(
     return {**params, "_meta": meta} if meta else params
 
 
-def _sink(wire: Wire, progress: ProgressFnT | None, on_message: MessageSink | None) -> MessageSink | None:
-    """Where a call's other messages go: its own progress to `progress`, the rest to `on_message`."""
+def _sink(wire: Wire, progress: ProgressFnT | None) -> MessageSink | None:
+    """Where a call's other messages go: its own progress to `progress`, the rest to the SDK session."""
     if progress is None:
-        return on_message
+        return None  # the wire hands everything to the session
 
     async def deliver(message: dict[str, Any]) -> None:
         params = message.get("params")
@@ -353,7 +351,7 @@ def _sink(wire: Wire, progress: ProgressFnT | None, on_message: MessageSink | No
                 text if isinstance(text, str) else None,
             )
         else:
-            await (on_message or wire.inject)(message)
+            await wire.inject(message)
 
     return deliver
 
