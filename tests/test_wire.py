@@ -32,20 +32,16 @@ def port_of(server: UpstreamServer) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts sockets through /proc/net/tcp")
-@pytest.mark.parametrize(("lean", "most"), [(True, 3), (False, None)])
-async def test_warm_calls_reuse_one_connection(
-    upstream: UpstreamServer, lean: bool, most: int | None
-) -> None:
-    async with running_pool(upstream, lean_calls=lean) as pool:
+async def test_warm_calls_reuse_one_connection(upstream: UpstreamServer) -> None:
+    # (The SDK client's own path, `lean_calls=False`, opens 14 to 30 connections for the same calls,
+    # depending on timing; that is the SDK's behaviour, not ScaiLink's, so it is not asserted here.)
+    async with running_pool(upstream, lean_calls=True) as pool:
         await echo(pool)
         before = sockets_to(port_of(upstream))
         for i in range(30):
             assert await echo(pool, text=str(i)) == str(i)
         opened = sockets_to(port_of(upstream)) - before
-    if most is not None:
-        assert opened <= most, f"30 warm calls opened {opened} connections"
-    else:
-        assert opened >= 20, "the SDK client's path drops the connection after each SSE answer"
+    assert opened <= 3, f"30 warm calls opened {opened} connections"
 
 
 async def test_a_call_given_up_is_cancelled_upstream(upstream: UpstreamServer) -> None:

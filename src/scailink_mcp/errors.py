@@ -13,6 +13,7 @@
     ├── ToolNotFound                  SCAILINK_TOOL_NOT_FOUND    404
     ├── ConsentDenied                 SCAILINK_CONSENT_DENIED    403
     ├── UpstreamError                 SCAILINK_UPSTREAM_ERROR    502
+    │   └── ResultTooLarge            SCAILINK_RESULT_TOO_LARGE  502
     ├── UpstreamTimeout               SCAILINK_UPSTREAM_TIMEOUT  504
     └── RegistryDisabled              SCAILINK_REGISTRY_DISABLED 503
 
@@ -120,6 +121,14 @@ class UpstreamError(ScaiLinkError):
     default_message = "upstream MCP server failed"
 
 
+class ResultTooLarge(UpstreamError):
+    """An upstream or device answer over `max_result_bytes`, stopped while reading (never buffered whole)."""
+
+    code = "SCAILINK_RESULT_TOO_LARGE"
+    status = 502
+    default_message = "the upstream answer is larger than the configured limit"
+
+
 class UpstreamTimeout(ScaiLinkError):
     code = "SCAILINK_UPSTREAM_TIMEOUT"
     status = 504
@@ -144,6 +153,7 @@ ERROR_TABLE: tuple[type[ScaiLinkError], ...] = (
     RateLimited,
     ToolNotFound,
     ConsentDenied,
+    ResultTooLarge,
     UpstreamError,
     UpstreamTimeout,
     RegistryDisabled,
