@@ -278,6 +278,8 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
     up_port, sl_port, before_port = free_port(), free_port(), free_port()
     naive_port, fast_port, proxy_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
+    # The per-user rate limit (a policy, 20/s by default) would measure itself, not the call path.
+    env["SCAILINK_RATE_LIMIT_PER_S"] = "0"
     upstream = f"http://127.0.0.1:{up_port}/mcp"
     fast_python = fastmcp_python(setup_peers)
     proxy_bin = mcp_proxy_bin(PEERS_DIR, setup_peers)

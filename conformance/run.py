@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_npm()
     up_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
+    # The suite checks the protocol, not the per-user rate limit (one token sends every scenario).
+    env["SCAILINK_RATE_LIMIT_PER_S"] = "0"
     with process([sys.executable, "-m", "conformance.upstream_server", "--port", str(up_port)]):
         upstream = f"http://127.0.0.1:{up_port}/mcp"
         wait_http(upstream)

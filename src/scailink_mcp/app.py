@@ -7,7 +7,7 @@ are cancelled and awaited on shutdown, so nothing outlives it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.types import ASGIApp
 
 from scailink_mcp import mcp_server
 from scailink_mcp.api import audit as audit_api
@@ -47,6 +48,7 @@ from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus, ServerEvent
 from scailink_mcp.iam import RoleStore
+from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter
@@ -232,13 +234,29 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     sse = mcp_server.LegacySse(aggregate_server, settings)
     single = mcp_server.session_manager(mcp_server.build_single_server(parts.gateway), settings)
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
+
+    def guarded(manager: StreamableHTTPSessionManager | None) -> Callable[[ASGIApp], ASGIApp]:
+        def wrap(app: ASGIApp) -> ASGIApp:
+            return McpGuard(
+                app,
+                limiter=parts.limiter,
+                max_body_bytes=settings.max_body_bytes,
+                max_json_depth=settings.max_json_depth,
+                manager=manager,
+                max_sessions_per_principal=settings.mcp_max_sessions_per_principal,
+                principal_key=mcp_server.rate_key,
+            )
+
+        return wrap
+
+    def protect(app: ASGIApp, manager: StreamableHTTPSessionManager | None = None) -> ASGIApp:
+        return mcp_server.protect(app, verifier, metadata, guarded(manager))
+
     routes: list[BaseRoute] = [
-        Route("/mcp", endpoint=mcp_server.protect(mcp_server.asgi(aggregate), verifier, metadata)),
-        Route("/sse", endpoint=mcp_server.protect(sse.connect, verifier, metadata), methods=["GET"]),
-        Mount("/messages", app=mcp_server.protect(sse.post, verifier, metadata)),
-        Route(
-            SINGLE_SERVER_MCP_PATH, endpoint=mcp_server.protect(mcp_server.asgi(single), verifier, metadata)
-        ),
+        Route("/mcp", endpoint=protect(mcp_server.asgi(aggregate), aggregate)),
+        Route("/sse", endpoint=protect(sse.connect), methods=["GET"]),
+        Mount("/messages", app=protect(sse.post)),
+        Route(SINGLE_SERVER_MCP_PATH, endpoint=protect(mcp_server.asgi(single), single)),
         *create_protected_resource_routes(
             resource_url=AnyHttpUrl(resource),
             authorization_servers=[AnyHttpUrl(issuer or base)],

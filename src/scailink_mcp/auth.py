@@ -62,6 +62,7 @@ ASYMMETRIC_ALGORITHMS = _RSA_ALGORITHMS | frozenset(_EC_ALGORITHMS.values()) | {
 MIN_RSA_BITS = 2048
 # Not a SPEC number: the JWKS endpoint is the operator's identity provider, so a short bound suffices.
 JWKS_FETCH_TIMEOUT_S = 5.0
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 PrivateKey = (
@@ -83,6 +84,13 @@ class Principal:
     email: str | None = None
     # permission -> the roles granting it, for the effective-permissions endpoint.
     permission_sources: Mapping[str, Sequence[str]] = field(default_factory=dict, hash=False)
+    # The token's `exp` (seconds since the epoch): long-lived connections close when it passes.
+    expires_at: float | None = None
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(tenant, user): a user id is only unique inside its tenant, so identity is always both."""
+        return (self.tenant_id, self.user_id)
 
     def has(self, permission: str) -> bool:
         return permission in self.permissions
@@ -397,6 +405,10 @@ class TokenVerifier:
             raise Unauthorized("sub claim must be a string") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthorized("malformed token") from None
+        for name in NUMERIC_DATE_CLAIMS:
+            # RFC 7519 NumericDate: PyJWT also accepts a numeric string ("9999999999"); we do not.
+            if name in claims and not _is_number(claims[name]):
+                raise Unauthorized(f"{name} claim must be a number")
         return claims
 
     def _principal(
@@ -425,7 +437,12 @@ class TokenVerifier:
             name=name if isinstance(name, str) else None,
             email=email if isinstance(email, str) else None,
             permission_sources=MappingProxyType({p: tuple(r) for p, r in sources.items()}),
+            expires_at=float(claims["exp"]) if _is_number(claims.get("exp")) else None,
         )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # ---- the dev issuer (local use and tests) ------------------------------------------------------

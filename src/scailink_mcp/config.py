@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     max_result_bytes: int = 10 * 1024 * 1024
     consent_timeout_s: float = 60.0
     list_changed_debounce_s: float = 0.25
+    # Handshake-era `/mcp` sessions: idle ones close after this long (the SDK's default is 1800 s);
+    # one principal holds at most this many (opening one more closes its oldest); all of them together
+    # at most `mcp_max_sessions`.
+    mcp_session_idle_s: float = 600.0
+    mcp_max_sessions_per_principal: int = 32
+    mcp_max_sessions: int = 10_000
+    # Nesting deeper than this in a JSON body (REST, /mcp) or frame (desktop bridge) is refused.
+    max_json_depth: int = 64
     # Host/Origin values accepted besides loopback and PUBLIC_URL (DNS-rebinding protection).
     mcp_allowed_hosts: CommaList = Field(default_factory=list)
     mcp_allowed_origins: CommaList = Field(default_factory=list)

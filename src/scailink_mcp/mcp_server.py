@@ -86,11 +86,14 @@ class McpTokenVerifier:
         except Unauthorized as exc:
             logger.info("mcp token refused", extra={"reason": exc.message})
             return None
+        # The SDK ties a session (Streamable HTTP and SSE alike) to (client_id, issuer, subject) and
+        # answers 404 to anyone else: both carry the tenant, since `sub` is only unique inside one.
+        owner = json.dumps(principal.identity)
         return ScaiLinkAccessToken(
             token=token,
-            client_id=principal.user_id,
+            client_id=owner,
             scopes=sorted(principal.permissions),
-            subject=principal.user_id,
+            subject=owner,
             claims={"tenant_id": principal.tenant_id},
             principal=principal,
         )
@@ -785,16 +788,37 @@ def resource_url(settings: Settings) -> str:
     return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/mcp"
 
 
-def protect(app: ASGIApp, verifier: McpTokenVerifier, metadata_url: str) -> ASGIApp:
-    """Bearer auth the SDK way: 401 + `WWW-Authenticate: Bearer ... resource_metadata=...`."""
+def rate_key(scope: Scope) -> str | None:
+    """The per-user rate-limit bucket of an authenticated request (the same key as REST)."""
+    user = scope.get("user")
+    token = getattr(user, "access_token", None)
+    if isinstance(token, ScaiLinkAccessToken):
+        return f"{token.principal.tenant_id}/{token.principal.user_id}"
+    return None
+
+
+def protect(
+    app: ASGIApp,
+    verifier: McpTokenVerifier,
+    metadata_url: str,
+    guard: Callable[[ASGIApp], ASGIApp] | None = None,
+) -> ASGIApp:
+    """Bearer auth the SDK way: 401 + `WWW-Authenticate: Bearer ... resource_metadata=...`; then
+    `guard` (rate limit, body and message checks) on authenticated requests."""
     from pydantic import AnyHttpUrl
 
-    required = RequireAuthMiddleware(app, [], AnyHttpUrl(metadata_url))
+    required = RequireAuthMiddleware(guard(app) if guard else app, [], AnyHttpUrl(metadata_url))
     return AuthenticationMiddleware(AuthContextMiddleware(required), backend=BearerAuthBackend(verifier))
 
 
 def session_manager(server: Server[Any], settings: Settings) -> StreamableHTTPSessionManager:
-    return StreamableHTTPSessionManager(app=server, security_settings=security_settings(settings))
+    return StreamableHTTPSessionManager(
+        app=server,
+        security_settings=security_settings(settings),
+        session_idle_timeout=settings.mcp_session_idle_s,
+        max_sessions=settings.mcp_max_sessions,
+        max_request_body_size=settings.max_body_bytes,
+    )
 
 
 def asgi(manager: StreamableHTTPSessionManager) -> ASGIApp:
