@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from scailink_mcp.app import Components, build_components, create_app
 from scailink_mcp.auth import generate_dev_key, mint_token, public_pem_from_private
+from scailink_mcp.cli import uvicorn_config
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import generate_kek
 from scailink_mcp.db import Database
@@ -208,14 +209,8 @@ class LiveApp:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_config=None,
-            ws_max_size=settings.ws_max_frame_bytes,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
+        config = uvicorn_config(
+            settings, self.app, host="127.0.0.1", port=self.port, lifespan="on", timeout_graceful_shutdown=5
         )
         self.server = uvicorn.Server(config)
         self.base_url = f"http://127.0.0.1:{self.port}"

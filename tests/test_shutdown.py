@@ -51,7 +51,9 @@ async def test_sigterm_drains(tmp_path: Path) -> None:
                 async with anyio.create_task_group() as tg:
                     for _ in range(20):
                         tg.start_soon(slow_call)
-                    await anyio.sleep(0.4)  # the calls are in flight
+                    with anyio.fail_after(20):  # all 20 calls have reached the upstream
+                        while len(upstream._in_flight) < 20:  # noqa: ASYNC110  (another thread's state)
+                            await anyio.sleep(0.02)
                     proc.send_signal(signal.SIGTERM)
                     with anyio.fail_after(10):
                         try:
@@ -74,3 +76,56 @@ async def test_sigterm_drains(tmp_path: Path) -> None:
             "SELECT count(*) FROM audit_event WHERE event = 'tool_call' AND outcome = 'ok'"
         ).fetchone()
     assert rows[0] == 20
+
+
+async def test_sigterm_lets_in_flight_mcp_calls_finish(tmp_path: Path) -> None:
+    """15 `tools/call`s through `/mcp` (Streamable HTTP, SDK clients) in flight at SIGTERM all get their
+    result, and the audit records what the callers got."""
+    import httpx2
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    calls = 15
+    with UpstreamServer() as upstream, dev_server(tmp_path / "data") as (base, token, proc):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            resp = await c.post(
+                "/v1/modules/scailink/remote-servers",
+                json={"name": "slow", "endpoint_url": upstream.url},
+                headers=headers,
+            )
+            tool = f"remote.dev-admin.{resp.json()['data']['slug']}.sleep_ms"
+        outcomes: list[str] = []
+
+        async def slow_call() -> None:
+            try:
+                async with (
+                    httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=60)) as http,
+                    streamable_http_client(base + "/mcp", http_client=http) as (read, write),
+                    ClientSession(read, write) as session,
+                ):
+                    await session.initialize()
+                    # Listed first: the SDK client lists tools after a session's first result (to learn
+                    # output schemas), a new request that a server shutting down no longer accepts.
+                    await session.list_tools()
+                    result = await session.call_tool(tool, {"ms": 2000})
+                    outcomes.append("error" if result.is_error else "ok")
+            except Exception as exc:  # the test reports what the caller got
+                outcomes.append(f"failed: {type(exc).__name__}")
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(calls):
+                tg.start_soon(slow_call)
+            with anyio.fail_after(20):
+                while len(upstream._in_flight) < calls:  # noqa: ASYNC110  (another thread's state)
+                    await anyio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+        assert outcomes == ["ok"] * calls, outcomes
+        with anyio.fail_after(30):
+            while proc.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "scailink.db") as db:
+        rows = db.execute("SELECT outcome, count(*) FROM audit_event WHERE event = 'tool_call' GROUP BY 1")
+        assert dict(rows.fetchall()) == {"ok": calls}

@@ -48,6 +48,7 @@ from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
 from scailink_mcp.events import EventBus, ServerEvent
 from scailink_mcp.iam import RoleStore
+from scailink_mcp.inflight import InFlight
 from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
@@ -92,6 +93,7 @@ class Components:
     limiter: RateLimiter
     audit: AuditLog
     roles: RoleStore
+    in_flight: InFlight
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -219,6 +221,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         limiter=RateLimiter(per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
         audit=audit,
         roles=roles,
+        in_flight=InFlight(),
     )
 
 
@@ -245,6 +248,7 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
                 manager=manager,
                 max_sessions_per_principal=settings.mcp_max_sessions_per_principal,
                 principal_key=mcp_server.rate_key,
+                in_flight=parts.in_flight,
             )
 
         return wrap

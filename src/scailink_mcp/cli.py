@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -18,6 +18,9 @@ from scailink_mcp.config import Settings
 DEV_KEY_FILE = "dev_signing_key.pem"
 DEV_KEK_FILE = "dev_kek"
 DEV_LOOPBACK = ["127.0.0.0/8", "::1/128"]
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("scailink_mcp.cli")
 
@@ -55,32 +58,55 @@ def prepare_dev(settings: Settings) -> Settings:
     return settings.model_copy(update=updates)
 
 
-def _serve(settings: Settings) -> None:
+def uvicorn_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn config of `scailink serve`/`dev`; the tests' live server uses it too, with
+    `overrides` (e.g. its own port, a shorter graceful-shutdown timeout)."""
     import uvicorn
+
+    from scailink_mcp.desktop.ws_server import WebSocketProtocol
+
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "ws": WebSocketProtocol,  # answers an upgrade over the header limits (431) instead of hanging
+        "ws_max_size": settings.ws_max_frame_bytes,  # a larger frame closes with 1009
+        "ws_ping_interval": 20.0,
+    }
+    return uvicorn.Config(app, **(options | overrides))
+
+
+def _serve(settings: Settings) -> None:
+    import anyio
+    import uvicorn
+    from sse_starlette.sse import AppStatus
 
     from scailink_mcp.app import build_components, create_app
     from scailink_mcp.desktop.protocol import Close
 
     parts = build_components(settings)
 
+    # sse-starlette would end every SSE stream at SIGTERM, in-flight `tools/call` answers included;
+    # `DrainingServer` ends them itself once those answers are out.
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
+
     class DrainingServer(uvicorn.Server):
-        """On SIGTERM: stop accepting, tell desktop clients 1001 (they resume elsewhere), then let
-        uvicorn finish in-flight requests for up to 25 s before the lifespan closes the pool."""
+        """On SIGTERM: stop accepting, tell desktop clients 1001 (they resume elsewhere), wait for the
+        MCP requests in flight to be answered, then end the remaining SSE streams and let uvicorn
+        finish the other requests, all within `shutdown_grace_s`, before the lifespan closes the pool."""
 
         async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:
+                server.close()
             await parts.desktop.close_all(Close.GOING_AWAY, "server shutting down")
+            with anyio.move_on_after(settings.shutdown_grace_s):
+                await parts.in_flight.wait_idle()
+            AppStatus.should_exit = True
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(
-        create_app(settings, parts),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-        ws_max_size=settings.ws_max_frame_bytes,  # a larger frame closes with 1009
-        ws_ping_interval=20.0,
-    )
+    config = uvicorn_config(settings, create_app(settings, parts))
     DrainingServer(config).run()
 
 

@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     # `tools/call` over Streamable HTTP on the lean path (remote/wire.py); false = the SDK client's.
     pool_lean_calls: bool = True
     pool_max_sessions: int = 1000
+    # Circuit breakers (remote/pool.py): only transport failures and timeouts count. This many of one
+    # user's calls failing within the window open that user's circuit to the server for `open_s`; the
+    # same count from at least `min_users` distinct users opens it for everyone.
+    pool_breaker_failures: int = 5
+    pool_breaker_window_s: float = 60.0
+    pool_breaker_open_s: float = 30.0
+    pool_breaker_min_users: int = 3
 
     # --- desktop bridge
     ws_heartbeat_interval_ms: int = 30000
@@ -114,6 +121,13 @@ class Settings(BaseSettings):
     ws_init_timeout_s: float = 10.0
     ws_max_connections_per_user: int = 5
     ws_max_frame_bytes: int = 1024 * 1024
+    # Tools one desktop session may hold (session_init and after each catalog_update), and one
+    # (tenant, user) across all its sessions; over either the frame is refused (4002 / 4003).
+    ws_max_tools_per_session: int = 2000
+    ws_max_tools_per_user: int = 5000
+    # catalog_update frames are applied at once, but the catalog is marked changed (views rebuilt,
+    # list_changed sent) at most once per this interval per session; the rest is coalesced.
+    ws_catalog_change_min_interval_ms: int = 500
 
     # --- audit
     audit_detail_level: Literal["off", "metadata"] = (

@@ -11,6 +11,8 @@ What the SDK's transport does not do for a multi-tenant gateway, checked before 
   more closes that principal's oldest session, so one principal can never exhaust the SDK's global
   table (10,000 sessions) for every tenant.
 
+POSTs are counted in `in_flight` until answered, so a shutdown can drain them (`inflight.py`).
+
 Errors are JSON-RPC error objects (id `null`) with the HTTP status a client expects (400, 413, 429).
 """
 
@@ -30,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scailink_mcp import sdk_sessions
 from scailink_mcp.errors import RateLimited
+from scailink_mcp.inflight import InFlight
 from scailink_mcp.jsondepth import too_deep
 from scailink_mcp.ratelimit import RateLimiter
 
@@ -69,7 +72,9 @@ class McpGuard:
         manager: StreamableHTTPSessionManager | None = None,
         max_sessions_per_principal: int = 0,
         principal_key: Callable[[Scope], str | None],
+        in_flight: InFlight | None = None,
     ) -> None:
+        self.in_flight = in_flight
         self.app = app
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
@@ -105,7 +110,14 @@ class McpGuard:
         headers = Headers(scope=scope)
         if self.manager is not None and MCP_SESSION_ID not in headers:
             await self._make_room(scope)
-        await self.app(scope, _replay(body, receive), send)
+        if self.in_flight is None:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        self.in_flight.enter()  # until the answer (an SSE stream for a request) is complete
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.in_flight.exit()
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (never more than the cap is held)."""

@@ -1,33 +1,77 @@
 """The WebSocket endpoint `/v1/scailink/ws`: handshake, heartbeats, catalog updates, close codes.
 
 Order of checks on a new socket: accept, then the JWT (4001 naming the failed check), then the first
-frame within `ws_init_timeout_s` (4002 naming the failing field), then the per-user connection cap
-(4009). A newer connection of the same device replaces the older one (4010 on the old socket).
+frame within `ws_init_timeout_s` (4002 naming the failing field), then the per-(tenant, user)
+connection cap (4009) and the tool limits (4002). A newer connection of the same device of the same
+(tenant, user) replaces the older one (4010 on the old socket).
 Liveness: no frame for two heartbeat intervals closes with 4008 (uvicorn pings every 20 s).
+Token lifetime: an established socket closes with 4001 at the token's `exp` + `jwt_leeway_s`; the
+client reconnects with a fresh token and resumes its session.
+Hostile frames: a binary frame closes 1003; bad JSON, nesting deeper than `max_json_depth` or an
+invalid frame closes 4002 before init and 4003 after, each with one log line and no traceback.
+
+`scailink/catalog_update` limits: each list holds at most `ws_max_tools_per_session` items (checked
+by length before any item is validated), the session at most `ws_max_tools_per_session` tools after
+the update and the (tenant, user) at most `ws_max_tools_per_user` across its sessions. An update over
+a limit is refused whole with 4003 and a reason naming the limit, the session keeping its previous
+catalog: a production gateway neither truncates (the device would believe tools are published that
+are not) nor ignores silently (a runaway client would never learn). Updates are applied at once, but
+the catalog is marked changed at most once per `ws_catalog_change_min_interval_ms` per session (the
+rest coalesced into one trailing change), so a flood cannot make the catalogs rebuild repeatedly; the
+loop yields after every frame.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+import jwt
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from scailink_mcp import auth
 from scailink_mcp.audit import AuditLog, AuditRecord
-from scailink_mcp.auth import TokenVerifier, bearer_token
+from scailink_mcp.auth import Principal, TokenVerifier, bearer_token
 from scailink_mcp.config import Settings
 from scailink_mcp.desktop import protocol
-from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession
-from scailink_mcp.desktop.protocol import Close, FrameError
+from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession, ToolLimits
+from scailink_mcp.desktop.protocol import BinaryFrame, Close, FrameError
 from scailink_mcp.errors import Forbidden, Unauthorized
 
 logger = logging.getLogger(__name__)
 
 SERVER_VERSION = "scailink-mcp/0.1.0"
+
+
+@dataclass
+class ChangeThrottle:
+    """Marks a session's catalog changed at most once per `interval_s`; later changes wait (coalesced)."""
+
+    interval_s: float
+    last: float
+    pending: bool = False
+
+    def mark(self, now: float) -> bool:
+        """A change happened: True if it is to be published now, else it is pending until `deadline`."""
+        if now - self.last >= self.interval_s:
+            self.last, self.pending = now, False
+            return True
+        self.pending = True
+        return False
+
+    @property
+    def deadline(self) -> float | None:
+        return self.last + self.interval_s if self.pending else None
+
+    def due(self, now: float) -> bool:
+        """True once when a pending change's time has come."""
+        return self.pending and self.mark(now)
 
 
 class Bridge:
@@ -42,39 +86,50 @@ class Bridge:
         self.settings = settings
         self.verifier = verifier
         self.registry = registry
+        self.limits = ToolLimits(settings.ws_max_tools_per_session, settings.ws_max_tools_per_user)
 
     async def endpoint(self, websocket: WebSocket) -> None:
         await websocket.accept()
         try:
-            principal = await self.verifier.verify(bearer_token(websocket.headers.get("authorization")))
+            token = bearer_token(websocket.headers.get("authorization"))
+            principal = await self.verifier.verify(token)
             principal.require(auth.VIEW)
             principal.require(auth.INVOKE)
         except (Unauthorized, Forbidden) as exc:
             await _close(websocket, Close.UNAUTHORIZED, exc.message)
             return
+        exp = _token_exp(principal, token)
+        expires_at = None if exp is None else exp + self.settings.jwt_leeway_s
         try:
             init_id, init = await self._receive_init(websocket)
+        except BinaryFrame as exc:
+            await _refuse(websocket, Close.UNSUPPORTED_DATA, exc.reason, principal)
+            return
         except FrameError as exc:
-            await _close(websocket, Close.BAD_INIT, exc.reason)
+            await _refuse(websocket, Close.BAD_INIT, exc.reason, principal)
             return
         except WebSocketDisconnect:
             return
-        previous = self.registry.find_device(principal.user_id, init.device_id) if init.device_id else None
+        tenant_id, user_id = principal.tenant_id, principal.user_id
+        previous = self.registry.find_device(tenant_id, user_id, init.device_id) if init.device_id else None
         replacing = previous is not None and previous.send is not None
         if (
-            self.registry.connected_count(principal.user_id) - int(replacing)
+            self.registry.connected_count(tenant_id, user_id) - int(replacing)
             >= self.registry.max_connections_per_user
         ):
             await _close(websocket, Close.TOO_MANY, "too many desktop connections for this user")
             return
-        if previous is not None:
-            if previous.close is not None:
-                await previous.close(Close.REPLACED, "replaced by a newer connection of the same device")
-            if not init.resume_session_id:
-                init = init.model_copy(update={"resume_session_id": previous.session_id})
-        session, resumed = self.registry.open(
-            user_id=principal.user_id, tenant_id=principal.tenant_id, init=init
-        )
+        if previous is not None and not init.resume_session_id:
+            init = init.model_copy(update={"resume_session_id": previous.session_id})
+        try:
+            session, resumed = self.registry.open(
+                user_id=user_id, tenant_id=tenant_id, init=init, limits=self.limits
+            )
+        except FrameError as exc:
+            await _refuse(websocket, Close.BAD_INIT, exc.reason, principal)
+            return
+        if previous is not None and previous.close is not None:
+            await previous.close(Close.REPLACED, "replaced by a newer connection of the same device")
         lock = anyio.Lock()
 
         async def send(text: str) -> None:
@@ -93,7 +148,7 @@ class Bridge:
             extra={"session_id": session.session_id, "user_id": session.user_id, "resumed": resumed},
         )
         try:
-            await self._serve(websocket, session)
+            await self._serve(websocket, session, expires_at)
         finally:
             if session.send is send:  # not already replaced by a newer socket
                 session.detach(self.registry.clock())
@@ -116,10 +171,10 @@ class Bridge:
     async def _receive_init(self, websocket: WebSocket) -> tuple[Any, protocol.SessionInit]:
         text: str | None = None
         with anyio.move_on_after(self.settings.ws_init_timeout_s):
-            text = await websocket.receive_text()
+            text = await _receive_text(websocket)
         if text is None:
             raise FrameError(f"no scailink/session_init within {self.settings.ws_init_timeout_s:g} s")
-        message = protocol.parse_frame(text)
+        message = protocol.parse_frame(text, self.settings.max_json_depth)
         return message.get("id"), protocol.parse_init(message)
 
     def _ack(self, session: DesktopSession, init: protocol.SessionInit, resumed: bool) -> dict[str, Any]:
@@ -138,31 +193,54 @@ class Bridge:
             "namespace": session.namespace,
         }
 
-    async def _serve(self, websocket: WebSocket, session: DesktopSession) -> None:
+    async def _serve(self, websocket: WebSocket, session: DesktopSession, expires_at: float | None) -> None:
+        """Frames until the socket ends; wakes for liveness (4008), token expiry (`expires_at`, epoch
+        seconds: 4001) and a pending coalesced catalog change, whichever comes first."""
+        clock = time.monotonic
         silence = 2 * self.settings.ws_heartbeat_interval_ms / 1000
-        while True:
-            text: str | None = None
-            with anyio.move_on_after(silence):
+        expiry = None if expires_at is None else clock() + (expires_at - time.time())
+        last_frame = clock()
+        throttle = ChangeThrottle(self.settings.ws_catalog_change_min_interval_ms / 1000, last=last_frame)
+        try:
+            while True:
+                now = clock()
+                if expiry is not None and now >= expiry:
+                    await _refuse(websocket, Close.UNAUTHORIZED, "token expired", session)
+                    return
+                if throttle.due(now):
+                    self.registry.changed(session)
+                wake = min(t for t in (last_frame + silence, expiry, throttle.deadline) if t is not None)
+                text: str | None = None
+                with anyio.move_on_after(max(0.0, wake - now)):
+                    try:
+                        text = await _receive_text(websocket)
+                    except (WebSocketDisconnect, RuntimeError):  # peer gone, or closed by us
+                        return
+                    except BinaryFrame as exc:
+                        await _refuse(websocket, Close.UNSUPPORTED_DATA, exc.reason, session)
+                        return
+                if text is None:
+                    if clock() >= last_frame + silence:
+                        await _close(websocket, Close.LIVENESS, "no frame within two heartbeat intervals")
+                        return
+                    continue
+                last_frame = clock()
                 try:
-                    text = await websocket.receive_text()
-                except WebSocketDisconnect:
+                    message = protocol.parse_frame(text, self.settings.max_json_depth)
+                    done = self._handle(session, message, throttle)
+                except FrameError as exc:
+                    await _refuse(websocket, Close.PROTOCOL, exc.reason, session)
                     return
-                except RuntimeError:  # the socket was closed by us (replaced, terminated)
+                if done:
+                    await _close(websocket, Close.NORMAL, "session terminated by the client")
+                    self.registry.remove(session)
                     return
-            if text is None:
-                await _close(websocket, Close.LIVENESS, "no frame within two heartbeat intervals")
-                return
-            try:
-                done = await self._handle(session, protocol.parse_frame(text))
-            except FrameError as exc:
-                await _close(websocket, Close.PROTOCOL, exc.reason)
-                return
-            if done:
-                await _close(websocket, Close.NORMAL, "session terminated by the client")
-                self.registry.remove(session)
-                return
+                await anyio.lowlevel.checkpoint()  # a flood of frames never starves the loop
+        finally:
+            if throttle.pending:
+                self.registry.changed(session)
 
-    async def _handle(self, session: DesktopSession, message: dict[str, Any]) -> bool:
+    def _handle(self, session: DesktopSession, message: dict[str, Any], throttle: ChangeThrottle) -> bool:
         method = message.get("method")
         if method is None:
             if "id" in message and ("result" in message or "error" in message):
@@ -179,12 +257,12 @@ class Bridge:
             return True
         try:
             if method == protocol.CATALOG_UPDATE:
-                update = protocol.CatalogUpdate.model_validate(params)
-                for name in update.removed:
-                    session.tools.pop(name, None)
-                for tool in update.added:
-                    session.tools[tool["name"]] = tool
-                self.registry.changed(session)
+                update = protocol.CatalogUpdate.model_validate(
+                    params, context={protocol.MAX_ITEMS: self.limits.per_session}
+                )
+                self.registry.apply_catalog_update(session, update, self.limits)
+                if throttle.mark(time.monotonic()):
+                    self.registry.changed(session)
             elif method == protocol.CONSENT_RESPONSE:
                 self.registry.consent_answered(session, protocol.ConsentResponse.model_validate(params))
             else:
@@ -192,6 +270,36 @@ class Bridge:
         except ValidationError as exc:
             raise FrameError(protocol.first_error_field(exc)) from None
         return False
+
+
+async def _receive_text(websocket: WebSocket) -> str:
+    """The next text frame; `BinaryFrame` for a binary one, `WebSocketDisconnect` when the peer left."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    if text is None:
+        raise BinaryFrame()
+    return str(text)
+
+
+def _token_exp(principal: Principal, token: str) -> float | None:
+    """The verified token's `exp` (epoch seconds): `Principal.expires_at` when the verifier provides
+    it, else the claim read from the token, whose signature and claims were just checked."""
+    exp = getattr(principal, "expires_at", None)
+    if exp is None:
+        with contextlib.suppress(jwt.PyJWTError):
+            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+async def _refuse(websocket: WebSocket, code: int, reason: str, who: Principal | DesktopSession) -> None:
+    """Close for a client's fault, with one log line (no traceback, never the frame's content)."""
+    logger.info(
+        "desktop socket refused",
+        extra={"close_code": code, "reason": reason, "tenant_id": who.tenant_id, "user_id": who.user_id},
+    )
+    await _close(websocket, code, reason)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -1,4 +1,7 @@
-"""Live desktop sessions by (user, device); invocation with timeout; consent; the grace period.
+"""Live desktop sessions by (tenant, user, device); invocation with timeout; consent; the grace period.
+
+Identity is always (tenant, user): a user id is unique only inside its tenant, so the device lookup,
+the per-user connection cap, resume and the tool limits all compare both.
 
 A `DesktopSession` outlives its WebSocket: on disconnect it stays `disconnected` for the grace period
 (its tools stay listed, calls wait for a reconnect within their own timeout) and a `session_init`
@@ -34,6 +37,14 @@ CONSENT_META_KEY = "scailink/consent"  # a desktop tool whose `_meta` says "conf
 
 def new_session_id() -> str:
     return "slink_" + secrets.token_urlsafe(16)[:22]
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    """Tools one session may hold, and one (tenant, user) across its sessions (connected or in grace)."""
+
+    per_session: int
+    per_user: int
 
 
 @dataclass(eq=False)
@@ -115,7 +126,12 @@ class DesktopSession:
 
 
 class DesktopRegistry:
-    """Every desktop session of this process, and a catalog version per (tenant, user)."""
+    """Every desktop session of this process, and a catalog version per (tenant, user).
+
+    Tool limits (`ToolLimits`, from the bridge's settings): `open` and `apply_catalog_update` refuse a
+    catalog over either with `FrameError` naming the limit, before changing anything (the bridge
+    closes 4002 / 4003).
+    """
 
     def __init__(
         self,
@@ -150,27 +166,73 @@ class DesktopRegistry:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
-    def connected_count(self, user_id: str) -> int:
-        return sum(1 for s in self.sessions.values() if s.user_id == user_id and s.send is not None)
+    def connected_count(self, tenant_id: str, user_id: str) -> int:
+        return sum(
+            1
+            for s in self.sessions.values()
+            if s.tenant_id == tenant_id and s.user_id == user_id and s.send is not None
+        )
 
-    def find_device(self, user_id: str, device_id: str) -> DesktopSession | None:
+    def find_device(self, tenant_id: str, user_id: str, device_id: str) -> DesktopSession | None:
         for session in self.sessions.values():
-            if session.user_id == user_id and session.device_id == device_id:
+            if (session.tenant_id, session.user_id, session.device_id) == (tenant_id, user_id, device_id):
                 return session
         return None
 
+    def _resumable(self, tenant_id: str, user_id: str, init: protocol.SessionInit) -> DesktopSession | None:
+        """The session `init.resume_session_id` names, if it is this (tenant, user)'s and device's."""
+        old = self.sessions.get(init.resume_session_id) if init.resume_session_id else None
+        if old is None or old.tenant_id != tenant_id or old.user_id != user_id:
+            return None
+        return old if init.device_id is None or old.device_id == init.device_id else None
+
+    def check_tool_limits(
+        self, tenant_id: str, user_id: str, count: int, session: DesktopSession | None, limits: ToolLimits
+    ) -> None:
+        """`FrameError` if `session` (None: a new one) holding `count` tools breaks a limit."""
+        if count > limits.per_session:
+            raise protocol.FrameError(
+                f"{count} tools in one session (limit ws_max_tools_per_session={limits.per_session})"
+            )
+        others = sum(
+            len(s.tools)
+            for s in self.sessions.values()
+            if s is not session and s.tenant_id == tenant_id and s.user_id == user_id
+        )
+        if others + count > limits.per_user:
+            raise protocol.FrameError(
+                f"{others + count} tools across this user's sessions "
+                f"(limit ws_max_tools_per_user={limits.per_user})"
+            )
+
+    def apply_catalog_update(
+        self, session: DesktopSession, update: protocol.CatalogUpdate, limits: ToolLimits
+    ) -> None:
+        """Removals, then additions; refused whole (`FrameError`, nothing changed) over a limit."""
+        tools = dict(session.tools)
+        for name in update.removed:
+            tools.pop(name, None)
+        for tool in update.added:
+            tools[tool["name"]] = tool
+        self.check_tool_limits(session.tenant_id, session.user_id, len(tools), session, limits)
+        session.tools = tools
+
     def open(
-        self, *, user_id: str, tenant_id: str, init: protocol.SessionInit
+        self, *, user_id: str, tenant_id: str, init: protocol.SessionInit, limits: ToolLimits | None = None
     ) -> tuple[DesktopSession, bool]:
-        """A new session, or the resumed one (same user and device, within the grace period)."""
-        if init.resume_session_id:
-            old = self.sessions.get(init.resume_session_id)
-            same_device = old is not None and (init.device_id is None or old.device_id == init.device_id)
-            if old is not None and old.user_id == user_id and same_device:
-                old.tools = {t["name"]: t for t in init.capabilities.tools}
-                old.resources = [r for r in init.capabilities.resources if isinstance(r.get("uri"), str)]
-                old.prompts = [p for p in init.capabilities.prompts if isinstance(p.get("name"), str)]
-                return old, True
+        """A new session, or the resumed one (same tenant, user and device, within the grace period).
+
+        `FrameError` (nothing changed) when the init's tools break one of `limits`.
+        """
+        old = self._resumable(tenant_id, user_id, init)
+        if limits is not None:
+            count = len({t["name"] for t in init.capabilities.tools})
+            self.check_tool_limits(tenant_id, user_id, count, old, limits)
+        if old is not None:
+            old.tools = {t["name"]: t for t in init.capabilities.tools}
+            old.resources = [r for r in init.capabilities.resources if isinstance(r.get("uri"), str)]
+            old.prompts = [p for p in init.capabilities.prompts if isinstance(p.get("name"), str)]
+            return old, True
         device_id = init.device_id or uuid.uuid4().hex
         session = DesktopSession(
             session_id=new_session_id(),

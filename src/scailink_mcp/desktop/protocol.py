@@ -1,7 +1,8 @@
 """The desktop bridge wire protocol: pydantic models of every frame, validation, close codes.
 
 JSON-RPC 2.0 text frames over a WebSocket. Validation errors name the failing field (they become the
-close reason of a 4002), never echo values.
+close reason of a 4002), never echo values. A binary frame is `BinaryFrame` (close 1003); a frame that
+nests deeper than the configured depth is refused before it is parsed (`json.loads` would recurse).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from enum import IntEnum
 from typing import Any, Literal
 
 import mcp_types as types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from scailink_mcp.jsondepth import too_deep
 
 PROTOCOL_VERSIONS = ("scailink/1.0",)
 JSONRPC = "2.0"
@@ -27,11 +30,13 @@ PROMPT_GET = "scailink/prompt_get"
 CONSENT_REQUEST = "scailink/consent_request"
 POLICY_UPDATE = "scailink/policy_update"
 CLIENT_NOTIFICATIONS = frozenset({HEARTBEAT, CATALOG_UPDATE, CONSENT_RESPONSE, TERMINATE})
+MAX_ITEMS = "max_items"  # validation-context key bounding `CatalogUpdate` lists
 
 
 class Close(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
     TOO_BIG = 1009
     UNAUTHORIZED = 4001
     BAD_INIT = 4002
@@ -47,6 +52,13 @@ class FrameError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason[:120]
+
+
+class BinaryFrame(FrameError):
+    """A binary WebSocket frame: the protocol is JSON-RPC text frames only (close 1003)."""
+
+    def __init__(self) -> None:
+        super().__init__("binary frames are not supported: send JSON-RPC text frames")
 
 
 def check_tools(value: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
@@ -97,8 +109,20 @@ class SessionInit(BaseModel):
 
 
 class CatalogUpdate(BaseModel):
+    """`added`/`removed` are bounded by `max_items` of the validation context (the bridge passes
+    `ws_max_tools_per_session`): the length is checked before any item is validated, so a frame
+    holding hundreds of thousands of items is refused at the cost of one `len`."""
+
     added: list[dict[str, Any]] = Field(default_factory=list)
     removed: list[str] = Field(default_factory=list)
+
+    @field_validator("added", "removed", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
+        limit = (info.context or {}).get(MAX_ITEMS)
+        if isinstance(value, list) and isinstance(limit, int) and len(value) > limit:
+            raise ValueError(f"more than {limit} items (ws_max_tools_per_session)")
+        return value
 
     @field_validator("added")
     @classmethod
@@ -118,12 +142,16 @@ def first_error_field(exc: ValidationError) -> str:
     return f"{field}: {err['msg']}"
 
 
-def parse_frame(text: str | bytes) -> dict[str, Any]:
-    """A JSON-RPC 2.0 message object, else `FrameError`."""
+def parse_frame(text: str | bytes, max_depth: int | None = None) -> dict[str, Any]:
+    """A JSON-RPC 2.0 message object, else `FrameError` (also for nesting deeper than `max_depth`)."""
+    if max_depth is not None and too_deep(text, max_depth):
+        raise FrameError(f"frame nests deeper than {max_depth} levels (max_json_depth)")
     try:
         message = json.loads(text)
     except (ValueError, UnicodeDecodeError):
         raise FrameError("frame is not valid JSON") from None
+    except RecursionError:
+        raise FrameError("frame nests too deeply") from None
     if not isinstance(message, dict) or message.get("jsonrpc") != JSONRPC:
         raise FrameError("frame is not a JSON-RPC 2.0 message")
     return message

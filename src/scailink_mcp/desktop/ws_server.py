@@ -1,0 +1,31 @@
+"""uvicorn's WebSocket protocol (the `websockets` sans-I/O one, uvicorn's default) answering refused
+upgrades: `uvicorn_config` in `cli.py` passes it as `ws=`.
+
+Why: when an upgrade request breaks a parser limit of `websockets` (a header line over
+`WEBSOCKETS_MAX_LINE_LENGTH`, 8 KiB; more than `WEBSOCKETS_MAX_NUM_HEADERS`, 128; a request line too
+long) or is not valid HTTP, `websockets` prepares a 431/414 response (or an EOF) but raises no event,
+and uvicorn writes nothing: the socket stayed open, holding a file descriptor, until the client gave
+up. This protocol sends what `websockets` prepared and closes the connection at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+logger = logging.getLogger(__name__)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        refused = self.conn.handshake_exc
+        if refused is None or self.handshake_initiated or self.transport.is_closing():
+            return
+        logger.info(
+            "websocket upgrade refused",
+            extra={"reason": str(refused)[:120], "client": self.client[0] if self.client else None},
+        )
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
