@@ -1,6 +1,7 @@
 """The benchmark's upstream MCP server (a separate process): echo, add, sleep_ms and N generated tools.
 
-Run: `python -m bench.upstream --port 9100 --tools 100`.
+Run: `python -m bench.upstream --port 9100 --tools 100`; `--big` adds `big_text(mib)`, an answer of
+`mib` MiB (for `bench/big_answers.py`); `--json` answers with JSON bodies instead of SSE streams.
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ import uvicorn
 from mcp.server.mcpserver import MCPServer
 
 
-def build(n_tools: int) -> MCPServer:
+def build(n_tools: int, big: bool = False) -> MCPServer:
     server = MCPServer("bench-upstream")
+
+    if big:
+
+        @server.tool(structured_output=False)
+        def big_text(mib: float) -> str:
+            """Answer `mib` MiB of text."""
+            return "x" * int(mib * 1024 * 1024)
 
     @server.tool()
     def echo(text: str) -> str:
@@ -54,8 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tools", type=int, default=100)
+    parser.add_argument("--big", action="store_true", help="add big_text(mib)")
+    parser.add_argument("--json", action="store_true", help="answer POSTs with JSON bodies, not SSE")
     args = parser.parse_args()
-    app = build(args.tools).streamable_http_app()
+    app = build(args.tools, args.big).streamable_http_app(json_response=args.json)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

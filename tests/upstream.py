@@ -6,6 +6,11 @@ serves it over Streamable HTTP (`/mcp`) and legacy SSE (`/sse`, posting to `/mes
 uvicorn thread that runs it. The port is reserved for the object's whole life, so `restart()` comes
 back at the same URL and a registered `endpoint_url` stays valid.
 
+`big_answers=True` adds answers of any size (`mib`, a number of MiB): the tool `big_text`, the
+prompt `big` and the resources `file:///big/<mib>`. `python -m tests.upstream [--big-answers]
+[--json-response]` serves one in a process of its own (prints its URL, stops when stdin closes), for
+measuring a client's memory without this server's.
+
 Must not: import ScaiLink or patch anything. Tests reach it only over the wire, like a real upstream.
 """
 
@@ -97,6 +102,30 @@ async def _sleep_ms(call: ToolCall) -> types.CallToolResult:
 
 async def _fail(call: ToolCall) -> types.CallToolResult:
     return text_result("fail: this tool always fails", is_error=True)
+
+
+MIB = 1024 * 1024
+
+
+def big_text(mib: float) -> str:
+    return "x" * int(mib * MIB)
+
+
+async def _big_text(call: ToolCall) -> types.CallToolResult:
+    return text_result(big_text(float(call.arguments["mib"])))
+
+
+BIG_TEXT_TOOL = types.Tool(
+    name="big_text",
+    description="Answer `mib` MiB of text.",
+    input_schema=_schema({"mib": {"type": "number", "minimum": 0}}, ["mib"]),
+)
+BIG_PROMPT = types.Prompt(
+    name="big",
+    description="A prompt of `mib` MiB.",
+    arguments=[types.PromptArgument(name="mib", required=True)],
+)
+BIG_RESOURCES = "file:///big/"
 
 
 async def describe_call(call: ToolCall) -> types.CallToolResult:
@@ -298,9 +327,16 @@ class _ListChangedServer(Server[Any]):
 
 
 def build_mcp_server(
-    name: str, tools: ToolSet, log: RequestLog, page_size: int | None, in_flight: set[anyio.CancelScope]
+    name: str,
+    tools: ToolSet,
+    log: RequestLog,
+    page_size: int | None,
+    in_flight: set[anyio.CancelScope],
+    *,
+    big_answers: bool = False,
 ) -> Server[Any]:
     """The MCP server. `in_flight` holds the cancel scopes of running tool calls (server loop only)."""
+    prompts = [*_prompts(), BIG_PROMPT] if big_answers else _prompts()
 
     async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         page, cursor = paginate(tools.listing(), params, page_size)
@@ -338,6 +374,11 @@ def build_mcp_server(
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         uri = str(params.uri)
+        if big_answers and uri.startswith(BIG_RESOURCES):
+            text = big_text(float(uri[len(BIG_RESOURCES) :]))
+            return types.ReadResourceResult(
+                contents=[types.TextResourceContents(uri=uri, mime_type="text/plain", text=text)]
+            )
         prefix = "file:///notes/"
         if not uri.startswith(prefix) or "/" in uri[len(prefix) :]:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri}")
@@ -348,18 +389,23 @@ def build_mcp_server(
         )
 
     async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
-        page, cursor = paginate(_prompts(), params, page_size)
+        page, cursor = paginate(prompts, params, page_size)
         return types.ListPromptsResult(prompts=page, next_cursor=cursor)
 
     async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult:
-        prompt = next((p for p in _prompts() if p.name == params.name), None)
+        prompt = next((p for p in prompts if p.name == params.name), None)
         if prompt is None:
             raise MCPError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
         arguments = params.arguments or {}
         missing = [a.name for a in prompt.arguments or [] if a.required and a.name not in arguments]
         if missing:
             raise MCPError(types.INVALID_PARAMS, f"Missing prompt arguments: {', '.join(missing)}")
-        text = f"Hello, {arguments['name']}!" if prompt.name == "greet" else f"{prompt.name}: {arguments}"
+        if prompt.name == "big":
+            text = big_text(float(arguments["mib"]))
+        elif prompt.name == "greet":
+            text = f"Hello, {arguments['name']}!"
+        else:
+            text = f"{prompt.name}: {arguments}"
         message = types.PromptMessage(role="user", content=types.TextContent(text=text))
         return types.GetPromptResult(description=prompt.description, messages=[message])
 
@@ -571,16 +617,21 @@ class UpstreamServer:
         redirect_to: str | None = None,
         json_response: bool = False,
         stateless: bool = False,
+        big_answers: bool = False,
     ) -> None:
         self.tools = ToolSet()
         for tool, handler in default_tools():
             self.tools.add(tool, handler)
         for i in range(extra_tools):
             self.tools.add(generated_tool(i), describe_call)
+        if big_answers:
+            self.tools.add(BIG_TEXT_TOOL, _big_text)
         self.log = RequestLog()
         self.policy = HttpPolicy(dict(required_headers or {}), redirect_to)
         self._in_flight: set[anyio.CancelScope] = set()
-        self._mcp = build_mcp_server(name, self.tools, self.log, page_size, self._in_flight)
+        self._mcp = build_mcp_server(
+            name, self.tools, self.log, page_size, self._in_flight, big_answers=big_answers
+        )
         self._json_response = json_response
         self._stateless = stateless
         self._socket: socket.socket | None = _reserve_port(0)
@@ -771,3 +822,21 @@ class UpstreamServer:
 
     def __repr__(self) -> str:
         return f"UpstreamServer(url={self.url!r}, running={self.running})"
+
+
+def main() -> None:
+    """Serve one upstream in this process until stdin closes; its URL is the first line printed."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tests.upstream")
+    parser.add_argument("--big-answers", action="store_true")
+    parser.add_argument("--json-response", action="store_true")
+    args = parser.parse_args()
+    with UpstreamServer(big_answers=args.big_answers, json_response=args.json_response) as server:
+        print(server.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -151,7 +151,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
                 read_timeout=settings.call_timeout_max_s,
                 message_handler=message_handler(key),
                 session_options=relay.session_options(key),
-                max_event_bytes=2 * settings.max_result_bytes,
+                max_event_bytes=settings.max_result_bytes,
             ) as session:
                 # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions.
                 for uri in subscriptions.uris_for(key):
@@ -164,6 +164,10 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         connect,
         idle_ttl_s=settings.pool_idle_ttl_s,
         max_sessions=settings.pool_max_sessions,
+        breaker_failures=settings.pool_breaker_failures,
+        breaker_window_s=settings.pool_breaker_window_s,
+        breaker_open_s=settings.pool_breaker_open_s,
+        breaker_min_users=settings.pool_breaker_min_users,
         lean_calls=settings.pool_lean_calls,
     )
     relay = Relay(pool)

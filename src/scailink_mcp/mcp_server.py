@@ -50,6 +50,7 @@ from scailink_mcp.desktop.protocol import PROMPT_GET, RESOURCE_READ, TOOL_INVOKE
 from scailink_mcp.errors import (
     ConsentDenied,
     Forbidden,
+    ResultTooLarge,
     ScaiLinkError,
     ToolNotFound,
     Unauthorized,
@@ -396,7 +397,7 @@ class Gateway:
                 relay=DownstreamCall(ctx.session, ctx.request_id) if ctx is not None else None,
             )
         if result_size(result) > self.settings.max_result_bytes:
-            raise UpstreamError(f"tool result over {self.settings.max_result_bytes} bytes refused")
+            raise ResultTooLarge(f"tool result over {self.settings.max_result_bytes} bytes refused")
         return result
 
     async def call(

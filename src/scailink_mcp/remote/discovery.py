@@ -102,11 +102,20 @@ async def discover(
     *,
     connect_timeout: float,
     total_timeout: float,
+    max_answer_bytes: int,
 ) -> DiscoveryResult:
-    """Connect over a fresh session and list everything, all within `total_timeout` seconds."""
+    """Connect over a fresh session and list everything, all within `total_timeout` seconds.
+
+    Each answer (one page of a listing) is read up to `max_answer_bytes`; a larger one stops the
+    read there and raises `errors.ResultTooLarge`.
+    """
     with anyio.fail_after(total_timeout):
         async with open_session(
-            target, allowed, connect_timeout=connect_timeout, read_timeout=total_timeout
+            target,
+            allowed,
+            connect_timeout=connect_timeout,
+            read_timeout=total_timeout,
+            max_event_bytes=max_answer_bytes,
         ) as session:
             return await list_capabilities(session)
 

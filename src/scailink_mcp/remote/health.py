@@ -4,6 +4,8 @@ A health check opens a fresh connection and runs the `initialize` handshake with
 `health_timeout_s`. Failures count up `consecutive_failures`; at `health_failure_threshold` an active
 server flips to `error` (its tools leave the catalog). A server in `error` comes back only through a
 successful refresh, or, with `health_auto_recover`, after `health_recover_successes` good checks.
+A server whose stored credential does not decrypt fails its check (`CredentialDecryptError`) and
+flips at once; one server's failure, of any kind, never ends the round for the others.
 
 Both loops are owned by the app lifespan; `run_once` steps them in tests without sleeping.
 """
@@ -22,7 +24,7 @@ from scailink_mcp.config import Settings
 from scailink_mcp.events import ServerEventKind
 from scailink_mcp.models import RemoteServer, utcnow
 from scailink_mcp.remote.discovery import aware
-from scailink_mcp.remote.registry import Registry
+from scailink_mcp.remote.registry import CredentialDecryptError, Registry
 from scailink_mcp.remote.upstream import UpstreamTarget, error_class_name, open_session
 
 logger = logging.getLogger(__name__)
@@ -50,27 +52,41 @@ class HealthChecker:
         timeout = self.settings.health_timeout_s
         with anyio.fail_after(timeout):
             async with open_session(
-                target, self.registry.allowed, connect_timeout=timeout, read_timeout=timeout
+                target,
+                self.registry.allowed,
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                max_event_bytes=self.settings.max_result_bytes,
             ) as session:
                 await session.send_ping()
 
     async def check(self, server_id: str) -> str | None:
-        """Check one server and record the outcome; returns the new `last_health_status`."""
-        target = await self.registry.db.run(lambda s: self.registry.target_by_id(s, server_id))
-        if target is None:
-            return None
+        """Check one server and record the outcome; returns the new `last_health_status`.
+
+        A credential that does not decrypt is this server's failure (`CredentialDecryptError`), and a
+        lasting one: the server goes to `error` at once (no later check can succeed until the
+        credential is set again), the other servers of the round are checked as usual.
+        """
         error: str | None = None
+        lasting = False
         try:
-            await self.probe(target)
-        except Exception as exc:
-            error = error_class_name(exc)
-        flipped, server = await self.registry.db.run(lambda s: self._record(s, server_id, error))
+            target = await self.registry.db.run(lambda s: self.registry.target_by_id(s, server_id))
+        except CredentialDecryptError as exc:
+            target, error, lasting = None, error_class_name(exc), True
+        else:
+            if target is None:
+                return None
+            try:
+                await self.probe(target)
+            except Exception as exc:
+                error = error_class_name(exc)
+        flipped, server = await self.registry.db.run(lambda s: self._record(s, server_id, error, lasting))
         if flipped and server is not None:
             await self.registry.publish(ServerEventKind.STATUS_CHANGED, server)
         return error or "ok"
 
     def _record(
-        self, session: Session, server_id: str, error: str | None
+        self, session: Session, server_id: str, error: str | None, lasting: bool = False
     ) -> tuple[bool, RemoteServer | None]:
         server = session.get(RemoteServer, server_id)
         if server is None:
@@ -82,7 +98,8 @@ class HealthChecker:
         if error is not None:
             server.consecutive_failures += 1
             server.consecutive_successes = 0
-            if server.status == "active" and server.consecutive_failures >= settings.health_failure_threshold:
+            threshold = 1 if lasting else settings.health_failure_threshold
+            if server.status == "active" and server.consecutive_failures >= threshold:
                 server.status = "error"
                 flipped = True
         elif server.status == "active":
@@ -106,7 +123,11 @@ class HealthChecker:
 
         async def _one(server_id: str) -> None:
             async with limiter:
-                results[server_id] = await self.check(server_id)
+                try:
+                    results[server_id] = await self.check(server_id)
+                except Exception as exc:  # one server's trouble (e.g. its row) never ends the round
+                    logger.exception("health check failed", extra={"server_id": server_id})
+                    results[server_id] = error_class_name(exc)
 
         async with anyio.create_task_group() as tg:
             for server_id in ids:
@@ -168,7 +189,10 @@ class Rediscovery:
     async def run_once(self) -> list[str]:
         ids = await self.registry.db.run(self.due)
         for server_id in ids:
-            await self.registry.run_discovery(server_id)
+            try:
+                await self.registry.run_discovery(server_id)
+            except Exception:  # one server's trouble never ends the round
+                logger.exception("re-discovery failed", extra={"server_id": server_id})
         return ids
 
     async def run(self) -> None:

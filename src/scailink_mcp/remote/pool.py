@@ -2,7 +2,8 @@
 
 Owns: one owner task per session (entered and exited in that task, inside the pool's task group that
 `run()` holds for the app lifespan), single-flight opening, idle TTL and the reaper, LRU bound,
-closing on any RPC/transport error and on registry events, and a circuit breaker per server.
+closing on any RPC/transport error and on registry events, and the circuit breakers (see
+`UpstreamPool`: per (server, user), and per server once several users fail).
 
 Must not: touch the database on a warm call (only the connector, on a cold start, may), exit a
 session's context from a request task (closing is a signal to the owner), or share a session between
@@ -24,10 +25,11 @@ import anyio.abc
 import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
 
-from scailink_mcp.errors import ScaiLinkError, UpstreamError, UpstreamTimeout
+from scailink_mcp.errors import ResultTooLarge, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
-from scailink_mcp.remote.upstream import error_class_name
+from scailink_mcp.remote.upstream import error_class_name, trip_count, tripped_since
 from scailink_mcp.remote.wire import MessageSink, Wire
 
 logger = logging.getLogger(__name__)
@@ -73,11 +75,49 @@ class _Entry:
 
 @dataclass
 class _Breaker:
-    failures: deque[float] = field(default_factory=deque)
+    failures: deque[tuple[float, str]] = field(default_factory=deque)  # (time, user id)
     open_until: float = 0.0
+
+    def prune(self, now: float, window_s: float) -> None:
+        while self.failures and now - self.failures[0][0] > window_s:
+            self.failures.popleft()
+
+    def idle(self, now: float) -> bool:
+        return not self.failures and self.open_until <= now
+
+
+# The SDK transports resolve a request whose stream broke with this code (`SSE stream failed`, `SSE
+# stream ended without a response`, reconnection exhausted): a transport failure, not an answer.
+SDK_CONNECTION_CLOSED = types.CONNECTION_CLOSED
+
+
+def counts_for_breaker(exc: BaseException) -> bool:
+    """Whether a failed call counts towards a circuit breaker: transport failures and timeouts only.
+
+    Not counted: a JSON-RPC error the upstream answered (`MCPError`: bad arguments, unknown tool,
+    the tool's own failure; it is the caller's, and the upstream is evidently up) and an answer over
+    the size limit (`ResultTooLarge`: it depends on the call, not on the upstream's health).
+    """
+    if isinstance(exc, ResultTooLarge):
+        return False
+    if isinstance(exc, MCPError):
+        return exc.error.code == SDK_CONNECTION_CLOSED
+    return True
 
 
 class UpstreamPool:
+    """Warm sessions, and circuit breakers scoped so that one user cannot open a circuit for others.
+
+    Breakers: only transport failures and timeouts count (`counts_for_breaker`). Each (server, user)
+    has its own: `breaker_failures` of that user's calls failing within `breaker_window_s` make that
+    user's calls fail fast for `breaker_open_s`. So a user whose calls time out or break (whatever
+    the cause, their own arguments included) only blocks themselves. A real outage shows as failures
+    of many users: when the server's failures within the window reach `breaker_failures` and come
+    from at least `breaker_min_users` distinct users, the server's circuit opens for everyone at
+    once. One user alone can never open it (unless `breaker_min_users` is 1). A success clears the
+    caller's own breaker and the server's count.
+    """
+
     def __init__(
         self,
         connector: Connector,
@@ -87,6 +127,7 @@ class UpstreamPool:
         breaker_failures: int = 5,
         breaker_window_s: float = 60.0,
         breaker_open_s: float = 30.0,
+        breaker_min_users: int = 3,
         clock: Callable[[], float] = time.monotonic,
         reap_interval_s: float = 10.0,
         lean_calls: bool = True,
@@ -98,10 +139,12 @@ class UpstreamPool:
         self.breaker_failures = breaker_failures
         self.breaker_window_s = breaker_window_s
         self.breaker_open_s = breaker_open_s
+        self.breaker_min_users = max(1, breaker_min_users)
         self.clock = clock
         self.reap_interval_s = reap_interval_s
         self._entries: OrderedDict[PoolKey, _Entry] = OrderedDict()
-        self._breakers: dict[str, _Breaker] = {}
+        # (server id, user id): that user's breaker; (server id, None): the server's, for everyone.
+        self._breakers: dict[tuple[str, str | None], _Breaker] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = anyio.Event()
         self.stats = PoolStats()
@@ -178,6 +221,8 @@ class UpstreamPool:
             self._tg.start_soon(self._owner, entry)
         await entry.ready.wait()
         if entry.session is None:
+            if isinstance(entry.error, ResultTooLarge):  # the handshake's own answer was too large
+                raise ResultTooLarge(entry.error.message, details=entry.error.details)
             detail = error_class_name(entry.error) if entry.error else "closed"
             raise UpstreamError(f"cannot connect to the upstream MCP server ({detail})")
         return entry
@@ -199,40 +244,60 @@ class UpstreamPool:
         ]
         for entry in idle:
             self._close(entry)
+        self._prune_breakers(now)
         return len(idle)
 
     def size(self) -> int:
         return len(self._entries)
 
-    # ---- circuit breaker -------------------------------------------------------------------------
+    # ---- circuit breakers ------------------------------------------------------------------------
 
-    def _check_breaker(self, server_id: str) -> None:
-        breaker = self._breakers.get(server_id)
+    def _check_breaker(self, key: PoolKey) -> None:
         now = self.clock()
-        if breaker is not None and breaker.open_until > now:
-            raise UpstreamError(
-                "circuit open: the upstream failed repeatedly", retry_after=breaker.open_until - now
-            )
+        for name in ((key.server_id, key.user_id), (key.server_id, None)):
+            breaker = self._breakers.get(name)
+            if breaker is not None and breaker.open_until > now:
+                raise UpstreamError(
+                    "circuit open: the upstream failed repeatedly", retry_after=breaker.open_until - now
+                )
 
-    def _failure(self, server_id: str) -> None:
+    def _failure(self, key: PoolKey) -> None:
         self.stats.failures += 1
-        breaker = self._breakers.setdefault(server_id, _Breaker())
         now = self.clock()
-        breaker.failures.append(now)
-        while breaker.failures and now - breaker.failures[0] > self.breaker_window_s:
-            breaker.failures.popleft()
-        if len(breaker.failures) >= self.breaker_failures:
-            breaker.open_until = now + self.breaker_open_s
-            breaker.failures.clear()
+        for name in ((key.server_id, key.user_id), (key.server_id, None)):
+            breaker = self._breakers.setdefault(name, _Breaker())
+            breaker.failures.append((now, key.user_id))
+            breaker.prune(now, self.breaker_window_s)
+            users = {user for _, user in breaker.failures}
+            needed = 1 if name[1] is not None else self.breaker_min_users
+            if len(breaker.failures) >= self.breaker_failures and len(users) >= needed:
+                breaker.open_until = now + self.breaker_open_s
+                breaker.failures.clear()
 
-    def _success(self, server_id: str) -> None:
-        breaker = self._breakers.get(server_id)
-        if breaker is not None:
-            breaker.failures.clear()
+    def _success(self, key: PoolKey) -> None:
+        now = self.clock()
+        for name in ((key.server_id, key.user_id), (key.server_id, None)):
+            breaker = self._breakers.get(name)
+            if breaker is not None:
+                breaker.failures.clear()
+                if breaker.idle(now):
+                    del self._breakers[name]
 
-    def breaker_open(self, server_id: str) -> bool:
-        breaker = self._breakers.get(server_id)
-        return breaker is not None and breaker.open_until > self.clock()
+    def _prune_breakers(self, now: float) -> None:
+        """Forget breakers with nothing left in their window (bounds memory: one per failing user)."""
+        for name, breaker in list(self._breakers.items()):
+            breaker.prune(now, self.breaker_window_s)
+            if breaker.idle(now):
+                del self._breakers[name]
+
+    def breaker_open(self, server_id: str, user_id: str | None = None) -> bool:
+        """Whether calls fail fast: `user_id`'s calls to the server, or (None) some user's or everyone's."""
+        now = self.clock()
+        return any(
+            breaker.open_until > now
+            for (sid, uid), breaker in self._breakers.items()
+            if sid == server_id and (user_id is None or uid in (user_id, None))
+        )
 
     # ---- calls -----------------------------------------------------------------------------------
 
@@ -246,14 +311,19 @@ class UpstreamPool:
     ) -> T:
         """Run `fn` on the key's warm (or new) session; every failure maps to an `UpstreamError`.
 
-        Cancellation from the caller (a downstream `notifications/cancelled`) propagates unchanged; the
-        SDK then cancels the upstream request.
+        An answer stopped at the size limit is `ResultTooLarge` and drops the session (its connection
+        is in an unknown state). Cancellation from the caller (a downstream `notifications/cancelled`)
+        propagates unchanged; the SDK then cancels the upstream request.
         """
-        self._check_breaker(key.server_id)
+        self._check_breaker(key)
         entry: _Entry | None = None
+        session: ClientSession | None = None
+        tripped = 0
         try:
             with anyio.fail_after(timeout):
                 entry = await self._acquire(key)
+                session = entry.session
+                tripped = trip_count(session)
                 entry.in_flight += 1
                 if relay is not None:
                     entry.relays.append(relay)
@@ -264,22 +334,37 @@ class UpstreamPool:
                     if relay is not None:
                         entry.relays.remove(relay)
                     entry.last_used = self.clock()
-        except TimeoutError:
-            self._failure(key.server_id)
-            raise UpstreamTimeout(f"the upstream did not answer within {timeout:g} s") from None
-        except ScaiLinkError:
-            self._failure(key.server_id)
-            raise
         except Exception as exc:
-            # Any RPC or transport error: this session is not reused; the next call handshakes again.
-            self._failure(key.server_id)
+            raise self._failed(key, entry, session, tripped, exc, timeout) from None
+        self._success(key)
+        return result
+
+    def _failed(
+        self,
+        key: PoolKey,
+        entry: _Entry | None,
+        session: ClientSession | None,
+        tripped: int,
+        exc: Exception,
+        timeout: float,
+    ) -> ScaiLinkError:
+        """The error a failed call raises; closes the session and counts the breaker as needed."""
+        limit = tripped_since(session, tripped)
+        too_large = exc if isinstance(exc, ResultTooLarge) else limit.error() if limit is not None else None
+        if too_large is not None:
             if entry is not None:
                 self._close(entry)
-            raise UpstreamError(
-                f"upstream MCP server failed ({error_class_name(exc)}: {_short(exc)})"
-            ) from None
-        self._success(key.server_id)
-        return result
+            return too_large
+        if counts_for_breaker(exc):
+            self._failure(key)
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"the upstream did not answer within {timeout:g} s")
+        if isinstance(exc, ScaiLinkError):
+            return exc
+        # Any RPC or transport error: this session is not reused; the next call handshakes again.
+        if entry is not None:
+            self._close(entry)
+        return UpstreamError(f"upstream MCP server failed ({error_class_name(exc)}: {_short(exc)})")
 
     async def call_tool(
         self,

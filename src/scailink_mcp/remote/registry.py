@@ -4,6 +4,11 @@ Business rules live here so every surface gets the same behaviour: visibility (a
 own personal servers and their tenant's shared ones; anything else is "not found"), the manage
 permission of the owner scope, the race-safe tenant cap (a conditional UPDATE on `tenant_quota` inside
 the insert's transaction), SSRF validation before any connection, and one event per change.
+
+A stored credential that does not decrypt (moved to another row, tampered with, an unknown KEK) is
+that server's failure, never the caller's round: `target` raises `CredentialDecryptError`, discovery
+records it on the server (`status: error`, `last_health_status: CredentialDecryptError`), and
+`refresh` answers 422 naming the fields to set again.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import and_, or_, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -20,7 +26,7 @@ from sqlmodel import Session, col, select
 from scailink_mcp import auth
 from scailink_mcp.auth import Principal
 from scailink_mcp.config import Settings
-from scailink_mcp.crypto import Keyring, open_sealed, seal, sealed_from_row
+from scailink_mcp.crypto import DecryptionError, Keyring, open_sealed, seal, sealed_from_row
 from scailink_mcp.db import Database
 from scailink_mcp.errors import (
     Conflict,
@@ -57,6 +63,15 @@ from scailink_mcp.remote.upstream import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class CredentialDecryptError(Exception):
+    """Stored credential fields of one server do not decrypt. Names the fields, never a value."""
+
+    def __init__(self, server_id: str, fields: Sequence[str]) -> None:
+        self.server_id = server_id
+        self.fields = list(fields)
+        super().__init__(f"credential fields {', '.join(self.fields)} do not decrypt")
 
 
 @dataclass(frozen=True)
@@ -184,16 +199,21 @@ class Registry:
         """Decrypt the server's credentials into outbound headers (only for opening a connection)."""
         keyring = self._keyring()
         creds = session.exec(select(Credential).where(Credential.server_id == server.id)).all()
-        values = {
-            c.field: open_sealed(
-                keyring,
-                tenant_id=server.tenant_id,
-                server_id=server.id,
-                field=c.field,
-                sealed=sealed_from_row(c),
-            )
-            for c in creds
-        }
+        values: dict[str, str] = {}
+        broken: list[str] = []
+        for c in creds:
+            try:
+                values[c.field] = open_sealed(
+                    keyring,
+                    tenant_id=server.tenant_id,
+                    server_id=server.id,
+                    field=c.field,
+                    sealed=sealed_from_row(c),
+                )
+            except (DecryptionError, InvalidTag, ValueError):  # ValueError: a malformed nonce or text
+                broken.append(c.field)
+        if broken:
+            raise CredentialDecryptError(server.id, sorted(broken))
         return UpstreamTarget(
             server_id=server.id,
             endpoint_url=server.endpoint_url,
@@ -208,6 +228,7 @@ class Registry:
                 self.allowed,
                 connect_timeout=self.settings.discovery_connect_timeout_s,
                 total_timeout=self.settings.discovery_timeout_s,
+                max_answer_bytes=self.settings.max_result_bytes,
             )
         except Exception as exc:  # any upstream failure is recorded on the server, not raised
             logger.info(
@@ -217,10 +238,23 @@ class Registry:
 
     async def run_discovery(self, server_id: str) -> tuple[bool, bool]:
         """Discover and record the outcome; returns (succeeded, visible capabilities changed)."""
-        target = await self.db.run(lambda s: self.target_by_id(s, server_id))
-        if target is None:
-            return False, False
-        outcome = await self._discover(target)
+        ok, changed, _ = await self._run_discovery(server_id)
+        return ok, changed
+
+    async def _run_discovery(self, server_id: str) -> tuple[bool, bool, BaseException | None]:
+        """`run_discovery`, plus the failure recorded (None on success or if the server is gone)."""
+        outcome: DiscoveryResult | BaseException
+        try:
+            target = await self.db.run(lambda s: self.target_by_id(s, server_id))
+        except CredentialDecryptError as exc:
+            logger.warning(
+                "credential does not decrypt", extra={"server_id": server_id, "fields": exc.fields}
+            )
+            outcome = exc
+        else:
+            if target is None:
+                return False, False, None
+            outcome = await self._discover(target)
         now = utcnow()
 
         def _record(session: Session) -> tuple[bool, bool, RemoteServer | None, bool]:
@@ -233,9 +267,13 @@ class Registry:
                 server.last_health_status = error_class_name(outcome)
                 server.consecutive_failures += 1
                 server.consecutive_successes = 0
+                # No retry can decrypt it: the server is unusable until the credential is set again.
+                flipped = isinstance(outcome, CredentialDecryptError) and not was_error
+                if flipped:
+                    server.status = "error"
                 session.add(server)
                 session.commit()
-                return False, False, server, False
+                return False, False, server, flipped
             changed = store_discovery(
                 session, server, outcome, now=now, retention_s=self.settings.capability_retention_s
             )
@@ -247,13 +285,14 @@ class Registry:
             session.commit()
             return True, changed, server, was_error
 
-        ok, changed, server, was_error = await self.db.run(_record)
-        if server is not None and ok:
-            if changed:
+        ok, changed, server, status_changed = await self.db.run(_record)
+        if server is not None:
+            if ok and changed:
                 await self.publish(ServerEventKind.CAPABILITIES_CHANGED, server)
-            if was_error:
+            if status_changed:
                 await self.publish(ServerEventKind.STATUS_CHANGED, server)
-        return ok, changed
+        failure = outcome if isinstance(outcome, BaseException) and server is not None else None
+        return ok, changed, failure
 
     def target_by_id(self, session: Session, server_id: str) -> UpstreamTarget | None:
         """The connection target of a server, or None once it is deleted (cold path only)."""
@@ -407,10 +446,19 @@ class Registry:
     async def refresh(self, principal: Principal, server_id: str) -> ServerDetail:
         self._keyring()
         server = await self.db.run(lambda s: self._load_for_manage(s, principal, server_id))
-        ok, _ = await self.run_discovery(server.id)
+        ok, _, failure = await self._run_discovery(server.id)
         if ok:
             # Next call handshakes again with current credentials and endpoint.
             await self.publish(ServerEventKind.REFRESHED, server, principal.user_id)
+        if isinstance(failure, CredentialDecryptError):
+            # Recorded on the server (status error); the caller can only fix it by setting them again.
+            raise ValidationFailed(
+                "stored credentials of this server cannot be decrypted; set them again",
+                details=[
+                    {"field": f"credentials.{name}", "reason": "does not decrypt; PUT it again"}
+                    for name in failure.fields
+                ],
+            )
         return await self.get(principal, server_id, check_permission=False)
 
     async def put_credential(

@@ -1,14 +1,21 @@
 """Opening an MCP client session to a registered upstream.
 
 Owns: the upstream's outbound headers (built from decrypted credentials, never logged), the choice of
-transport (Streamable HTTP or legacy SSE), the SSRF-guarded HTTP client and the mapping of a failure
-to the error class name shown in `last_health_status`. Discovery, health checks and the session pool
-all connect through `open_session`.
+transport (Streamable HTTP or legacy SSE), the SSRF-guarded HTTP client, the bound on every answer read
+from an upstream (`AnswerLimit`, enforced by `LimitedTransport` under both SDK transports and the lean
+path) and the mapping of a failure to the error class name shown in `last_health_status`. Discovery,
+health checks and the session pool all connect through `open_session`.
+
+The answer bound: one JSON body, or one SSE event, may be at most `max_event_bytes` bytes as they
+arrive on the wire. The read stops at the first chunk past it (nothing more is buffered) and the
+connection is dropped. Compressed bodies are never accepted (they could not be bounded before
+inflating): requests ask for `identity` and a compressed answer is refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,16 +27,25 @@ from anyio.streams.memory import MemoryObjectSendStream
 from mcp.client.session import ClientSession, MessageHandlerFnT
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT, McpHttpClientFactory
 from mcp.shared._stream_protocols import ReadStream
 from mcp.shared.message import SessionMessage
 from mcp.types import Implementation
 
-from scailink_mcp.remote.netguard import guarded_http_client, sse_client_factory
+from scailink_mcp.errors import ResultTooLarge
+from scailink_mcp.remote.netguard import GuardedTransport
 from scailink_mcp.remote.wire import Wire
 
 CLIENT_INFO = Implementation(name="scailink-mcp", version="0.1.0")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The SDK's legacy SSE client reads every message with httpx2's default of 1 MiB per event and has no
+# option to change it; over that transport the bound is the smaller of the two, so ours trips first.
+LEGACY_SSE_MAX_EVENT_BYTES = 1024 * 1024
+# The SDK's (and the lean path's) own SSE event limit, a backstop behind `LimitedTransport`: it counts
+# decoded text, which invalid UTF-8 can make up to 3x the bytes counted here, so it must be larger.
+SSE_BACKSTOP_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -52,13 +68,171 @@ def upstream_headers(auth_type: str, credentials: Mapping[str, str]) -> dict[str
     return {}
 
 
+class AnswerTooLarge(httpx2.SSEError, httpx2.StreamError):
+    """An upstream answer (a JSON body or one SSE event) went past the session's `AnswerLimit`.
+
+    Both an `SSEError` and a `StreamError`: the SDK's Streamable HTTP transport then resolves the
+    request that was reading with an error (a JSON-RPC error for that request) instead of crashing the
+    whole session; the lean path and the pool map it to `errors.ResultTooLarge`.
+    """
+
+
+class AnswerRefused(httpx2.SSEError, httpx2.StreamError):
+    """An upstream answered with a compressed body although ScaiLink asked for `identity`."""
+
+
+@dataclass
+class AnswerLimit:
+    """The bound of one session's answers; `tripped` counts reads it stopped (read by the pool)."""
+
+    max_bytes: int
+    tripped: int = 0
+
+    def describe(self) -> str:
+        return f"the upstream answer is larger than {self.max_bytes} bytes; the read was stopped there"
+
+    def trip(self) -> AnswerTooLarge:
+        self.tripped += 1
+        return AnswerTooLarge(f"{ResultTooLarge.code}: {self.describe()}")
+
+    def error(self) -> ResultTooLarge:
+        return ResultTooLarge(self.describe(), details={"max_bytes": self.max_bytes})
+
+
+# A blank line ends an SSE event; lines end with CRLF, LF or CR (CRLF CRLF contains LF CR).
+_EVENT_END = re.compile(rb"\n\n|\r\r|\n\r")
+_EVENT_ENDS = {b"\n\n", b"\r\r", b"\n\r"}
+
+
+class _BoundedStream(httpx2.AsyncByteStream):
+    """A response body that raises `AnswerTooLarge` at the first chunk past the limit.
+
+    `per_event`: the count restarts at every blank line (an SSE event boundary), so a long-lived
+    stream of small events is fine while one oversized event is not.
+    """
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: AnswerLimit, max_bytes: int, *, per_event: bool):
+        self._inner = inner
+        self._limit = limit
+        self._max = max_bytes
+        self._per_event = per_event
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        count = 0  # bytes of the body, or of the SSE event still open
+        previous = b""  # the last byte of the previous chunk (an event end may span two chunks)
+        async for chunk in self._inner:
+            start = 0  # where the open event's bytes begin in this chunk
+            if self._per_event:
+                if previous + chunk[:1] in _EVENT_ENDS:
+                    self._check(count + 1)
+                    count, start = 0, 1
+                for end in _EVENT_END.finditer(chunk, start):
+                    self._check(count + end.end() - start)  # the event this blank line ends
+                    count, start = 0, end.end()
+                previous = chunk[-1:]
+            count += len(chunk) - start
+            self._check(count)
+            yield chunk
+
+    def _check(self, size: int) -> None:
+        if size > self._max:
+            raise self._limit.trip()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _RefusedStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, encoding: str) -> None:
+        self._inner = inner
+        self._encoding = encoding
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        raise AnswerRefused(
+            f"the upstream sent a {self._encoding!r}-encoded answer; only identity is accepted"
+        )
+        yield b""  # pragma: no cover  (makes this an async generator)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class LimitedTransport(httpx2.AsyncBaseTransport):
+    """Wraps the guarded transport: every response body is read through an `AnswerLimit`.
+
+    JSON (and any other non-SSE) bodies are bounded as a whole, `text/event-stream` bodies per event.
+    A `Content-Length` over the limit fails on the first read.
+    """
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, limit: AnswerLimit) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        request.headers["accept-encoding"] = "identity"
+        response = await self._inner.handle_async_request(request)
+        stream = response.stream
+        if not isinstance(stream, httpx2.AsyncByteStream):  # pragma: no cover  (an async transport's)
+            return response
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if encoding not in ("", "identity"):
+            response.stream = _RefusedStream(stream, encoding)
+        elif content_type == "text/event-stream":
+            response.stream = _BoundedStream(stream, self._limit, self._limit.max_bytes, per_event=True)
+        else:
+            declared = response.headers.get("content-length", "")
+            bound = self._limit.max_bytes
+            if declared.isdigit() and int(declared) > bound:
+                bound = -1  # fails on the first chunk, before anything is buffered
+            response.stream = _BoundedStream(stream, self._limit, bound, per_event=False)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def limited_http_client(
+    allowed: Sequence[Network],
+    limit: AnswerLimit,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: httpx2.Timeout | None = None,
+    auth: httpx2.Auth | None = None,
+) -> httpx2.AsyncClient:
+    """`netguard.guarded_http_client`'s client (checked connections, no redirects, no proxies, no
+    environment) whose answers are read through `limit`."""
+    return httpx2.AsyncClient(
+        headers=dict(headers or {}),
+        timeout=timeout or httpx2.Timeout(MCP_DEFAULT_TIMEOUT, read=MCP_DEFAULT_SSE_READ_TIMEOUT),
+        auth=auth,
+        transport=LimitedTransport(GuardedTransport(allowed), limit),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def _limited_sse_factory(allowed: Sequence[Network], limit: AnswerLimit) -> McpHttpClientFactory:
+    def factory(
+        headers: dict[str, str] | None = None,
+        timeout: httpx2.Timeout | None = None,
+        auth: httpx2.Auth | None = None,
+    ) -> httpx2.AsyncClient:
+        return limited_http_client(allowed, limit, headers=headers, timeout=timeout, auth=auth)
+
+    return factory
+
+
 class UpstreamSession(ClientSession):
     """The SDK's `ClientSession`, plus the lean `tools/call` path over Streamable HTTP (`wire.py`).
 
     `wire` is None over the legacy SSE transport, where every call goes through the SDK.
+    `answer_limit` bounds every answer of this session; a read it stopped leaves the session in an
+    unknown state (the pool drops it).
     """
 
     wire: Wire | None = None
+    answer_limit: AnswerLimit | None = None
 
 
 async def _pump(
@@ -80,7 +254,22 @@ def error_class_name(exc: BaseException) -> str:
         exc = exc.exceptions[0]
     if isinstance(exc, httpx2.TimeoutException):
         return "TimeoutError"
+    if isinstance(exc, AnswerTooLarge):
+        return ResultTooLarge.__name__
     return type(exc).__name__
+
+
+def tripped_since(session: Any, before: int) -> AnswerLimit | None:
+    """The session's `AnswerLimit` if it stopped a read since it counted `before`, else None."""
+    limit = getattr(session, "answer_limit", None)
+    if isinstance(limit, AnswerLimit) and limit.tripped > before:
+        return limit
+    return None
+
+
+def trip_count(session: Any) -> int:
+    limit = getattr(session, "answer_limit", None)
+    return limit.tripped if isinstance(limit, AnswerLimit) else 0
 
 
 @asynccontextmanager
@@ -97,49 +286,63 @@ async def open_session(
     """Connect, run the `initialize` handshake and yield a ready session.
 
     The caller bounds the whole operation (e.g. with `anyio.fail_after`); `connect_timeout` bounds
-    each HTTP connect/write and `read_timeout` each read. `max_event_bytes` bounds one answer on the
-    lean `tools/call` path (the SDK's own reads keep its 1 MiB cap per event).
+    each HTTP connect/write and `read_timeout` each read. `max_event_bytes` bounds every answer of the
+    session, on the SDK's paths and the lean `tools/call` path alike (one JSON body or one SSE event;
+    over legacy SSE at most the SDK's 1 MiB per event). A failure of the handshake or of the caller's
+    body after a stopped read is raised as `errors.ResultTooLarge`.
     """
     headers = dict(target.headers)
     timeout = httpx2.Timeout(connect_timeout, read=read_timeout)
+    legacy = target.transport == "sse"
+    limit = AnswerLimit(min(max_event_bytes, LEGACY_SSE_MAX_EVENT_BYTES) if legacy else max_event_bytes)
     wire: Wire | None = None
-    async with AsyncExitStack() as stack:
-        if target.transport == "sse":
-            read, write = await stack.enter_async_context(
-                sse_client(
-                    target.endpoint_url,
-                    headers=headers,
-                    timeout=connect_timeout,
-                    sse_read_timeout=read_timeout,
-                    httpx_client_factory=sse_client_factory(allowed),
+    try:
+        async with AsyncExitStack() as stack:
+            if legacy:
+                read, write = await stack.enter_async_context(
+                    sse_client(
+                        target.endpoint_url,
+                        headers=headers,
+                        timeout=connect_timeout,
+                        sse_read_timeout=read_timeout,
+                        httpx_client_factory=_limited_sse_factory(allowed, limit),
+                    )
+                )
+            else:
+                http_client = await stack.enter_async_context(
+                    limited_http_client(allowed, limit, headers=headers, timeout=timeout)
+                )
+                transport_read, write = await stack.enter_async_context(
+                    streamable_http_client(
+                        target.endpoint_url,
+                        http_client=http_client,
+                        max_sse_event_size=SSE_BACKSTOP_FACTOR * max_event_bytes,
+                    )
+                )
+                inbox, read = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+                stack.push_async_callback(read.aclose)
+                wire = Wire(http_client, target.endpoint_url, inbox, SSE_BACKSTOP_FACTOR * max_event_bytes)
+                http_client.event_hooks["response"].append(wire.observe)
+                pumps = await stack.enter_async_context(anyio.create_task_group())
+                pumps.start_soon(_pump, transport_read, inbox)
+                stack.callback(pumps.cancel_scope.cancel)  # runs after the session has closed
+            session = await stack.enter_async_context(
+                UpstreamSession(
+                    read,
+                    write,
+                    read_timeout_seconds=read_timeout,
+                    client_info=CLIENT_INFO,
+                    message_handler=message_handler,
+                    **dict(session_options or {}),
                 )
             )
-        else:
-            http_client = await stack.enter_async_context(
-                guarded_http_client(allowed, headers=headers, timeout=timeout)
-            )
-            transport_read, write = await stack.enter_async_context(
-                streamable_http_client(target.endpoint_url, http_client=http_client)
-            )
-            inbox, read = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-            stack.push_async_callback(read.aclose)
-            wire = Wire(http_client, target.endpoint_url, inbox, max_event_bytes)
-            http_client.event_hooks["response"].append(wire.observe)
-            pumps = await stack.enter_async_context(anyio.create_task_group())
-            pumps.start_soon(_pump, transport_read, inbox)
-            stack.callback(pumps.cancel_scope.cancel)  # runs after the session has closed
-        session = await stack.enter_async_context(
-            UpstreamSession(
-                read,
-                write,
-                read_timeout_seconds=read_timeout,
-                client_info=CLIENT_INFO,
-                message_handler=message_handler,
-                **dict(session_options or {}),
-            )
-        )
-        await session.initialize()
-        if wire is not None:
-            wire.protocol_version = session.protocol_version
-            session.wire = wire
-        yield session
+            session.answer_limit = limit
+            await session.initialize()
+            if wire is not None:
+                wire.protocol_version = session.protocol_version
+                session.wire = wire
+            yield session
+    except Exception as exc:
+        if limit.tripped and not isinstance(exc, ResultTooLarge):
+            raise limit.error() from None
+        raise

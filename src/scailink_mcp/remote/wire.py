@@ -13,6 +13,10 @@ call's answer (a server-to-client request such as `sampling/createMessage`, a lo
 are handed to the session's inbound stream unchanged (`inject`), so its callbacks (`relay.py`) serve
 them as before. Progress for the call goes to the caller's `on_message`.
 
+Bounds: every body is read through the session's `upstream.AnswerLimit` (the httpx2 client's
+transport stops a JSON body or an SSE event past it and raises `AnswerTooLarge`; the pool reports
+`ResultTooLarge`); `max_event_bytes` here is only a backstop above that.
+
 Must not: log headers or bodies (credentials and arguments), or validate the result against a
 schema (a proxy passes results through).
 """
@@ -92,9 +96,12 @@ class Wire:
         sink = on_message or self.inject
         try:
             async with self.http.stream("POST", self.url, content=body, headers=self.headers()) as response:
+                content_type = response.headers.get("content-type", "").lower()
+                if response.status_code >= 400 and content_type.startswith("application/json"):
+                    # A JSON-RPC error at an HTTP error status (400 for invalid params) is an answer.
+                    _raise_error_body(await response.aread())
                 if response.status_code >= 400 or response.status_code == 202:
                     raise UpstreamHTTPError(f"upstream answered HTTP {response.status_code}")
-                content_type = response.headers.get("content-type", "").lower()
                 if content_type.startswith("application/json"):
                     answer = _parse(await response.aread())
                 elif content_type.startswith("text/event-stream"):
@@ -146,9 +153,17 @@ def _parse(raw: bytes) -> Message:
     return message
 
 
-def _result(answer: Message, request_id: str) -> Message:
-    if answer.get("id") != request_id:
-        raise UpstreamHTTPError("the upstream answered another request")
+def _raise_error_body(raw: bytes) -> None:
+    """Raise the JSON-RPC error an HTTP error answer carries, if it carries one (its id may be null)."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return
+    if isinstance(message, dict):
+        _raise_error(message)
+
+
+def _raise_error(answer: Message) -> None:
     error = answer.get("error")
     if isinstance(error, dict):
         code, message = error.get("code"), error.get("message")
@@ -157,6 +172,12 @@ def _result(answer: Message, request_id: str) -> Message:
             message if isinstance(message, str) else "upstream error",
             error.get("data"),
         )
+
+
+def _result(answer: Message, request_id: str) -> Message:
+    if answer.get("id") != request_id:
+        raise UpstreamHTTPError("the upstream answered another request")
+    _raise_error(answer)
     result = answer.get("result")
     if not isinstance(result, dict):
         raise UpstreamHTTPError("the upstream's answer has no result object")
