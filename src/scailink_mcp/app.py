@@ -46,9 +46,12 @@ from scailink_mcp.desktop.bridge import Bridge
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError, UpstreamError
-from scailink_mcp.events import EventBus, ServerEvent
+from scailink_mcp.events import DesktopCatalogChanged, EventBus, ServerEvent
 from scailink_mcp.iam import RoleStore
 from scailink_mcp.inflight import InFlight
+from scailink_mcp.invocation import Invoker
+from scailink_mcp.mcp_auth import McpTokenVerifier, rate_key, resource_url
+from scailink_mcp.mcp_auth import protect as protect_mcp
 from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
@@ -59,6 +62,7 @@ from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.registry import Registry
 from scailink_mcp.remote.upstream import open_session
 from scailink_mcp.subscriptions import Subscriptions
+from scailink_mcp.targets import Backends
 
 SINGLE_SERVER_MCP_PATH = "/v1/modules/scailink/remote-servers/{server_id}/mcp"
 LIST_CHANGED = (
@@ -86,7 +90,8 @@ class Components:
     catalog: Catalog
     pool: UpstreamPool
     notifier: SessionNotifier
-    gateway: mcp_server.Gateway
+    invoker: Invoker
+    mcp: mcp_server.McpSurface
     desktop: DesktopRegistry
     bridge: Bridge
     metrics: Metrics
@@ -106,6 +111,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     desktop = DesktopRegistry(
         grace_period_s=settings.ws_grace_period_ms / 1000,
         max_connections_per_user=settings.ws_max_connections_per_user,
+        events=events,
     )
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
@@ -174,12 +180,20 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
-    directory.listeners.append(notifier.tenant_changed)
-    desktop.listeners.append(notifier.tenant_changed)
+    # After the directory (subscribed first) has applied the change: re-check that tenant's sessions.
+    events.subscribe(lambda e: notifier.tenant_changed(e.tenant_id), ServerEvent)
+    events.subscribe(lambda e: notifier.tenant_changed(e.tenant_id), DesktopCatalogChanged)
+    metrics = Metrics()
+    invoker = Invoker(
+        settings,
+        Backends(pool=pool, desktop=desktop, request_timeout_s=settings.call_timeout_s),
+        consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
+        metrics=metrics,
+        audit=audit,
+    )
     verifier = TokenVerifier(settings)
     roles = RoleStore(db)
     verifier.custom_roles = roles.roles_for
-    metrics = Metrics()
     metrics.gauge("scailink_pool_sessions", "Warm upstream sessions", lambda: pool.size())
     metrics.gauge("scailink_pool_hits", "Pool hits (warm sessions reused)", lambda: pool.stats.hits)
     metrics.gauge("scailink_pool_misses", "Pool misses (new handshakes)", lambda: pool.stats.misses)
@@ -208,17 +222,8 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         catalog=catalog,
         pool=pool,
         notifier=notifier,
-        gateway=mcp_server.Gateway(
-            settings,
-            catalog,
-            pool,
-            notifier,
-            consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
-            desktop=desktop,
-            metrics=metrics,
-            subscriptions=subscriptions,
-            audit=audit,
-        ),
+        invoker=invoker,
+        mcp=mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions),
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop, audit),
         metrics=metrics,
@@ -232,14 +237,14 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
 def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPSessionManager]]:
     """`/mcp` (aggregate), the per-server endpoint, and the OAuth protected-resource metadata."""
     settings = parts.settings
-    verifier = mcp_server.McpTokenVerifier(parts.verifier)
-    resource = mcp_server.resource_url(settings)
+    verifier = McpTokenVerifier(parts.verifier)
+    resource = resource_url(settings)
     base = resource.removesuffix("/mcp")
     metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
-    aggregate_server = mcp_server.build_aggregate_server(parts.gateway)
+    aggregate_server = mcp_server.build_server(parts.mcp, single=False)
     aggregate = mcp_server.session_manager(aggregate_server, settings)
     sse = mcp_server.LegacySse(aggregate_server, settings)
-    single = mcp_server.session_manager(mcp_server.build_single_server(parts.gateway), settings)
+    single = mcp_server.session_manager(mcp_server.build_server(parts.mcp, single=True), settings)
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
 
     def guarded(manager: StreamableHTTPSessionManager | None) -> Callable[[ASGIApp], ASGIApp]:
@@ -251,14 +256,14 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
                 max_json_depth=settings.max_json_depth,
                 manager=manager,
                 max_sessions_per_principal=settings.mcp_max_sessions_per_principal,
-                principal_key=mcp_server.rate_key,
+                principal_key=rate_key,
                 in_flight=parts.in_flight,
             )
 
         return wrap
 
     def protect(app: ASGIApp, manager: StreamableHTTPSessionManager | None = None) -> ASGIApp:
-        return mcp_server.protect(app, verifier, metadata, guarded(manager))
+        return protect_mcp(app, verifier, metadata, guarded(manager))
 
     routes: list[BaseRoute] = [
         Route("/mcp", endpoint=protect(mcp_server.asgi(aggregate), aggregate)),

@@ -31,6 +31,7 @@ from scailink_mcp.events import ServerEvent, ServerEventKind
 from scailink_mcp.models import RemoteServer
 from scailink_mcp.naming import compat_names, namespaced_name, remote_namespace
 from scailink_mcp.remote.discovery import visible_capabilities
+from scailink_mcp.targets import DesktopTarget, RemoteTarget, Target
 
 NameStyle = Literal["dotted", "compat"]
 # Pages stay well under the SDK client's 1 MiB cap on one server-sent event.
@@ -107,7 +108,6 @@ class RemoteDirectory:
         self._servers: dict[str, ServerSnapshot] = {}
         self._versions: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.listeners: list[Any] = []  # callables(tenant_id) told after a change (list_changed fan-out)
 
     def load(self) -> None:
         with self.db.session() as session:
@@ -130,16 +130,12 @@ class RemoteDirectory:
             else:
                 self._servers[server_id] = fresh
             self._versions[tenant_id] = self._versions.get(tenant_id, 0) + 1
-        for listener in list(self.listeners):
-            listener(tenant_id)
 
     async def on_event(self, event: ServerEvent) -> None:
         if event.kind is ServerEventKind.DELETED:
             with self._lock:
                 self._servers.pop(event.server_id, None)
                 self._versions[event.tenant_id] = self._versions.get(event.tenant_id, 0) + 1
-            for listener in list(self.listeners):
-                listener(event.tenant_id)
             return
         await self.refresh_server(event.server_id, event.tenant_id)
 
@@ -152,16 +148,6 @@ class RemoteDirectory:
     def for_tenant(self, tenant_id: str) -> list[ServerSnapshot]:
         with self._lock:
             return sorted((s for s in self._servers.values() if s.tenant_id == tenant_id), key=lambda s: s.id)
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a public name resolves to: a remote server's item, or a desktop session's tool."""
-
-    kind: str  # tool | prompt | resource
-    upstream_name: str  # tool/prompt name or resource URI upstream (the client's own name on a desktop)
-    server: ServerSnapshot | None = None
-    desktop: DesktopSession | None = None
 
 
 def _with_name(payload: dict[str, Any], key: str, value: str) -> dict[str, Any]:
@@ -229,8 +215,8 @@ class CatalogView:
         if parts is None or owner is None:
             raise ToolNotFound(f"unknown resource {uri!r}")
         if isinstance(owner, ServerSnapshot):
-            return Target("resource", parts[1], server=owner)
-        return Target("resource", parts[1], desktop=owner)
+            return RemoteTarget("resource", parts[1], owner)
+        return DesktopTarget("resource", parts[1], owner)
 
 
 def build_view(
@@ -273,18 +259,18 @@ def build_view(
         public = names.get(dotted, dotted)
         payloads.append(_with_name(payload, "name", public))
         if isinstance(owner, ServerSnapshot):
-            view.tool_targets[public] = Target("tool", payload["name"], server=owner)
+            view.tool_targets[public] = RemoteTarget("tool", payload["name"], owner)
         else:
-            view.tool_targets[public] = Target("tool", payload["name"], desktop=owner)
+            view.tool_targets[public] = DesktopTarget("tool", payload["name"], owner)
     view.tools = [types.Tool.model_validate(p) for p in payloads]
     view.tool_pages = paginate(payloads)
     for dotted, payload, owner in sorted(prompts, key=lambda t: t[0]):
         public = names.get(dotted, dotted)
         view.prompts.append(types.Prompt.model_validate(_with_name(payload, "name", public)))
         if isinstance(owner, ServerSnapshot):
-            view.prompt_targets[public] = Target("prompt", payload["name"], server=owner)
+            view.prompt_targets[public] = RemoteTarget("prompt", payload["name"], owner)
         else:
-            view.prompt_targets[public] = Target("prompt", payload["name"], desktop=owner)
+            view.prompt_targets[public] = DesktopTarget("prompt", payload["name"], owner)
     view.fingerprint = (
         digest(payloads),
         digest([p.model_dump(by_alias=True, mode="json") for p in view.prompts]),
@@ -316,7 +302,6 @@ class Catalog:
         self.directory = directory
         self.desktop = desktop
         self._views: dict[tuple[str, str, bool, bool, str], CatalogView] = {}
-        self.builds = 0  # how many views were built (tests show the cache works)
 
     def view(self, principal: Principal, style: NameStyle) -> CatalogView:
         remote = principal.has(auth.REMOTE_USE)
@@ -340,7 +325,6 @@ class Catalog:
             else []
         )
         view = build_view(servers, version, style, sessions)
-        self.builds += 1
         self._views[key] = view
         return view
 
@@ -350,3 +334,38 @@ class Catalog:
         if server is None or not server.visible_to(principal) or not principal.has(auth.REMOTE_USE):
             raise ToolNotFound("unknown server")
         return server
+
+
+@dataclass
+class ServerScope:
+    """What the per-server endpoint lists and resolves: one server, its upstream names unchanged.
+    The same interface as `CatalogView`, so both MCP endpoints share one set of handlers."""
+
+    server: ServerSnapshot
+    tools: list[types.Tool] = field(default_factory=list)
+    tool_pages: list[tuple[int, int]] = field(default_factory=list)
+    prompts: list[types.Prompt] = field(default_factory=list)
+    resources: list[types.Resource] = field(default_factory=list)
+    resource_templates: list[types.ResourceTemplate] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, server: ServerSnapshot) -> ServerScope:
+        return cls(
+            server,
+            tools=[types.Tool.model_validate(t) for t in server.tools],
+            tool_pages=paginate(list(server.tools)),
+            prompts=[types.Prompt.model_validate(p) for p in server.prompts],
+            resources=[types.Resource.model_validate(r) for r in server.resources],
+            resource_templates=[types.ResourceTemplate.model_validate(r) for r in server.resource_templates],
+        )
+
+    def resolve_tool(self, name: str) -> Target:
+        if not any(t["name"] == name for t in self.server.tools):
+            raise ToolNotFound(f"unknown tool {name!r}")
+        return RemoteTarget("tool", name, self.server)
+
+    def resolve_prompt(self, name: str) -> Target:
+        return RemoteTarget("prompt", name, self.server)  # the upstream answers for unknown names
+
+    def resolve_resource(self, uri: str) -> Target:
+        return RemoteTarget("resource", uri, self.server)

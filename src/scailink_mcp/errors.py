@@ -17,7 +17,9 @@
     ├── UpstreamTimeout               SCAILINK_UPSTREAM_TIMEOUT  504
     └── RegistryDisabled              SCAILINK_REGISTRY_DISABLED 503
 
-Routes raise these; they never build error dicts.
+Routes raise these; they never build error dicts. One renderer per surface lives here: the REST
+envelope (`error_response`), an MCP JSON-RPC error (`mcp_error`), and an MCP tool result with
+`isError` (`tool_error_result`); the desktop bridge answers with close codes (desktop/protocol.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_REQUEST
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -198,3 +202,17 @@ def error_response(err: ScaiLinkError, request_id: str) -> JSONResponse:
     if isinstance(err, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     return JSONResponse(envelope(err, request_id), status_code=err.status, headers=headers)
+
+
+def mcp_error(err: ScaiLinkError) -> MCPError:
+    """A JSON-RPC error for MCP requests other than `tools/call` (reads, prompts, subscriptions)."""
+    return MCPError(INVALID_REQUEST, f"{err.code}: {err.message}")
+
+
+def tool_error_result(err: ScaiLinkError) -> dict[str, Any]:
+    """A failed `tools/call` as MCP wants it: `isError` with a text, and the code in `_meta`."""
+    return {
+        "content": [{"type": "text", "text": f"{err.code}: {err.message}"}],
+        "isError": True,
+        "_meta": {"scailink/error": {"code": err.code, "message": err.message}},
+    }

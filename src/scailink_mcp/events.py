@@ -1,9 +1,11 @@
-"""The catalog-change publish/subscribe interface.
+"""The catalog-change publish/subscribe interface: the one way catalog-changing signals travel.
 
-Everything that changes what a principal can see or how an upstream must be reached (registration,
-deletion, refresh, status flips, credential rotation, endpoint changes) is published here; the
-upstream session pool and the catalog cache subscribe. Nobody calls those directly. In-process by
-default; a Redis-backed bus can implement the same two methods for several workers.
+Everything that changes what a principal can see or how an upstream must be reached is published
+here: registry changes, status flips, rediscovery (`ServerEvent`) and desktop catalog changes
+(`DesktopCatalogChanged`: a session started, updated its catalog, ended or expired). The directory,
+the pool, the audit of registry changes and the list_changed notifier subscribe, each to the event
+types it cares about; nobody calls them directly. In-process by default; a Redis-backed bus can
+implement the same two methods for several workers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +57,44 @@ class ServerEvent:
         return self.kind in CLOSES_SESSIONS
 
 
-Handler = Callable[[ServerEvent], Awaitable[None] | None]
+@dataclass(frozen=True)
+class DesktopCatalogChanged:
+    """What a (tenant, user)'s desktop sessions offer moved."""
+
+    tenant_id: str
+    user_id: str
+
+
+Event = ServerEvent | DesktopCatalogChanged
+E = TypeVar("E", ServerEvent, DesktopCatalogChanged)
+Handler = Callable[[E], Awaitable[None] | None]
 
 
 class EventBus:
-    """In-process fan-out. A failing subscriber is logged and never breaks the publisher."""
+    """In-process fan-out, in subscription order. A failing subscriber is logged and never breaks the
+    publisher. Handlers run one after the other, so a later subscriber (the notifier) sees what an
+    earlier one (the directory) already applied."""
 
     def __init__(self) -> None:
-        self._handlers: list[Handler] = []
+        self._handlers: list[tuple[type[Any], Callable[[Any], Awaitable[None] | None]]] = []
 
-    def subscribe(self, handler: Handler) -> Callable[[], None]:
-        self._handlers.append(handler)
+    def subscribe(self, handler: Handler[E], event_type: type[E] = ServerEvent) -> Callable[[], None]:  # type: ignore[assignment]
+        entry = (event_type, handler)
+        self._handlers.append(entry)
 
         def unsubscribe() -> None:
-            if handler in self._handlers:
-                self._handlers.remove(handler)
+            if entry in self._handlers:
+                self._handlers.remove(entry)
 
         return unsubscribe
 
-    async def publish(self, event: ServerEvent) -> None:
-        for handler in list(self._handlers):
+    async def publish(self, event: Event) -> None:
+        for event_type, handler in list(self._handlers):
+            if not isinstance(event, event_type):
+                continue
             try:
                 result = handler(event)
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                logger.exception("event subscriber failed", extra={"event": event.kind.value})
+                logger.exception("event subscriber failed", extra={"event": type(event).__name__})

@@ -21,6 +21,7 @@ from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, T
 
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, NameStyle, server_fingerprint
+from scailink_mcp.sdk_sessions import connection_of
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ class SessionNotifier:
     def track(
         self, session: ServerSession, principal: Principal, style: NameStyle, server_id: str | None = None
     ) -> None:
-        # `ctx.session` is a per-request proxy; the connection behind it lives as long as the MCP session.
-        # The SDK exposes no public accessor for it (mcp 2.3).
-        connection: Connection = session._connection
+        connection = connection_of(session)  # lives as long as the MCP session (sdk_sessions.py)
         tracked = self._sessions.get(connection)
         if tracked is None or tracked.principal != principal or tracked.style != style:
             tracked = Tracked(principal, style, server_id, ("", "", ""))

@@ -2,6 +2,11 @@
 
 `registry_api/openapi.yaml` is this document written out by `scailink openapi`; a test keeps the two
 equal, so a change to a body or detail model that is not reflected in the published file fails CI.
+
+Every status a route can answer is listed with the exact error codes it carries (a 5xx other than the
+documented 503 is a bug, never a contract), every response declares `X-Request-ID`, a 401 declares
+`WWW-Authenticate`, and the body constraints are the ones pydantic enforces (the models are the single
+source: `remote/schemas.py`).
 """
 
 from __future__ import annotations
@@ -11,11 +16,35 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from scailink_mcp.errors import ERROR_TABLE
-from scailink_mcp.remote.schemas import CredentialValue, RegisterServer, ServerDetail, UpdateServer
+from scailink_mcp.errors import (
+    ERROR_TABLE,
+    Conflict,
+    EndpointForbidden,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RegistryDisabled,
+    RemoteLimitExceeded,
+    ScaiLinkError,
+    Unauthorized,
+    ValidationFailed,
+)
+from scailink_mcp.remote.schemas import (
+    HEADER_NAME_PATTERN,
+    CredentialValue,
+    RegisterServer,
+    ServerDetail,
+    UpdateServer,
+)
 
 BASE = "/v1/modules/scailink"
 REF = "#/components/schemas/{model}"
+ErrorType = type[ScaiLinkError]
+
+# What every authenticated registry route can answer besides its own outcomes.
+COMMON_ERRORS: tuple[ErrorType, ...] = (Unauthorized, Forbidden, RateLimited, RegistryDisabled)
+BODY_ERRORS: tuple[ErrorType, ...] = (PayloadTooLarge, ValidationFailed)
 
 
 def _schemas() -> dict[str, Any]:
@@ -41,8 +70,10 @@ def _schemas() -> dict[str, Any]:
                 "properties": {
                     "code": {"type": "string", "enum": sorted({e.code for e in ERROR_TABLE})},
                     "message": {"type": "string"},
-                    "retry_after": {"type": ["number", "null"]},
-                    "details": {},
+                    "retry_after": {"type": ["number", "null"], "minimum": 0},
+                    "details": {
+                        "description": "For SCAILINK_VALIDATION_ERROR: `[{field, reason}]`, one per problem"
+                    },
                 },
                 "required": ["code", "message", "retry_after", "details"],
             },
@@ -64,6 +95,25 @@ def _schemas() -> dict[str, Any]:
     return schemas
 
 
+def _headers() -> dict[str, Any]:
+    return {
+        "RequestId": {
+            "description": "The request id: the client's own `X-Request-ID` if well formed, else a new one",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+        },
+        "WwwAuthenticate": {"required": True, "schema": {"type": "string", "pattern": "^Bearer "}},
+        "RetryAfter": {
+            "description": "Seconds to wait (SCAILINK_RATE_LIMITED)",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+    }
+
+
+def _header(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/headers/{name}"}
+
+
 def _ok(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -72,48 +122,101 @@ def _ok(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _json(model: str) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for status in statuses:
-        codes = sorted(e.code for e in ERROR_TABLE if e.status == status and e.code != "SCAILINK_INTERNAL")
-        out[str(status)] = {"description": ", ".join(codes) or "error", **_json("Error")}
+def _success(description: str, envelope: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "headers": {"X-Request-ID": _header("RequestId")}}
+    if envelope:
+        out.update(_json({"$ref": REF.format(model=envelope)}))
     return out
 
 
-def _op(summary: str, permission: str, responses: dict[str, Any], body: str | None = None) -> dict[str, Any]:
+def _errors(*errors: ErrorType) -> dict[str, Any]:
+    """One response per status, its schema narrowed to exactly the codes this route answers with."""
+    by_status: dict[int, list[str]] = {}
+    for err in errors:
+        by_status.setdefault(err.status, []).append(err.code)
+    out: dict[str, Any] = {}
+    for status, codes in sorted(by_status.items()):
+        codes = sorted(set(codes))
+        headers: dict[str, Any] = {"X-Request-ID": _header("RequestId")}
+        if status == Unauthorized.status:
+            headers["WWW-Authenticate"] = _header("WwwAuthenticate")
+        if RateLimited.code in codes:
+            headers["Retry-After"] = _header("RetryAfter")
+        narrowed = {
+            "allOf": [
+                {"$ref": REF.format(model="Error")},
+                {"properties": {"error": {"properties": {"code": {"enum": codes}}}}},
+            ]
+        }
+        out[str(status)] = {"description": ", ".join(codes), "headers": headers, **_json(narrowed)}
+    return out
+
+
+def _op(
+    operation_id: str,
+    summary: str,
+    permission: str,
+    responses: dict[str, Any],
+    errors: tuple[ErrorType, ...] = (),
+    body: str | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {
+        "operationId": operation_id,
         "summary": summary,
         "description": f"Permission: `{permission}`.",
         "security": [{"bearer": []}],
-        "responses": {**responses, **_errors(401, 403, 404, 503)},
+        "responses": {**responses, **_errors(*COMMON_ERRORS, *errors, *(BODY_ERRORS if body else ()))},
     }
     if body:
-        op["requestBody"] = {"required": True, **_json(body)}
-        op["responses"].update(_errors(413, 422))
+        op["requestBody"] = {"required": True, **_json({"$ref": REF.format(model=body)})}
     return op
+
+
+def _server_links() -> dict[str, Any]:
+    """OpenAPI links from a registration to the operations on the new server (for clients and for
+    stateful test generators)."""
+    server_id = {"server_id": "$response.body#/data/id"}
+    return {
+        op: {"operationId": op, "parameters": server_id}
+        for op in ("getServer", "updateServer", "deleteServer", "refreshServer", "putCredential")
+    }
 
 
 def build_openapi() -> dict[str, Any]:
     servers = f"{BASE}/remote-servers"
     one = servers + "/{server_id}"
     server_id = {"name": "server_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    field = {"name": "field", "in": "path", "required": True, "schema": {"type": "string"}}
-    detail = {"description": "the server", **_json("ServerEnvelope")}
+    field = {
+        "name": "field",
+        "in": "path",
+        "required": True,
+        "description": "A credential field: `authorization` for `auth_type: bearer`; a lower-case header "
+        "name (not one ScaiLink or the transport owns) for `api_key_header`. A field that does not fit "
+        "the server's `auth_type` answers 422 with the field named in `details`.",
+        "schema": {"type": "string", "pattern": HEADER_NAME_PATTERN},
+    }
+    detail = _success("the server", "ServerEnvelope")
     manage = "scailink:remote.manage_own (scailink:remote.manage_tenant for a tenant-shared server)"
+    registered = _success("registered", "ServerEnvelope")
+    registered["links"] = _server_links()
     create = _op(
+        "registerServer",
         "Register a remote MCP server and run discovery (201 even if discovery fails: status `error`)",
         manage,
-        {"201": {"description": "registered", **_json("ServerEnvelope")}, **_errors(409, 429)},
+        {"201": registered},
+        (Conflict, RemoteLimitExceeded, EndpointForbidden),
         body="RegisterServer",
     )
     listing = _op(
+        "listServers",
         "The caller's personal servers and the tenant's shared ones",
         "scailink:remote.use",
-        {"200": {"description": "a page of servers", **_json("ServerListEnvelope")}},
+        {"200": _success("a page of servers", "ServerListEnvelope")},
+        (ValidationFailed,),
     )
     listing["parameters"] = [
         {
@@ -121,15 +224,21 @@ def build_openapi() -> dict[str, Any]:
             "in": "query",
             "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
         },
-        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+        {
+            "name": "cursor",
+            "in": "query",
+            "description": "Opaque: the `next_cursor` of the previous page (anything else answers 422)",
+            "schema": {"type": "string"},
+        },
     ]
     update = _op(
+        "updateServer",
         "Change name, description, endpoint_url, transport or consent_tier",
         manage,
         {"200": detail},
+        (NotFound, Conflict, EndpointForbidden),
         "UpdateServer",
     )
-    update["responses"].update(_errors(409))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -137,32 +246,50 @@ def build_openapi() -> dict[str, Any]:
             "version": "1.0.0",
             "description": "Remote MCP server registry. Success: `{status: ok, data, meta}`; "
             "error: `{status: error, error: {code, message, retry_after, details}, meta}`. "
-            "Every response carries `X-Request-ID`.",
+            "Every response carries `X-Request-ID`. Request bodies are strict JSON (UTF-8, no NaN, "
+            "nested at most `SCAILINK_MAX_JSON_DEPTH` levels) and JSON types are not coerced. "
+            "A method a path does not serve answers 405 with `Allow`.",
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
             "schemas": _schemas(),
+            "headers": _headers(),
         },
         "paths": {
             servers: {"post": create, "get": listing},
             one: {
                 "parameters": [server_id],
-                "get": _op("Server detail", "scailink:remote.use", {"200": detail}),
+                "get": _op("getServer", "Server detail", "scailink:remote.use", {"200": detail}, (NotFound,)),
                 "patch": update,
                 "delete": _op(
+                    "deleteServer",
                     "Delete (cascades credentials and capabilities, closes pooled sessions)",
                     manage,
-                    {"204": {"description": "deleted"}},
+                    {"204": _success("deleted", None)},
+                    (NotFound,),
                 ),
             },
             one + "/refresh": {
                 "parameters": [server_id],
-                "post": _op("Re-run discovery now", manage, {"200": detail}),
+                "post": _op("refreshServer", "Re-run discovery now", manage, {"200": detail}, (NotFound,)),
             },
             one + "/credentials/{field}": {
                 "parameters": [server_id, field],
-                "put": _op("Rotate one credential field", manage, {"200": detail}, "CredentialValue"),
-                "delete": _op("Remove one credential field", manage, {"204": {"description": "removed"}}),
+                "put": _op(
+                    "putCredential",
+                    "Rotate one credential field",
+                    manage,
+                    {"200": detail},
+                    (NotFound,),
+                    "CredentialValue",
+                ),
+                "delete": _op(
+                    "deleteCredential",
+                    "Remove one credential field",
+                    manage,
+                    {"204": _success("removed", None)},
+                    (NotFound,),
+                ),
             },
         },
     }

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from mcp.server.connection import Connection
 
@@ -69,10 +67,3 @@ class Subscriptions:
             except Exception as exc:
                 logger.debug("resource update not delivered", extra={"error": type(exc).__name__})
         return sent
-
-
-def updated_handler(subscriptions: Subscriptions) -> Callable[[PoolKey, Any], Awaitable[None]]:
-    async def handle(key: PoolKey, uri: Any) -> None:
-        await subscriptions.updated(key, str(uri))
-
-    return handle

@@ -14,7 +14,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from scailink_mcp import auth
-from scailink_mcp.api.envelope import decode_cursor, encode_cursor, page, page_limit, principal
+from scailink_mcp.api.envelope import (
+    decode_cursor,
+    encode_cursor,
+    page,
+    page_limit,
+    path_param,
+    principal,
+)
 from scailink_mcp.audit import OUTCOMES, AuditLog, Cursor
 from scailink_mcp.auth import Principal
 from scailink_mcp.errors import ValidationFailed
@@ -47,6 +54,8 @@ def _text(request: Request, name: str) -> str | None:
         return None
     if not raw or len(raw) > TEXT_FILTERS[name]:
         raise _invalid(name, f"must be 1 to {TEXT_FILTERS[name]} characters")
+    if "\x00" in raw:  # nothing stored holds NUL (PostgreSQL text cannot)
+        raise _invalid(name, "must not contain NUL")
     return raw
 
 
@@ -94,7 +103,7 @@ async def tenant_audit(request: Request) -> Response:
 
 async def user_audit(request: Request) -> Response:
     who = await principal(request)
-    user_id = request.path_params["user_id"]
+    user_id = path_param(request, "user_id")
     if user_id != who.user_id:
         who.require(auth.AUDIT)
     return await _query(request, who, user_id)

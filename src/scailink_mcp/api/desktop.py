@@ -1,6 +1,6 @@
 """Routes of the desktop bridge's REST side (SPEC section 4): discovery, invoke, sessions, capabilities.
 
-`POST /users/{user_id}/tools/{tool_name}/invoke` goes through `Gateway.invoke`, the same path as an MCP
+`POST /users/{user_id}/tools/{tool_name}/invoke` goes through `Invoker.call`, the same path as an MCP
 `tools/call`; only the caller's own catalog can be invoked (another user's id answers 404).
 Sessions: the caller's by default; `?user_id=` (another user) or `?scope=tenant` needs `scailink:manage`.
 """
@@ -20,6 +20,8 @@ from scailink_mcp.auth import Principal
 from scailink_mcp.desktop.connections import DesktopSession
 from scailink_mcp.desktop.protocol import PROTOCOL_VERSIONS, Close
 from scailink_mcp.errors import NotFound, ToolNotFound
+from scailink_mcp.invocation import Caller
+from scailink_mcp.targets import Target
 
 BASE = "/v1/modules/scailink"
 
@@ -64,15 +66,16 @@ async def invoke(request: Request) -> Response:
     view = parts.catalog.view(who, parts.settings.tool_name_style)
     try:
         target = view.resolve_tool(name)
-    except ToolNotFound as err:  # routing failures are audited too
-        parts.gateway.record(who, "tool_call", "error", err.code, None, request_id(request), name)
+    except ToolNotFound:  # routing failures are audited too
+        parts.invoker.unknown(who, name, request_id(request))
         raise
-    timeout = min(
-        (body.timeout_ms / 1000) if body.timeout_ms else parts.settings.call_timeout_s,
-        parts.settings.call_timeout_max_s,
-    )
-    result = await parts.gateway.invoke(
-        who, target, name, body.arguments, timeout=timeout, request_id=request_id(request)
+    result = await parts.invoker.call(
+        who,
+        target,
+        name,
+        body.arguments,
+        timeout=parts.invoker.timeout(body.timeout_ms),
+        caller=Caller(request_id=request_id(request)),
     )
     return ok(request, result)
 
@@ -115,7 +118,7 @@ async def delete_session(request: Request) -> Response:
     session = _session(request, who)
     if session.close is not None:
         await session.close(Close.NORMAL, "session terminated through the REST API")
-    _parts(request).desktop.remove(session)
+    await _parts(request).desktop.remove(session)
     return no_content()
 
 
@@ -134,15 +137,12 @@ async def capabilities(request: Request) -> Response:
     return page(request, items, None)
 
 
-def _item(kind: str, public: str, target: Any) -> dict[str, Any]:
-    desktop = target.desktop is not None
+def _item(kind: str, public: str, target: Target) -> dict[str, Any]:
     return {
         "kind": kind,
         "namespaced_name": public,
         "upstream_name": target.upstream_name,
-        "source": "desktop" if desktop else "remote",
-        "session_id": target.desktop.session_id if desktop else None,
-        "server_id": None if desktop else target.server.id,
+        **target.describe(),
     }
 
 

@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from scailink_mcp.auth import Principal, bearer_token
-from scailink_mcp.errors import PayloadTooLarge, ValidationFailed, from_validation
+from scailink_mcp.errors import NotFound, PayloadTooLarge, ValidationFailed, from_validation
+from scailink_mcp.jsondepth import too_deep
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -41,10 +42,45 @@ def page(request: Request, items: list[Any], next_cursor: str | None) -> JSONRes
     return ok(request, {"items": dumped, "next_cursor": next_cursor})
 
 
+def _invalid_json(reason: str) -> ValidationFailed:
+    return ValidationFailed("body is not valid JSON", details=[{"field": "body", "reason": reason}])
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """Strict JSON (RFC 8259) from a request body, or `ValidationFailed`: UTF-8 only, no NaN or
+    Infinity, no lone surrogate escapes, nested at most `max_depth` arrays/objects deep (checked
+    before parsing: a deep body never reaches the recursive parser)."""
+    if not raw.strip():
+        raise _invalid_json("empty body")
+    if too_deep(raw, max_depth):
+        raise _invalid_json(f"nested deeper than {max_depth} levels")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid_json("not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:  # unreachable below the depth limit; never a 500 if it is set too high
+        raise _invalid_json(f"nested deeper than {max_depth} levels") from None
+    except ValueError:  # JSONDecodeError, NaN/Infinity, integers over the int-digits limit
+        raise _invalid_json("invalid JSON") from None
+    if "\\u" in text:  # rare: only escapes can smuggle a lone surrogate, which nothing can store
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid_json("a string holds a lone UTF-16 surrogate") from None
+    return value
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """Read the body (refusing more than `limit` bytes, even without Content-Length) and parse JSON."""
+    """Read the body (refusing more than `limit` bytes, even without Content-Length) and parse it
+    (`parse_json`, with the `max_json_depth` setting)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -53,12 +89,7 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed(
-            "body is not valid JSON", details=[{"field": "body", "reason": "invalid JSON"}]
-        ) from None
+    return parse_json(b"".join(chunks), int(request.app.state.scailink.settings.max_json_depth))
 
 
 async def parse_body(request: Request, model: type[M], limit: int) -> M:
@@ -71,6 +102,19 @@ async def parse_body(request: Request, model: type[M], limit: int) -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise from_validation(exc) from None
+    except RecursionError:  # a validator recursing on a value the depth limit let through
+        raise ValidationFailed(
+            "request validation failed", details=[{"field": "body", "reason": "nested too deeply"}]
+        ) from None
+
+
+def path_param(request: Request, name: str) -> str:
+    """A path parameter. One holding NUL names nothing that can exist (PostgreSQL text cannot even
+    hold it, and psycopg refuses to send it), so it is a 404 before any query."""
+    value = str(request.path_params[name])
+    if "\x00" in value:
+        raise NotFound(f"no such {name}")
+    return value
 
 
 async def principal(request: Request) -> Principal:
@@ -85,7 +129,8 @@ def page_limit(request: Request, default: int, maximum: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    # isascii: str.isdigit() is also true for digits int() refuses ("²")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise ValidationFailed(
             "invalid limit", details=[{"field": "limit", "reason": f"must be an integer from 1 to {maximum}"}]
         )
@@ -104,7 +149,11 @@ def decode_cursor(request: Request, size: int) -> tuple[str, ...] | None:
         value = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         value = None
-    if not (isinstance(value, list) and len(value) == size and all(isinstance(v, str) for v in value)):
+    if not (
+        isinstance(value, list)
+        and len(value) == size
+        and all(isinstance(v, str) and "\x00" not in v for v in value)
+    ):
         raise ValidationFailed(
             "invalid cursor", details=[{"field": "cursor", "reason": "not a cursor from this API"}]
         )

@@ -27,6 +27,7 @@ from scailink_mcp.api.envelope import (
     page,
     page_limit,
     parse_body,
+    path_param,
     principal,
 )
 from scailink_mcp.errors import Forbidden, ValidationFailed
@@ -57,7 +58,7 @@ def _groups(request: Request) -> list[str]:
 async def permissions(request: Request) -> Response:
     who = await principal(request)
     parts = request.app.state.scailink
-    user_id = request.path_params["user_id"]
+    user_id = path_param(request, "user_id")
     if user_id == who.user_id and "groups" not in request.query_params:
         roles, sources = who.roles, who.permission_sources
     else:
@@ -88,7 +89,7 @@ async def list_roles(request: Request) -> Response:
 async def get_role(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    return ok(request, await _roles(request).get(who.tenant_id, request.path_params["name"]))
+    return ok(request, await _roles(request).get(who.tenant_id, path_param(request, "name")))
 
 
 async def put_role(request: Request) -> Response:
@@ -101,13 +102,13 @@ async def put_role(request: Request) -> Response:
             "cannot grant permissions you do not hold",
             details=[{"field": "permissions", "reason": f"not held: {p}"} for p in missing],
         )
-    return ok(request, await _roles(request).put(who.tenant_id, request.path_params["name"], body))
+    return ok(request, await _roles(request).put(who.tenant_id, path_param(request, "name"), body))
 
 
 async def delete_role(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    await _roles(request).delete(who.tenant_id, request.path_params["name"])
+    await _roles(request).delete(who.tenant_id, path_param(request, "name"))
     return no_content()
 
 

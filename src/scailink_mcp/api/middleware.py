@@ -1,5 +1,11 @@
 """Pure ASGI middleware: request ids on every HTTP response, and the one mapping of exceptions to the
-error envelope (a bug becomes `SCAILINK_INTERNAL` with nothing internal in the message)."""
+error envelope (a bug becomes `SCAILINK_INTERNAL` with nothing internal in the message).
+
+A bug that escapes a handler before its response started is answered here (500 envelope, one log line
+with the traceback) instead of by Starlette's outermost middleware, which re-raises it to the server:
+uvicorn then closes the connection, so one bad request would also drop a client's keep-alive
+connection and whatever it had queued on it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scailink_mcp.errors import NotFound, ScaiLinkError, ValidationFailed, error_response
@@ -43,10 +50,12 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = 0
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", rid.encode()))
@@ -54,7 +63,13 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                if scope["type"] != "http" or response_started:
+                    raise
+                response = await unhandled_error_handler(Request(scope), exc)
+                await response(scope, receive, send_with_id)
         finally:
             # One line per request: never headers, query strings or bodies (they may carry secrets).
             logger.info(
@@ -73,6 +88,16 @@ def _rid(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (RFC 9110 `Allow`). Each method of a path is its own
+    `Route`, and Starlette's 405 names only the first route whose path matched."""
+    methods: set[str] = set()
+    for route in getattr(request.scope.get("app"), "routes", ()):
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def scailink_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ScaiLinkError)
     return error_response(exc, _rid(request))
@@ -83,7 +108,11 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response(NotFound("no such endpoint"), _rid(request))
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(), _rid(request))
+        response = error_response(MethodNotAllowed(), _rid(request))
+        allow = _allowed_methods(request) or (exc.headers or {}).get("Allow")
+        if allow:
+            response.headers["Allow"] = allow
+        return response
     return error_response(ScaiLinkError(), _rid(request))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -14,8 +16,10 @@ from scailink_mcp.api.envelope import (
     page,
     page_limit,
     parse_body,
+    path_param,
     principal,
 )
+from scailink_mcp.errors import ValidationFailed
 from scailink_mcp.remote.registry import Registry
 from scailink_mcp.remote.schemas import CredentialValue, RegisterServer, UpdateServer
 
@@ -44,6 +48,13 @@ async def list_servers(request: Request) -> Response:
     settings = request.app.state.scailink.settings
     limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
     after = decode_cursor(request, 2)
+    if after is not None:
+        try:  # (created_at, id): a decodable cursor with a bad time is still not one of ours
+            datetime.fromisoformat(after[0])
+        except ValueError:
+            raise ValidationFailed(
+                "invalid cursor", details=[{"field": "cursor", "reason": "not a cursor from this API"}]
+            ) from None
     result = await registry.list(who, limit=limit, after=(after[0], after[1]) if after else None)
     return page(
         request, list(result.items), encode_cursor(result.next_cursor) if result.next_cursor else None
@@ -52,25 +63,25 @@ async def list_servers(request: Request) -> Response:
 
 async def get_server(request: Request) -> Response:
     who = await principal(request)
-    return ok(request, await _registry(request).get(who, request.path_params["server_id"]))
+    return ok(request, await _registry(request).get(who, path_param(request, "server_id")))
 
 
 async def update_server(request: Request) -> Response:
     who = await principal(request)
     registry = _registry(request)
     body = await parse_body(request, UpdateServer, _limit(request))
-    return ok(request, await registry.update(who, request.path_params["server_id"], body))
+    return ok(request, await registry.update(who, path_param(request, "server_id"), body))
 
 
 async def delete_server(request: Request) -> Response:
     who = await principal(request)
-    await _registry(request).delete(who, request.path_params["server_id"])
+    await _registry(request).delete(who, path_param(request, "server_id"))
     return no_content()
 
 
 async def refresh_server(request: Request) -> Response:
     who = await principal(request)
-    return ok(request, await _registry(request).refresh(who, request.path_params["server_id"]))
+    return ok(request, await _registry(request).refresh(who, path_param(request, "server_id")))
 
 
 async def put_credential(request: Request) -> Response:
@@ -78,7 +89,7 @@ async def put_credential(request: Request) -> Response:
     registry = _registry(request)
     body = await parse_body(request, CredentialValue, _limit(request))
     detail = await registry.put_credential(
-        who, request.path_params["server_id"], request.path_params["field"], body.value.get_secret_value()
+        who, path_param(request, "server_id"), path_param(request, "field"), body.value.get_secret_value()
     )
     return ok(request, detail)
 
@@ -86,7 +97,7 @@ async def put_credential(request: Request) -> Response:
 async def delete_credential(request: Request) -> Response:
     who = await principal(request)
     await _registry(request).delete_credential(
-        who, request.path_params["server_id"], request.path_params["field"]
+        who, path_param(request, "server_id"), path_param(request, "field")
     )
     return no_content()
 

@@ -140,7 +140,7 @@ class Bridge:
             await _close(websocket, code, reason)
 
         session.attach(send, close)
-        self.registry.changed(session)
+        await self.registry.changed(session)
         await send(protocol.result(init_id, self._ack(session, init, resumed)))
         self._audit(session, "desktop_session_start")
         logger.info(
@@ -208,7 +208,7 @@ class Bridge:
                     await _refuse(websocket, Close.UNAUTHORIZED, "token expired", session)
                     return
                 if throttle.due(now):
-                    self.registry.changed(session)
+                    await self.registry.changed(session)
                 wake = min(t for t in (last_frame + silence, expiry, throttle.deadline) if t is not None)
                 text: str | None = None
                 with anyio.move_on_after(max(0.0, wake - now)):
@@ -227,20 +227,22 @@ class Bridge:
                 last_frame = clock()
                 try:
                     message = protocol.parse_frame(text, self.settings.max_json_depth)
-                    done = self._handle(session, message, throttle)
+                    done = await self._handle(session, message, throttle)
                 except FrameError as exc:
                     await _refuse(websocket, Close.PROTOCOL, exc.reason, session)
                     return
                 if done:
                     await _close(websocket, Close.NORMAL, "session terminated by the client")
-                    self.registry.remove(session)
+                    await self.registry.remove(session)
                     return
                 await anyio.lowlevel.checkpoint()  # a flood of frames never starves the loop
         finally:
             if throttle.pending:
-                self.registry.changed(session)
+                await self.registry.changed(session)
 
-    def _handle(self, session: DesktopSession, message: dict[str, Any], throttle: ChangeThrottle) -> bool:
+    async def _handle(
+        self, session: DesktopSession, message: dict[str, Any], throttle: ChangeThrottle
+    ) -> bool:
         method = message.get("method")
         if method is None:
             if "id" in message and ("result" in message or "error" in message):
@@ -262,7 +264,7 @@ class Bridge:
                 )
                 self.registry.apply_catalog_update(session, update, self.limits)
                 if throttle.mark(time.monotonic()):
-                    self.registry.changed(session)
+                    await self.registry.changed(session)
             elif method == protocol.CONSENT_RESPONSE:
                 self.registry.consent_answered(session, protocol.ConsentResponse.model_validate(params))
             else:

@@ -25,6 +25,7 @@ import anyio
 
 from scailink_mcp.desktop import protocol
 from scailink_mcp.errors import ConsentDenied, ToolNotFound, UpstreamError, UpstreamTimeout
+from scailink_mcp.events import DesktopCatalogChanged, EventBus
 from scailink_mcp.naming import slugify
 
 logger = logging.getLogger(__name__)
@@ -139,24 +140,26 @@ class DesktopRegistry:
         grace_period_s: float,
         max_connections_per_user: int = 5,
         clock: Callable[[], float] = time.monotonic,
+        events: EventBus | None = None,
     ) -> None:
         self.grace_period_s = grace_period_s
         self.max_connections_per_user = max_connections_per_user
         self.clock = clock
         self.sessions: dict[str, DesktopSession] = {}
         self._versions: dict[tuple[str, str], int] = {}
-        self.listeners: list[Callable[[str], None]] = []  # told the tenant id after a catalog change
+        self.events = events
 
     # ---- catalog -----------------------------------------------------------------------------------
 
     def version(self, tenant_id: str, user_id: str) -> int:
         return self._versions.get((tenant_id, user_id), 0)
 
-    def changed(self, session: DesktopSession) -> None:
+    async def changed(self, session: DesktopSession) -> None:
+        """The user's desktop catalog moved: a new version, published for list_changed."""
         key = (session.tenant_id, session.user_id)
         self._versions[key] = self._versions.get(key, 0) + 1
-        for listener in list(self.listeners):
-            listener(session.tenant_id)
+        if self.events is not None:
+            await self.events.publish(DesktopCatalogChanged(session.tenant_id, session.user_id))
 
     def sessions_for(self, tenant_id: str, user_id: str) -> list[DesktopSession]:
         return sorted(
@@ -253,12 +256,12 @@ class DesktopRegistry:
         self.sessions[session.session_id] = session
         return session, False
 
-    def remove(self, session: DesktopSession) -> None:
+    async def remove(self, session: DesktopSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
             session.detach(self.clock())
-            self.changed(session)
+            await self.changed(session)
 
-    def expire_once(self) -> list[str]:
+    async def expire_once(self) -> list[str]:
         now = self.clock()
         expired = [
             s
@@ -266,14 +269,14 @@ class DesktopRegistry:
             if s.disconnected_at is not None and now - s.disconnected_at >= self.grace_period_s
         ]
         for session in expired:
-            self.remove(session)
+            await self.remove(session)
         return [s.session_id for s in expired]
 
     async def run_expiry(self, interval_s: float = 1.0) -> None:
         """Owned by the app lifespan."""
         while True:
             await anyio.sleep(interval_s)
-            self.expire_once()
+            await self.expire_once()
 
     async def close_all(self, code: int, reason: str) -> None:
         for session in list(self.sessions.values()):

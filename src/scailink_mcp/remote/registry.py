@@ -356,7 +356,7 @@ class Registry:
         await self.publish(ServerEventKind.CREATED, server, principal.user_id)
         ok, _ = await self.run_discovery(server.id)
         if not ok:
-            await self.db.run(lambda s: _mark_error(s, server.id))
+            await self._first_discovery_failed(server.id)
         return await self.get(principal, server.id, check_permission=False)
 
     async def list(self, principal: Principal, *, limit: int, after: tuple[str, str] | None) -> Page:
@@ -418,7 +418,7 @@ class Registry:
             await self.publish(ServerEventKind.ENDPOINT_CHANGED, server, principal.user_id)
             ok, _ = await self.run_discovery(server.id)
             if not ok:
-                await self.db.run(lambda s: _mark_error(s, server.id))
+                await self._first_discovery_failed(server.id)
         else:
             await self.publish(ServerEventKind.UPDATED, server, principal.user_id)
         return await self.get(principal, server_id, check_permission=False)
@@ -514,9 +514,12 @@ class Registry:
         server = await self.db.run(_remove)
         await self.publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
 
-    def all_server_ids(self) -> Sequence[str]:
-        with self.db.session() as session:
-            return list(session.exec(select(RemoteServer.id)).all())
+    async def _first_discovery_failed(self, server_id: str) -> None:
+        """Stored with `status: error` (the user can fix it and refresh), and published like any status
+        flip, so the catalog, the per-server endpoint and the pool all see it."""
+        server = await self.db.run(lambda s: _mark_error(s, server_id))
+        if server is not None:
+            await self.publish(ServerEventKind.STATUS_CHANGED, server)
 
 
 def _credential_row(keyring: Keyring, server: RemoteServer, field_name: str, value: str) -> Credential:
@@ -549,10 +552,13 @@ def _ensure_quota_row(session: Session, tenant_id: str) -> None:
         pass  # a concurrent create inserted it first
 
 
-def _mark_error(session: Session, server_id: str) -> None:
-    """A server whose first discovery failed is stored with `status: error` (the user can refresh)."""
+def _mark_error(session: Session, server_id: str) -> RemoteServer | None:
+    """`status: error` for a server whose first discovery failed; the server if it changed."""
     server = session.get(RemoteServer, server_id)
-    if server is not None and server.last_discovery_at is None:
-        server.status = "error"
-        session.add(server)
-        session.commit()
+    if server is None or server.last_discovery_at is not None or server.status == "error":
+        return None
+    server.status = "error"
+    session.add(server)
+    session.commit()
+    session.refresh(server)
+    return server

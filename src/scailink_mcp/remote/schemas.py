@@ -4,16 +4,49 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 Transport = Literal["streamable_http", "sse"]
 AuthType = Literal["none", "bearer", "api_key_header"]
 ConsentTier = Literal["auto", "confirm", "locked"]
 
-_HEADER_TOKEN = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+# Every pattern below is written once and used twice: pydantic enforces it (its Rust regex engine, whose
+# `$` and classes read like JSON Schema's ECMA-262 ones) and the published contract states it.
+HEADER_NAME_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$"
+_HEADER_TOKEN = re.compile(HEADER_NAME_PATTERN)
+# Controls (C0, DEL, C1) are never part of a name; NUL alone would break PostgreSQL text columns.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+# What JSON Schema's `\s` matches besides the controls above: a name must hold something else.
+_SPACE = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NAME_PATTERN = f"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
+# Free text: tabs and line breaks are fine, other controls are not.
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+# http(s), a host (an RFC 3986 reg-name in ASCII, IDNs as `xn--` labels, or a bracketed IPv6 literal),
+# an optional port, then path/query/fragment without whitespace or controls. No userinfo: credentials
+# go in `credentials`. Whether the host may be contacted is decided at registration (SSRF, section 3).
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+ENDPOINT_URL_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)"
+    f"(?::{_PORT})?"
+    r"(?:[/?#][^\x00-\x20\x7f-\x9f]*)?$"
+)
+# A secret travels as an HTTP header value: visible ASCII, inner spaces or tabs, nothing at either end
+# (a line break would inject a header; a leading/trailing space is stripped on the wire; non-ASCII
+# cannot be encoded).
+SECRET_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$"
 # Headers ScaiLink or the transport own; a credential must not override them.
 RESERVED_HEADERS = frozenset(
     {
@@ -37,15 +70,19 @@ MAX_SECRET_CHARS = 8192
 
 
 def check_endpoint_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("endpoint_url must be an http or https URL")
-    if not parts.hostname:
-        raise ValueError("endpoint_url must name a host")
-    if parts.username or parts.password:
-        raise ValueError("endpoint_url must not carry credentials; use the credentials object")
+    """Defence in depth behind `ENDPOINT_URL_PATTERN` (which already implies all of this); a URL the
+    pattern allows but nothing can parse (a malformed IPv6 literal) is refused at registration with
+    `SCAILINK_ENDPOINT_FORBIDDEN`, like any host that may not be contacted."""
     if any(ch in value for ch in "\r\n\t "):
         raise ValueError("endpoint_url must not contain whitespace")
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("endpoint_url must be an http or https URL")
+    if parts.username or parts.password:
+        raise ValueError("endpoint_url must not carry credentials; use the credentials object")
     return value
 
 
@@ -57,11 +94,14 @@ def check_credential_field(auth_type: str, field: str) -> str | None:
         return (
             None if field == "authorization" else "auth_type 'bearer' uses the single field 'authorization'"
         )
-    if not _HEADER_TOKEN.match(field):
+    if not _HEADER_TOKEN.fullmatch(field):  # (`$` of re.match also matches before a final "\n")
         return "must be a lower-case HTTP header name"
     if field in RESERVED_HEADERS:
         return f"header '{field}' is reserved"
     return None
+
+
+_SECRET = re.compile(SECRET_PATTERN)
 
 
 def check_secret(value: SecretStr) -> SecretStr:
@@ -70,38 +110,84 @@ def check_secret(value: SecretStr) -> SecretStr:
         raise ValueError(f"must be 1 to {MAX_SECRET_CHARS} characters")
     if any(ch in raw for ch in "\r\n\x00"):
         raise ValueError("must not contain line breaks or NUL")
+    if not _SECRET.fullmatch(raw):
+        raise ValueError(
+            "must be printable ASCII (inner spaces and tabs allowed, none at either end): "
+            "it is sent as an HTTP header value"
+        )
     return value
 
 
-class RegisterServer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# The contract of a secret; its value is write-only and never appears in any response.
+SECRET_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "format": "password",
+    "writeOnly": True,
+    "minLength": 1,
+    "maxLength": MAX_SECRET_CHARS,
+    "pattern": SECRET_PATTERN,
+}
+Secret = Annotated[SecretStr, AfterValidator(check_secret), WithJsonSchema(SECRET_SCHEMA)]
+MAX_CREDENTIAL_FIELDS = 16
 
-    name: str = Field(min_length=1, max_length=64)
-    description: str = Field(default="", max_length=2000)
-    endpoint_url: str = Field(max_length=2048)
+
+def _credentials_contract(schema: dict[str, Any]) -> None:
+    """What `RegisterServer._credentials_match_auth_type` enforces, stated in the JSON Schema."""
+    reserved = sorted(RESERVED_HEADERS)
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"auth_type": {"const": "bearer"}}, "required": ["auth_type"]},
+            "then": {
+                "required": ["credentials"],
+                "properties": {
+                    "credentials": {
+                        "required": ["authorization"],
+                        "propertyNames": {"const": "authorization"},
+                    }
+                },
+            },
+        },
+        {
+            "if": {"properties": {"auth_type": {"const": "api_key_header"}}, "required": ["auth_type"]},
+            "then": {
+                "required": ["credentials"],
+                "properties": {
+                    "credentials": {
+                        "minProperties": 1,
+                        "propertyNames": {"pattern": HEADER_NAME_PATTERN, "not": {"enum": reserved}},
+                    }
+                },
+            },
+        },
+        {
+            "if": {
+                "anyOf": [
+                    {"not": {"required": ["auth_type"]}},
+                    {"properties": {"auth_type": {"const": "none"}}},
+                ]
+            },
+            "then": {"properties": {"credentials": {"maxProperties": 0}}},
+        },
+    ]
+
+
+# Strict: JSON types matter (`is_tenant_shared: 0` or `"true"` is not a boolean).
+_BODY = ConfigDict(extra="forbid", strict=True)
+
+
+class RegisterServer(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_credentials_contract)
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    description: str = Field(default="", max_length=2000, pattern=TEXT_PATTERN)
+    endpoint_url: str = Field(max_length=2048, pattern=ENDPOINT_URL_PATTERN)
     transport: Transport = "streamable_http"
     auth_type: AuthType = "none"
-    credentials: dict[str, SecretStr] = Field(default_factory=dict)
-    is_tenant_shared: bool = False
+    credentials: dict[str, Secret] = Field(default_factory=dict, max_length=MAX_CREDENTIAL_FIELDS)
+    is_tenant_shared: StrictBool = False
     consent_tier: ConsentTier = "auto"
 
     _url = field_validator("endpoint_url")(check_endpoint_url)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value
-
-    @field_validator("credentials")
-    @classmethod
-    def _secrets(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        if len(value) > 16:
-            raise ValueError("at most 16 credential fields")
-        for secret in value.values():
-            check_secret(secret)
-        return value
 
     @model_validator(mode="after")
     def _credentials_match_auth_type(self) -> RegisterServer:
@@ -117,11 +203,11 @@ class RegisterServer(BaseModel):
 
 
 class UpdateServer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
 
-    name: str | None = Field(default=None, min_length=1, max_length=64)
-    description: str | None = Field(default=None, max_length=2000)
-    endpoint_url: str | None = Field(default=None, max_length=2048)
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=2000, pattern=TEXT_PATTERN)
+    endpoint_url: str | None = Field(default=None, max_length=2048, pattern=ENDPOINT_URL_PATTERN)
     transport: Transport | None = None
     consent_tier: ConsentTier | None = None
 
@@ -132,11 +218,9 @@ class UpdateServer(BaseModel):
 
 
 class CredentialValue(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BODY
 
-    value: SecretStr
-
-    _secret = field_validator("value")(check_secret)
+    value: Secret
 
 
 class CapabilityOut(BaseModel):

@@ -1,0 +1,106 @@
+"""Identity on the MCP surface: ScaiLink's JWT verifier plugged into the SDK's resource-server auth.
+
+`BearerAuthBackend` + `RequireAuthMiddleware` answer a missing token with 401 and `WWW-Authenticate`
+pointing at the protected-resource metadata; handlers read the `Principal` from the SDK's auth
+context. Also here: DNS-rebinding protection (Host/Origin) and the rate-limit key of a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, get_access_token
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.auth.provider import AccessToken
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_REQUEST
+from pydantic import AnyHttpUrl, ConfigDict
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.types import ASGIApp, Scope
+
+from scailink_mcp.auth import Principal, TokenVerifier
+from scailink_mcp.config import Settings
+from scailink_mcp.errors import Unauthorized
+
+logger = logging.getLogger(__name__)
+
+
+class ScaiLinkAccessToken(AccessToken):
+    """The SDK's access token carrying ScaiLink's `Principal` to the handlers."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    principal: Principal
+
+
+class McpTokenVerifier:
+    """Adapts `auth.TokenVerifier` to the SDK's `TokenVerifier` protocol."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self.verifier = verifier
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            principal = await self.verifier.verify(token)
+        except Unauthorized as exc:
+            logger.info("mcp token refused", extra={"reason": exc.message})
+            return None
+        # The SDK ties a session (Streamable HTTP and SSE alike) to (client_id, issuer, subject) and
+        # answers 404 to anyone else: both carry the tenant, since `sub` is only unique inside one.
+        owner = json.dumps(principal.identity)
+        return ScaiLinkAccessToken(
+            token=token,
+            client_id=owner,
+            scopes=sorted(principal.permissions),
+            subject=owner,
+            claims={"tenant_id": principal.tenant_id},
+            principal=principal,
+        )
+
+
+def current_principal() -> Principal:
+    token = get_access_token()
+    if not isinstance(token, ScaiLinkAccessToken):
+        raise MCPError(INVALID_REQUEST, "not authenticated")
+    return token.principal
+
+
+def rate_key(scope: Scope) -> str | None:
+    """The per-user rate-limit bucket of an authenticated request (the same key as REST)."""
+    user = scope.get("user")
+    token = getattr(user, "access_token", None)
+    if isinstance(token, ScaiLinkAccessToken):
+        return f"{token.principal.tenant_id}/{token.principal.user_id}"
+    return None
+
+
+def protect(
+    app: ASGIApp,
+    verifier: McpTokenVerifier,
+    metadata_url: str,
+    guard: Callable[[ASGIApp], ASGIApp] | None = None,
+) -> ASGIApp:
+    """Bearer auth the SDK way: 401 + `WWW-Authenticate: Bearer ... resource_metadata=...`; then
+    `guard` (rate limit, body and message checks) on authenticated requests."""
+    required = RequireAuthMiddleware(guard(app) if guard else app, [], AnyHttpUrl(metadata_url))
+    return AuthenticationMiddleware(AuthContextMiddleware(required), backend=BearerAuthBackend(verifier))
+
+
+def security_settings(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection: Host/Origin must name this service."""
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *settings.mcp_allowed_hosts]
+    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *settings.mcp_allowed_origins]
+    if settings.public_url:
+        public = urlsplit(settings.public_url)
+        hosts += [public.netloc, f"{public.hostname}:*"]
+        origins.append(f"{public.scheme}://{public.netloc}")
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
+
+
+def resource_url(settings: Settings) -> str:
+    return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/") + "/mcp"

@@ -1,0 +1,173 @@
+"""What a public name resolves to, and how each kind of target is reached.
+
+A `RemoteTarget` is an item of a registered server, reached through the upstream session pool (one
+pooled session per (server, credential version, user)). A `DesktopTarget` is an item of a user's
+desktop session, reached through the bridge with a `scailink/tool_invoke` (or `resource_read`,
+`prompt_get`) frame. The `Invoker` (invocation.py) does what is common to both (permission, consent,
+audit, metrics, size caps); each target only knows how to forward. Nothing here branches on the
+kind of target: the call path asks the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import mcp_types as types
+from mcp.client.session import ClientSession
+from mcp.shared.dispatcher import ProgressFnT
+from pydantic import ValidationError
+
+from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession, needs_consent
+from scailink_mcp.desktop.protocol import PROMPT_GET, RESOURCE_READ, TOOL_INVOKE
+from scailink_mcp.errors import UpstreamError
+from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+
+if TYPE_CHECKING:
+    from scailink_mcp.auth import Principal
+    from scailink_mcp.catalog import ServerSnapshot
+    from scailink_mcp.relay import DownstreamCall
+
+Kind = Literal["tool", "prompt", "resource"]
+# A result in its wire form (camelCase keys), passed through from the upstream or device unchanged.
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What targets forward through; built once per app."""
+
+    pool: UpstreamPool
+    desktop: DesktopRegistry
+    request_timeout_s: float  # resource reads and prompt gets
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """The caller's side of one call that a target may need: progress and the relay of upstream
+    server-to-client requests (sampling, elicitation, roots) back to the downstream session."""
+
+    progress: ProgressFnT | None = None
+    relay: DownstreamCall | None = None
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    kind: Kind
+    upstream_name: str  # tool/prompt name, or resource URI, as the upstream knows it
+    server: ServerSnapshot
+
+    source = "remote"
+    audit_level: str | None = None  # the tenant default applies
+
+    def pool_key(self, principal: Principal) -> PoolKey:
+        return PoolKey(self.server.id, self.server.credential_version, principal.user_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "session_id": None, "server_id": self.server.id}
+
+    @property
+    def consent_tier(self) -> str:
+        return self.server.consent_tier
+
+    async def call(
+        self,
+        b: Backends,
+        principal: Principal,
+        arguments: dict[str, Any] | None,
+        timeout: float,
+        fw: Forwarding,
+    ) -> Result:
+        return await b.pool.call_tool(
+            self.pool_key(principal),
+            self.upstream_name,
+            arguments,
+            timeout=timeout,
+            progress_callback=fw.progress,
+            relay=fw.relay,
+        )
+
+    async def use(
+        self, b: Backends, principal: Principal, fn: Callable[[ClientSession], Awaitable[Any]]
+    ) -> Any:
+        return await b.pool.use(self.pool_key(principal), fn, timeout=b.request_timeout_s)
+
+    async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
+        result: types.ReadResourceResult = await self.use(
+            b, principal, lambda s: s.read_resource(self.upstream_name)
+        )
+        return result
+
+    async def get_prompt(
+        self, b: Backends, principal: Principal, arguments: dict[str, str] | None
+    ) -> types.GetPromptResult:
+        result: types.GetPromptResult = await self.use(
+            b, principal, lambda s: s.get_prompt(self.upstream_name, arguments)
+        )
+        return result
+
+
+@dataclass(frozen=True)
+class DesktopTarget:
+    kind: Kind
+    upstream_name: str  # the device's own name (or resource URI)
+    session: DesktopSession
+
+    source = "desktop"
+
+    @property
+    def audit_level(self) -> str:
+        return self.session.audit_detail_level
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "session_id": self.session.session_id, "server_id": None}
+
+    @property
+    def consent_tier(self) -> str:
+        """A desktop tool asks per call when its `_meta["scailink/consent"]` is "confirm"."""
+        tool = self.session.tools.get(self.upstream_name, {})
+        return "device" if needs_consent(tool) else "auto"
+
+    async def call(
+        self,
+        b: Backends,
+        principal: Principal,
+        arguments: dict[str, Any] | None,
+        timeout: float,
+        fw: Forwarding,
+    ) -> Result:
+        params = {
+            "tool": self.upstream_name,
+            "arguments": arguments or {},
+            "caller": {"user_id": principal.user_id},
+        }
+        raw = await b.desktop.invoke(self.session, TOOL_INVOKE, params, timeout=timeout)
+        try:
+            result = types.CallToolResult.model_validate(raw)
+        except ValidationError:
+            raise UpstreamError("the desktop device answered with an invalid tool result") from None
+        dumped: Result = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return dumped
+
+    async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
+        raw = await b.desktop.invoke(
+            self.session, RESOURCE_READ, {"uri": self.upstream_name}, timeout=b.request_timeout_s
+        )
+        try:
+            return types.ReadResourceResult.model_validate(raw)
+        except ValidationError:
+            raise UpstreamError("the desktop device answered with an invalid resource") from None
+
+    async def get_prompt(
+        self, b: Backends, principal: Principal, arguments: dict[str, str] | None
+    ) -> types.GetPromptResult:
+        params = {"name": self.upstream_name, "arguments": arguments}
+        raw = await b.desktop.invoke(self.session, PROMPT_GET, params, timeout=b.request_timeout_s)
+        try:
+            return types.GetPromptResult.model_validate(raw)
+        except ValidationError:
+            raise UpstreamError("the desktop device answered with an invalid prompt") from None
+
+
+Target = RemoteTarget | DesktopTarget
