@@ -1,5 +1,5 @@
 """Shared fixtures: real databases (a SQLite file; PostgreSQL when reachable), dev keys and tokens,
-the app served in-process, and real upstream MCP servers on 127.0.0.1."""
+the app served in-process (`AppHarness`) or over real HTTP on 127.0.0.1 (`LiveApp`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from scailink_mcp.cli import uvicorn_config
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import generate_kek
 from scailink_mcp.db import Database
+from tests.servers import HOST, ThreadedServer
 
 PG_ADMIN_DSN = os.environ.get(
     "SCAILINK_TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres"
@@ -194,44 +195,19 @@ async def harness(settings_factory: Callable[..., Settings]) -> AsyncIterator[Ap
         yield h
 
 
-class LiveApp:
+class LiveApp(ThreadedServer):
     """The app served by a real uvicorn on 127.0.0.1 in a thread (for MCP clients over real HTTP)."""
 
     def __init__(self, settings: Settings) -> None:
-        import socket
-
-        import uvicorn
-
         db = Database(settings.effective_database_url)
         db.migrate()
         self.parts = build_components(settings, db)
         self.app = create_app(settings, self.parts)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
         config = uvicorn_config(
-            settings, self.app, host="127.0.0.1", port=self.port, lifespan="on", timeout_graceful_shutdown=5
+            settings, self.app, host=HOST, port=0, lifespan="on", timeout_graceful_shutdown=5
         )
-        self.server = uvicorn.Server(config)
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        super().__init__(config)
         self.mcp_url = f"{self.base_url}/mcp"
-
-    def __enter__(self) -> LiveApp:
-        import threading
-        import time
-
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("ScaiLink did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 @pytest.fixture

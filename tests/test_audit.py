@@ -1,7 +1,9 @@
 """The audit log as a unit and through its routes: redaction, detail levels, a queue that never blocks,
 batched writes, an unavailable database, every filter with keyset pagination, retention, and the
 migration that creates the tables. Real databases (SQLite file; PostgreSQL and MariaDB where the
-database matters)."""
+database matters). End to end against a live ScaiLink: one event per MCP or REST call with redacted
+arguments, routing failures and registry events, detail level `off`, and a lost audit table that
+never fails a call."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -21,8 +24,12 @@ from sqlmodel import SQLModel
 
 from scailink_mcp.api.envelope import encode_cursor
 from scailink_mcp.audit import REDACTED, AuditEntry, AuditLog, AuditRecord, is_secret_key, redact
+from scailink_mcp.config import Settings
 from scailink_mcp.db import Database, alembic_config
-from tests.conftest import AppHarness, TokenFactory, auth_headers
+from tests.conftest import AppHarness, LiveApp, TokenFactory, auth_headers
+from tests.test_mcp_gateway import mcp_client, register
+from tests.test_operations import samples
+from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.anyio
 
@@ -49,20 +56,21 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def migrated(database_url: str) -> Iterator[Database]:
-    db = Database(database_url)
+def _migrated(url: str) -> Iterator[Database]:
+    db = Database(url)
     db.migrate()
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def migrated(database_url: str) -> Iterator[Database]:
+    yield from _migrated(database_url)
 
 
 @pytest.fixture
 def sqlite_db(sqlite_url: str) -> Iterator[Database]:
-    db = Database(sqlite_url)
-    db.migrate()
-    yield db
-    db.dispose()
+    yield from _migrated(sqlite_url)
 
 
 # ---- redaction (pure) --------------------------------------------------------------------------------
@@ -108,10 +116,11 @@ def test_redaction_is_deep_and_copies() -> None:
         "note": "Bearer eyJabc.def",  # a credential under an innocent key
         "value": "eyJhbGciOi.eyJzdWIiOi.sig",  # a JWT
         "prose": "Bearer bonds are mentioned in this sentence.",
+        "keep": [1, 2],
         7: "non-string keys are kept",
     }
     out = redact(args)
-    assert out["q"] == "ok" and out[7] == "non-string keys are kept"
+    assert out["q"] == "ok" and out[7] == "non-string keys are kept" and out["keep"] == [1, 2]
     assert out["headers"] == {"Authorization": REDACTED, "Accept": "json"}
     assert out["items"] == [{"token": REDACTED}, ["x", {"password": REDACTED}], ["y", {"api_key": REDACTED}]]
     assert out["secret"] == REDACTED
@@ -160,6 +169,16 @@ async def test_record_never_blocks_and_counts_drops(tmp_path: Path) -> None:
         log.record(AuditRecord("t1", "u1", "tool_call", "ok", target=f"t{i}"))
     assert time.perf_counter() - started < 0.5
     assert log.depth() == 100 and log.dropped == 900 and log.written == 0
+
+
+async def test_a_full_queue_drops_then_writes_what_it_holds(sqlite_db: Database) -> None:
+    log = AuditLog(sqlite_db, queue_size=5)
+    started = time.perf_counter()
+    for i in range(10):
+        log.record(AuditRecord("t1", "u1", "tool_call", "ok", target=f"t{i}"))
+    assert time.perf_counter() - started < 0.05
+    assert log.depth() == 5 and log.dropped == 5
+    assert await log.flush() == 5 and log.written == 5
 
 
 async def test_batches_land_one_transaction_each(migrated: Database) -> None:
@@ -312,6 +331,7 @@ async def test_prune_and_retention(migrated: Database) -> None:
     assert await log.prune_expired(retention_s=60) == 6  # before minute 8:30: events 3 to 8
     assert numbers((await log.query("t1", limit=50))[0]) == [9]
     assert len((await log.query("t2", limit=50))[0]) == 1, "t2's event is at minute 9"
+    assert await log.prune(T0 + timedelta(days=1)) == 2, "a prune takes every tenant's events"
 
 
 async def test_pruner_loop_applies_retention(sqlite_db: Database) -> None:
@@ -407,6 +427,88 @@ async def test_user_audit_route(harness: AppHarness, token: TokenFactory) -> Non
     t2_admin = auth_headers(token("a2", "t2", ("tenant_admin",)))
     invisible = await c.get("/v1/modules/scailink/users/u2/audit", headers=t2_admin)
     assert invisible.status_code == 200 and invisible.json()["data"]["items"] == []
+
+
+# ---- end to end: real calls through a live ScaiLink --------------------------------------------------
+
+
+async def audit_items(live: LiveApp, tok: str, query: str = "") -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=live.base_url) as c:
+        await live.parts.audit.flush()
+        resp = await c.get(f"{AUDIT}{query}", headers=auth_headers(tok))
+        assert resp.status_code == 200, resp.text
+        items: list[dict[str, Any]] = resp.json()["data"]["items"]
+        return items
+
+
+async def test_calls_are_audited(live: LiveApp, token: TokenFactory) -> None:
+    """One event per call (MCP and REST) with redacted arguments, routing failures, registry events."""
+    user = token("u1", "t1", ("tenant_user",))
+    admin = token("admin", "t1", ("tenant_admin",))
+    with UpstreamServer() as upstream:
+        server = await register(live, user, name="audited", endpoint_url=upstream.url)
+        tool = f"remote.u1.{server['slug']}.echo"
+        async with mcp_client(live.mcp_url, user) as s:
+            await s.call_tool(tool, {"text": "via mcp", "password": "hunter2"})
+            with pytest.raises(Exception):  # noqa: B017  (an unknown name is a JSON-RPC error)
+                await s.call_tool("remote.u1.nope.echo", {})
+        async with httpx.AsyncClient(base_url=live.base_url) as c:
+            resp = await c.post(
+                f"/v1/modules/scailink/users/u1/tools/{tool}/invoke",
+                json={"arguments": {"text": "via rest", "api_key": "k"}},
+                headers={**auth_headers(user), "X-Request-ID": "req-rest-1"},
+            )
+            assert resp.status_code == 200
+    calls = await audit_items(live, admin, "?event=tool_call")
+    ok = [c for c in calls if c["outcome"] == "ok"]
+    assert len(ok) == 2, calls
+    rest, mcp = ok  # newest first
+    assert rest["request_id"] == "req-rest-1" and rest["target"] == tool
+    assert rest["arguments"] == {"text": "via rest", "api_key": REDACTED}
+    assert mcp["arguments"] == {"text": "via mcp", "password": REDACTED} and mcp["request_id"]
+    assert all(c["duration_ms"] is not None for c in ok)
+    routing = [c for c in calls if c["error_code"] == "SCAILINK_TOOL_NOT_FOUND"]
+    assert len(routing) == 1 and routing[0]["target"] == "remote.u1.nope.echo"
+    registry = await audit_items(live, admin, "?event=registry.server_created")
+    assert registry and registry[0]["user_id"] == "u1" and registry[0]["target"] == server["id"]
+    # per-user log: self allowed, another user's needs scailink:audit
+    async with httpx.AsyncClient(base_url=live.base_url) as c:
+        mine = await c.get("/v1/modules/scailink/users/u1/audit", headers=auth_headers(user))
+        assert mine.status_code == 200 and all(i["user_id"] == "u1" for i in mine.json()["data"]["items"])
+        theirs = await c.get("/v1/modules/scailink/users/admin/audit", headers=auth_headers(user))
+        assert theirs.status_code == 403
+        assert (await c.get(AUDIT, headers=auth_headers(user))).status_code == 403
+        bad = await c.get(f"{AUDIT}?since=yesterday", headers=auth_headers(admin))
+        assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == "since"
+
+
+async def test_detail_level_off(settings_factory: Callable[..., Settings], token: TokenFactory) -> None:
+    user = token("u1", "t1", ("tenant_admin",))
+    with LiveApp(settings_factory(audit_detail_level="off")) as live, UpstreamServer() as upstream:
+        server = await register(live, user, name="quiet", endpoint_url=upstream.url)
+        async with mcp_client(live.mcp_url, user) as s:
+            await s.call_tool(f"remote.u1.{server['slug']}.echo", {"text": "secret plans"})
+        calls = await audit_items(live, user, "?event=tool_call")
+    assert len(calls) == 1 and calls[0]["outcome"] == "ok"
+    assert calls[0]["target"] is None and calls[0]["arguments"] is None
+
+
+async def test_audit_database_failure_never_fails_calls(live: LiveApp, token: TokenFactory) -> None:
+    user = token("u1", "t1", ("tenant_admin",))
+    with UpstreamServer() as upstream:
+        server = await register(live, user, name="resilient", endpoint_url=upstream.url)
+        await live.parts.audit.flush()
+        with live.parts.db.engine.begin() as conn:  # the audit table disappears mid-run
+            conn.execute(text("DROP TABLE audit_event"))
+        async with mcp_client(live.mcp_url, user) as s:
+            for i in range(5):
+                with anyio.fail_after(5):
+                    result = await s.call_tool(f"remote.u1.{server['slug']}.echo", {"text": str(i)})
+                assert not result.is_error
+        await live.parts.audit.flush()
+        async with httpx.AsyncClient(base_url=live.base_url) as c:
+            metrics = samples((await c.get("/metrics")).text)
+    assert metrics[("scailink_audit_failed_writes", ())] >= 5
 
 
 # ---- the migration -----------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import stat
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,21 +18,18 @@ import anyio
 import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
 from scailink_mcp import auth
 from scailink_mcp.auth import Principal, TokenVerifier, bearer_token, mint_token, resolve_roles
 from scailink_mcp.config import Settings
 from scailink_mcp.errors import Forbidden, Unauthorized
+from tests.servers import JwksServer
 
 USER_PERMS = frozenset({auth.VIEW, auth.INVOKE, auth.REMOTE_USE, auth.REMOTE_MANAGE_OWN})
 VIEWER_PERMS = frozenset({auth.VIEW, auth.REMOTE_USE})
+U1 = ("t1", "u1")  # the identity of every `token()`
 
 
 @pytest.fixture
@@ -310,8 +305,8 @@ async def test_claim_checks(
 async def test_leeway(key: bytes, verifier: TokenVerifier) -> None:
     now = int(time.time())
     # 30 s leeway: 20 s past exp or 20 s before nbf is accepted, 40 s is not
-    assert await verifier.verify(token(key, exp=now - 20))
-    assert await verifier.verify(token(key, nbf=now + 20))
+    assert (await verifier.verify(token(key, exp=now - 20))).expires_at == now - 20
+    assert (await verifier.verify(token(key, nbf=now + 20))).identity == U1
     await refused(verifier, token(key, exp=now - 40), "token expired")
     await refused(verifier, token(key, nbf=now + 40), "token not yet valid")
     strict = TokenVerifier(settings(jwt_public_key=public_pem(key), jwt_leeway_s=0))
@@ -321,13 +316,15 @@ async def test_leeway(key: bytes, verifier: TokenVerifier) -> None:
 @pytest.mark.anyio
 async def test_audience_and_issuer(key: bytes) -> None:
     verifier = TokenVerifier(settings(jwt_public_key=public_pem(key), jwt_audience="gw"))
-    assert await verifier.verify(token(key, aud="gw"))
-    assert await verifier.verify(token(key, aud=["other", "gw"])), "RFC 7519: aud may be a list"
+    assert (await verifier.verify(token(key, aud="gw"))).identity == U1
+    assert (await verifier.verify(token(key, aud=["other", "gw"]))).identity == U1, (
+        "RFC 7519: aud may be a list"
+    )
     await refused(verifier, token(key), "wrong audience")
     # no issuer configured: any iss; configured: exactly that one, and present
-    assert await verifier.verify(token(key, aud="gw", iss="https://anyone"))
+    assert (await verifier.verify(token(key, aud="gw", iss="https://anyone"))).identity == U1
     pinned = TokenVerifier(settings(jwt_public_key=public_pem(key), jwt_issuer="https://idp"))
-    assert await pinned.verify(token(key, iss="https://idp"))
+    assert (await pinned.verify(token(key, iss="https://idp"))).identity == U1
     await refused(pinned, token(key, iss="https://evil"), "wrong issuer")
     await refused(pinned, token(key), "token has no iss claim")
 
@@ -336,7 +333,8 @@ async def test_audience_and_issuer(key: bytes) -> None:
 async def test_size_cap(key: bytes) -> None:
     verifier = TokenVerifier(settings(jwt_public_key=public_pem(key)))
     big = token(key, pad="x" * 5800)  # base64 makes it about 4/3 larger
-    assert 7800 < len(big) <= 8192 and await verifier.verify(big)
+    assert 7800 < len(big) <= 8192
+    assert (await verifier.verify(big)).identity == U1
     tight = TokenVerifier(settings(jwt_public_key=public_pem(key), jwt_max_token_bytes=1024))
     await refused(tight, token(key, pad="x" * 1000), "token too large")
 
@@ -410,46 +408,6 @@ async def test_no_key_configured_and_dev_key_never_implied(tmp_path: Path) -> No
 
 
 # ---- JWKS over real HTTP ----------------------------------------------------------------------
-
-
-class JwksServer:
-    """A JWKS document served by uvicorn on 127.0.0.1, counting fetches; `status` makes it fail."""
-
-    def __init__(self) -> None:
-        self.keys: list[dict[str, Any]] = []
-        self.status = 200
-        self.fetches = 0
-
-        async def jwks(request: Request) -> Response:
-            self.fetches += 1
-            if self.status != 200:
-                return PlainTextResponse("unavailable", status_code=self.status)
-            return JSONResponse({"keys": self.keys})
-
-        # Listening before uvicorn starts: early requests wait in the backlog, no start-up polling.
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/jwks"
-        config = uvicorn.Config(
-            Starlette(routes=[Route("/jwks", jwks)]), log_config=None, lifespan="off", access_log=False
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def reset(self) -> None:
-        self.keys, self.status, self.fetches = [], 200, 0
-
-    def __enter__(self) -> JwksServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -579,13 +537,13 @@ async def test_jwks_entries_that_must_not_verify(jwks: JwksServer, key: bytes) -
     await refused(verifier, token(key, kid="enc"), "^unknown signing key$")
     await refused(verifier, token(key, kid="broken"), "^unknown signing key$")
     # a JWK's `alg` pins it: PS256 with an RS256 key is refused
-    assert await verifier.verify(token(signer_rsa, kid="rsa", algorithm="RS256"))
+    assert (await verifier.verify(token(signer_rsa, kid="rsa", algorithm="RS256"))).identity == U1
     await refused(
         verifier,
         token(signer_rsa, kid="rsa", algorithm="PS256"),
         "token algorithm does not match the signing key",
     )
-    assert await verifier.verify(token(key, kid="ed"))
+    assert (await verifier.verify(token(key, kid="ed"))).identity == U1
     await refused(verifier, token(key), "token has no key id")
     assert jwks.fetches == 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,19 +12,15 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from scailink_mcp import auth
 from scailink_mcp.auth import TokenVerifier, resolve_roles
 from scailink_mcp.config import Settings
 from scailink_mcp.errors import Unauthorized
+from tests.servers import JwksServer
 
 pytestmark = pytest.mark.anyio
 
@@ -61,37 +56,6 @@ def mint(key: Any, kid: str | None = None, alg: str = "ES256", **claims: Any) ->
     body.update(claims)
     body = {k: v for k, v in body.items() if v is not None}
     return jwt.encode(body, key, algorithm=alg, headers={"kid": kid} if kid else None)
-
-
-class JwksServer:
-    """A real JWKS endpoint on 127.0.0.1 that counts its fetches."""
-
-    def __init__(self) -> None:
-        self.keys: list[dict[str, Any]] = []
-        self.fetches = 0
-
-        async def jwks(request: Request) -> JSONResponse:
-            self.fetches += 1
-            return JSONResponse({"keys": self.keys})
-
-        config = uvicorn.Config(
-            Starlette(routes=[Route("/jwks", jwks)]), host="127.0.0.1", port=0, log_config=None
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> JwksServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/jwks"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -162,7 +126,8 @@ async def test_leeway_and_algorithms(tmp_path: Any) -> None:
     path.write_text(public_pem(key))
     verifier = TokenVerifier(Settings(_env_file=None, jwt_public_key=str(path)))  # type: ignore[call-arg]
     # 20 s past exp is inside the 30 s leeway; a PEM given as a path works
-    assert await verifier.verify(mint(key, exp=int(time.time()) - 20))
+    exp = int(time.time()) - 20
+    assert (await verifier.verify(mint(key, exp=exp))).expires_at == exp
     # algorithm confusion: HS256 signed with the public key as the HMAC secret is refused
     claims = {"sub": "u1", "tenant_id": "t1", "groups": [], "aud": "scailink", "exp": int(time.time()) + 60}
     forged = jwt.encode(claims, b"k" * 32, algorithm="HS256")
@@ -244,23 +209,22 @@ async def test_verified_tokens_are_remembered_until_exp_or_ttl() -> None:
     now = [time.time()]
     mono = [0.0]
     settings = Settings(_env_file=None, jwt_public_key=public_pem(key), jwt_leeway_s=0)  # type: ignore[call-arg]
-    verifier = TokenVerifier(settings, clock=lambda: mono[0], wall_clock=lambda: now[0])
-    token = mint(key, exp=int(now[0]) + 60)
-    first = await verifier.verify(token)
     decodes = 0
-    real_decode = verifier._decode
 
     def counting(*args: Any) -> dict[str, Any]:
         nonlocal decodes
         decodes += 1
-        return real_decode(*args)
+        return auth.decode_claims(*args)
 
-    verifier._decode = counting  # type: ignore[method-assign]
+    verifier = TokenVerifier(settings, clock=lambda: mono[0], wall_clock=lambda: now[0], decode=counting)
+    token = mint(key, exp=int(now[0]) + 60)
+    first = await verifier.verify(token)
+    assert decodes == 1, "the first sight of a token checks its signature"
     assert (await verifier.verify(token)).user_id == first.user_id
-    assert decodes == 0, "a repeat of a verified token does not re-check the signature"
+    assert decodes == 1, "a repeat of a verified token does not re-check the signature"
     mono[0] += settings.jwt_verified_cache_ttl_s
     await verifier.verify(token)
-    assert decodes == 1, "past the cache TTL the token is verified again"
+    assert decodes == 2, "past the cache TTL the token is verified again"
     now[0] += 61
     with pytest.raises(Unauthorized, match="expired"):
         await verifier.verify(token)
@@ -268,3 +232,4 @@ async def test_verified_tokens_are_remembered_until_exp_or_ttl() -> None:
     for _ in range(2):
         with pytest.raises(Unauthorized):
             await verifier.verify(forged)
+    assert decodes == 4, "a refused token is checked in full every time, never answered from the cache"

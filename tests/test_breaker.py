@@ -8,14 +8,12 @@ server and real SDK clients on `/mcp`, and the pool itself for the timing cases 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
 import mcp_types as types
 import pytest
-import uvicorn
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from starlette.applications import Starlette
@@ -27,8 +25,9 @@ from scailink_mcp.errors import UpstreamError, UpstreamTimeout
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.upstream import UpstreamTarget, open_session
 from tests.conftest import LiveApp, TokenFactory
+from tests.servers import ThreadedServer
 from tests.test_mcp_gateway import mcp_client, register
-from tests.test_pool_unit import ALLOWED, Clock, echo, running_pool
+from tests.test_pool_unit import ALLOWED, Clock, connect_count, echo, running_pool
 from tests.upstream import ToolCall, UpstreamServer, text_result
 
 pytestmark = pytest.mark.anyio
@@ -100,10 +99,10 @@ async def test_a_real_outage_opens_the_circuit_for_everyone(upstream: UpstreamSe
         for user in ("a", "a", "b", "b", "c"):  # five failures from three users within the window
             with anyio.fail_after(15), pytest.raises(UpstreamError):
                 await echo(pool, PoolKey("s1", 1, user))
-        connects = len(pool.connects)  # type: ignore[attr-defined]
+        connects = connect_count(pool)
         with pytest.raises(UpstreamError, match="circuit open"):
             await echo(pool, PoolKey("s1", 1, "newcomer"))
-        assert len(pool.connects) == connects, "an open circuit fails fast without connecting"  # type: ignore[attr-defined]
+        assert connect_count(pool) == connects, "an open circuit fails fast without connecting"
         assert pool.breaker_open("s1", "newcomer"), "a user who never called fails fast too"
         upstream.start()
         clock.now += 31
@@ -139,17 +138,8 @@ async def strict_http_upstream() -> AsyncIterator[str]:
         return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": {}})
 
     app = Starlette(routes=[Route("/mcp", mcp, methods=["GET", "POST", "DELETE"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110  (a flag set by the server thread)
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/mcp"
-    finally:
-        server.should_exit = True
-        thread.join(5)
+    with ThreadedServer(app) as server:
+        yield f"{server.base_url}/mcp"
 
 
 async def test_json_rpc_errors_at_http_400_are_answers_not_failures() -> None:

@@ -46,10 +46,10 @@ def _wait_until(predicate: object, timeout: float = 30.0) -> None:
 
 
 @contextmanager
-def dev_server(data_dir: Path, **env: str) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+def dev_server(data_dir: Path, *args: str, **env: str) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
     port = _free_port()
     proc = subprocess.Popen(
-        [*SCAILINK, "dev", "--data-dir", str(data_dir), "--port", str(port)],
+        [*SCAILINK, "dev", "--data-dir", str(data_dir), "--port", str(port), *args],
         env=_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -133,45 +133,14 @@ def test_dev_serves_and_printed_token_registers_loopback_upstream(tmp_path: Path
 
 def test_token_migrate_openapi(tmp_path: Path) -> None:
     data = tmp_path / "d"
-    missing = subprocess.run(
-        [
-            *SCAILINK,
-            "token",
-            "--user",
-            "u1",
-            "--tenant",
-            "t1",
-            "--groups",
-            "tenant_user",
-            "--data-dir",
-            str(data),
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    token = [*SCAILINK, "token", "--user", "u1", "--tenant", "t1", "--groups", "tenant_user"]
+    token += ["--data-dir", str(data)]
+    missing = subprocess.run(token, env=_env(), capture_output=True, text=True)
     assert missing.returncode == 2 and "scailink dev" in missing.stderr
     from scailink_mcp.auth import generate_dev_key
 
     generate_dev_key(data / "dev_signing_key.pem")
-    out = subprocess.run(
-        [
-            *SCAILINK,
-            "token",
-            "--user",
-            "u1",
-            "--tenant",
-            "t1",
-            "--groups",
-            "tenant_user",
-            "--data-dir",
-            str(data),
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = subprocess.run(token, env=_env(), capture_output=True, text=True, check=True)
     assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+", out.stdout.strip())
     db_url = f"sqlite:///{tmp_path / 'm.db'}"
     subprocess.run(

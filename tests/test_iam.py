@@ -256,6 +256,7 @@ async def test_role_routes_crud_and_validation(harness: AppHarness, token: Token
     assert field_of(await put_role(harness, admin, "auditor", "scailink:everything")) == "permissions"
     assert field_of(await put_role(harness, admin, "tenant_user", auth.VIEW)) == "name"
     assert field_of(await put_role(harness, admin, "Bad", auth.VIEW)) == "name"
+    assert field_of(await put_role(harness, admin, "Bad Name")) == "name"
     assert (
         field_of(await c.put(f"{IAM}/roles/auditor", json={"permissions": "x"}, headers=h)) == "permissions"
     )
@@ -335,7 +336,17 @@ async def test_role_change_applies_without_restart_and_survives_one(
         assert denied.status_code == 403 and auth.REMOTE_USE in denied.json()["error"]["message"]
         assert (await put_role(h, admin, "auditor", auth.VIEW, auth.REMOTE_USE)).status_code == 200
         assert (await h.client.get(SERVERS, headers=member)).status_code == 200
+        evaluated = await perms_of(h, admin, "u5", groups="auditor")
+        assert set(evaluated["permissions"]) == {auth.VIEW, auth.REMOTE_USE}, "evaluated as it is now"
+        other_tenant = auth_headers(token("u5", "t2", ("auditor",)))
+        assert (await h.client.get(SERVERS, headers=other_tenant)).status_code == 403, "t1's role only"
     async with start_app(settings) as h:  # a restart loads the roles from the database
         assert (await h.client.get(SERVERS, headers=member)).status_code == 200
         assert (await h.client.delete(f"{IAM}/roles/auditor", headers=auth_headers(admin))).status_code == 204
         assert (await h.client.get(SERVERS, headers=member)).status_code == 403
+
+
+async def test_user_roles_never_add_up_to_the_catch_all(harness: AppHarness, token: TokenFactory) -> None:
+    got = (await perms_of(harness, token("u7", "t1", ("tenant_user", "tenant_viewer")), "u7"))["permissions"]
+    assert auth.MANAGE not in got and auth.REMOTE_MANAGE_TENANT not in got
+    assert set(got) == {auth.VIEW, auth.INVOKE, auth.REMOTE_USE, auth.REMOTE_MANAGE_OWN}

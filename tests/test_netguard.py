@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import socket
 import ssl
-import threading
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
 import httpx2
 import pytest
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,6 +45,7 @@ from scailink_mcp.remote.netguard import (
     system_resolver,
     validate_endpoint_url,
 )
+from tests.servers import ThreadedServer
 
 LOOPBACK: list[Network] = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 NOTHING: list[Network] = []
@@ -221,43 +217,6 @@ async def test_validate_endpoint_url_accepts_global_and_unresolvable_hosts() -> 
 
 
 # --- real servers on 127.0.0.1 --------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
-
-
-class ThreadedServer:
-    """A uvicorn server for `app` in a thread, on a 127.0.0.1 port the OS picked."""
-
-    def __init__(self, app: Any, *, certfile: Path | None = None, keyfile: Path | None = None) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            ssl_certfile=str(certfile) if certfile else None,
-            ssl_keyfile=str(keyfile) if keyfile else None,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def __enter__(self) -> ThreadedServer:
-        self._thread.start()
-        wait_until(lambda: self._server.started)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
 
 
 @dataclass
@@ -473,7 +432,8 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @contextmanager
 def tls_server(tls_files: tuple[Path, Path]) -> Iterator[PlainUpstream]:
     hits: Counter[str] = Counter()
-    with ThreadedServer(plain_app(hits), certfile=tls_files[0], keyfile=tls_files[1]) as server:
+    certfile, keyfile = tls_files
+    with ThreadedServer(plain_app(hits), ssl_certfile=str(certfile), ssl_keyfile=str(keyfile)) as server:
         yield PlainUpstream(server.port, hits)
 
 

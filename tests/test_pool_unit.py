@@ -15,6 +15,7 @@ from scailink_mcp.errors import UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent, ServerEventKind
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.upstream import UpstreamTarget, open_session, parse_networks
+from tests.servers import ThreadedServer
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.anyio
@@ -35,19 +36,29 @@ def upstream() -> Iterator[UpstreamServer]:
         yield server
 
 
-@asynccontextmanager
-async def running_pool(upstream: UpstreamServer, **kw: Any) -> AsyncIterator[UpstreamPool]:
-    connects: list[PoolKey] = []
+class RecordingConnector:
+    """The pool's connector: real SDK sessions to `url`, recording the key of every one it opens."""
 
-    def connect(key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
-        connects.append(key)
-        target = UpstreamTarget(
-            server_id=key.server_id, endpoint_url=upstream.url, transport="streamable_http"
-        )
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.keys: list[PoolKey] = []
+
+    def __call__(self, key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
+        self.keys.append(key)
+        target = UpstreamTarget(server_id=key.server_id, endpoint_url=self.url, transport="streamable_http")
         return open_session(target, ALLOWED, connect_timeout=5, read_timeout=30)
 
-    pool = UpstreamPool(connect, **{"idle_ttl_s": 300, "max_sessions": 10, **kw})
-    pool.connects = connects  # type: ignore[attr-defined]
+
+def connect_count(pool: UpstreamPool) -> int:
+    """How many sessions a pool of `running_pool` has tried to open."""
+    assert isinstance(pool.connector, RecordingConnector)
+    return len(pool.connector.keys)
+
+
+@asynccontextmanager
+async def running_pool(upstream: UpstreamServer, **kw: Any) -> AsyncIterator[UpstreamPool]:
+    connector = RecordingConnector(upstream.url)
+    pool = UpstreamPool(connector, **{"idle_ttl_s": 300, "max_sessions": 10, **kw})
     async with anyio.create_task_group() as tg:
         tg.start_soon(pool.run)
         yield pool
@@ -133,11 +144,11 @@ async def test_circuit_breaker(upstream: UpstreamServer) -> None:
             with pytest.raises(UpstreamError):
                 await echo(pool)
         assert pool.breaker_open("s1")
-        calls = len(pool.connects)  # type: ignore[attr-defined]
+        calls = connect_count(pool)
         with pytest.raises(UpstreamError) as err:
             await echo(pool)
         assert err.value.retry_after is not None and 0 < err.value.retry_after <= 30
-        assert len(pool.connects) == calls, "an open circuit fails fast without connecting"  # type: ignore[attr-defined]
+        assert connect_count(pool) == calls, "an open circuit fails fast without connecting"
         upstream.start()
         clock.now += 31
         assert await echo(pool, text="closed") == "closed"
@@ -173,9 +184,6 @@ async def test_shutdown_closes_everything(upstream: UpstreamServer) -> None:
 
 async def test_garbage_answering_upstream_fails_cleanly() -> None:
     """An upstream answering non-MCP garbage: a clear UpstreamError within the timeout, nothing hangs."""
-    import threading
-
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
@@ -184,25 +192,16 @@ async def test_garbage_answering_upstream_fails_cleanly() -> None:
         return Response(b"\x00\x01 this is not JSON-RPC", media_type="application/json")
 
     app = Starlette(routes=[Route("/mcp", garbage, methods=["GET", "POST", "DELETE"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:  # noqa: ASYNC110  (a flag set by the server thread)
-        await anyio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    with ThreadedServer(app) as server:
 
-    def connect(key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
-        target = UpstreamTarget(key.server_id, f"http://127.0.0.1:{port}/mcp", "streamable_http")
-        return open_session(target, ALLOWED, connect_timeout=2, read_timeout=5)
+        def connect(key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
+            target = UpstreamTarget(key.server_id, f"{server.base_url}/mcp", "streamable_http")
+            return open_session(target, ALLOWED, connect_timeout=2, read_timeout=5)
 
-    pool = UpstreamPool(connect, idle_ttl_s=300, max_sessions=4)
-    try:
+        pool = UpstreamPool(connect, idle_ttl_s=300, max_sessions=4)
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run)
             with anyio.fail_after(10), pytest.raises((UpstreamError, UpstreamTimeout)):
                 await pool.call_tool(KEY, "echo", {"text": "x"}, timeout=3)
             assert pool.size() == 0
             tg.cancel_scope.cancel()
-    finally:
-        server.should_exit = True
-        thread.join(5)

@@ -3,19 +3,17 @@ sampling, elicitation, roots, logging and progress, through ScaiLink's `/mcp`.""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import mcp_types as types
 import pytest
-import uvicorn
 from mcp.client.session import ClientRequestContext, ClientSession
 from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
 
 from tests.conftest import LiveApp, TokenFactory
+from tests.servers import ThreadedServer
 from tests.test_mcp_gateway import mcp_client, register
 
 pytestmark = pytest.mark.anyio
@@ -53,30 +51,14 @@ def _asking_server() -> MCPServer:
     return server
 
 
-from pydantic import BaseModel  # noqa: E402
-
-
 class _Name(BaseModel):
     name: str
 
 
 @pytest.fixture
 def asking_upstream() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app = _asking_server().streamable_http_app()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/mcp"
-    server.should_exit = True
-    thread.join(10)
+    with ThreadedServer(_asking_server().streamable_http_app(), timeout_graceful_shutdown=1) as server:
+        yield f"{server.base_url}/mcp"
 
 
 async def test_sampling_elicitation_roots_logging_progress(
@@ -187,26 +169,8 @@ def _subscribable_server() -> Any:
 
 @pytest.fixture
 def subscribable_upstream() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            _subscribable_server().streamable_http_app(),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            timeout_graceful_shutdown=1,
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/mcp"
-    server.should_exit = True
-    thread.join(10)
+    with ThreadedServer(_subscribable_server().streamable_http_app(), timeout_graceful_shutdown=1) as server:
+        yield f"{server.base_url}/mcp"
 
 
 async def test_resource_subscription_relay(

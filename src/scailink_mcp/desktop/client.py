@@ -1,13 +1,14 @@
 """The reference desktop client (`scailink desktop`): local stdio MCP servers bridged to ScaiLink.
 
 Owns: one WebSocket to `/v1/scailink/ws` at a time: `session_init` with the local catalog,
-heartbeats, `tool_invoke` / `resource_read` / `prompt_get` each answered in its own task within its
-`timeout_ms`, `consent_request` put to the `ConsentPrompter`, `catalog_update` after a local server's
-`tools/list_changed`. After a network drop or a 1001 it reconnects with `resume_session_id`
-(bounded exponential backoff); after 4001/4002/4003/4009/4010 it stops and says why. Also the device
-id (a random id kept in the state dir) and the `scailink desktop` command (`main`).
+heartbeats, each server frame handed to the `FrameResponder` in its own task, `catalog_update` after
+a local server's `tools/list_changed`. After a network drop or a 1001 it reconnects with
+`resume_session_id` (bounded exponential backoff); after 4001/4002/4003/4009/4010 it stops and says
+why.
 
-The local servers and their names live in `local_servers.py`, the prompters in `consent_prompt.py`.
+Elsewhere: the local servers and their names in `local_servers.py`, the answers to the server's
+frames in `client_frames.py`, the prompters in `consent_prompt.py`, the device id in `device.py`,
+the command line in `client_cli.py` (`main` here stays the entry point `scailink_mcp.cli` calls).
 
 Must not: import the server side of the bridge (it speaks only the wire protocol, so it doubles as
 the reference for other clients); log the token or tool arguments.
@@ -15,40 +16,33 @@ the reference for other clients); log the token or tool arguments.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import platform
-import re
 import secrets
-import signal
-import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TextIO, TypeVar
+from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-from mcp.shared.exceptions import MCPError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from scailink_mcp import __version__
 from scailink_mcp.desktop import protocol
-from scailink_mcp.desktop.client_errors import FATAL_CLOSES, ConfigError, DesktopClientError, FatalClose
-from scailink_mcp.desktop.consent_prompt import (
-    ConsentPrompter,
-    Decision,
-    Remember,
-    TerminalConsent,
-    auto_approve,
-)
-from scailink_mcp.desktop.local_servers import LocalServers, ServerSpec, UnknownItem, load_config
+from scailink_mcp.desktop.client_errors import FATAL_CLOSES, ConfigError, FatalClose
+from scailink_mcp.desktop.client_frames import FrameResponder, SessionAck, answer_deadline_s, json_object
+from scailink_mcp.desktop.consent_prompt import ConsentPrompter, auto_approve
+from scailink_mcp.desktop.device import default_state_dir, load_device_id, platform_info
+from scailink_mcp.desktop.local_servers import LocalServers, ServerSpec
 from scailink_mcp.desktop.protocol import Close
+
+# `answer_deadline_s`, `default_state_dir` and `load_device_id` lived here before the split.
+__all__ = [
+    "Backoff", "DesktopClient", "answer_deadline_s", "default_state_dir", "load_device_id", "main", "ws_url",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +50,7 @@ CLIENT_VERSION = f"scailink-desktop/{__version__}"
 WS_PATH = "/v1/scailink/ws"
 INIT_ID = 1
 INIT_TIMEOUT_S = 30.0
-MAX_FRAME_BYTES = 1024 * 1024  # the bridge closes 1009 above this: a bigger answer becomes an error
 MAX_INCOMING_BYTES = 16 * 1024 * 1024
-
-# JSON-RPC error codes of the answers to the server's requests (-32000..-32003: the local side's).
-TOOL_FAILED = -32000
-TOOL_TIMEOUT = -32001
-NOT_FOUND = -32002
-TOO_LARGE = -32003
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
 
 
 def ws_url(server: str) -> str:
@@ -76,44 +61,6 @@ def ws_url(server: str) -> str:
         raise ConfigError(f"--server must be a ws://, wss://, http:// or https:// URL, not {server!r}")
     path = parts.path if parts.path not in ("", "/") else WS_PATH
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
-def default_state_dir(system: str, environ: Mapping[str, str], home: Path) -> Path:
-    """The per-user config dir for `platform.system()`; `environ` is read only for its location."""
-    if system == "Windows" and environ.get("APPDATA"):
-        return Path(environ["APPDATA"]) / "ScaiLink"
-    if system == "Darwin":
-        return home / "Library" / "Application Support" / "ScaiLink"
-    xdg = environ.get("XDG_CONFIG_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else home / ".config") / "scailink"
-
-
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
-
-
-def load_device_id(state_dir: Path) -> str:
-    """A random id made once per install and kept in `state_dir/device_id` (remade if unusable)."""
-    path = state_dir / "device_id"
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        value = ""
-    if _DEVICE_ID.match(value):
-        return value
-    value = "dev_" + secrets.token_urlsafe(18)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("device_id.tmp")
-    tmp.write_text(value + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a crash mid-write leaves the old file or the new one, never half of one
-    return value
-
-
-def platform_info() -> dict[str, str]:
-    return {
-        "os": platform.system().lower() or "unknown",
-        "arch": platform.machine() or "unknown",
-        "version": platform.release() or "unknown",
-    }
 
 
 _RANDOM = secrets.SystemRandom()
@@ -136,65 +83,6 @@ class Backoff:
         while True:
             yield min(self.maximum, delay * (1 + self.jitter * random()))
             delay = min(self.maximum, delay * self.factor)
-
-
-def answer_deadline_s(timeout_ms: int) -> float:
-    """How long a local call may take: a little less than the caller's timeout, so the answer (or the
-    timeout error) arrives while ScaiLink still waits for it rather than after it gave up."""
-    timeout = timeout_ms / 1000
-    return max(0.05, timeout - min(1.0, timeout * 0.1))
-
-
-# ---- wire shapes of what the server sends ---------------------------------------------------------
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class SessionAck(_Params):
-    session_id: str = Field(min_length=1)
-    heartbeat_interval_ms: int = Field(default=30000, gt=0)
-    grace_period_ms: int = 120000
-    rejected: list[Any] = Field(default_factory=list)
-    namespace: str | None = None
-
-
-class _Call(_Params):
-    invocation_id: str | None = None
-    timeout_ms: int = Field(default=60000, gt=0)
-
-
-class ToolInvoke(_Call):
-    tool: str
-    arguments: dict[str, Any] | None = None
-
-
-class ResourceRead(_Call):
-    uri: str
-
-
-class PromptGet(_Call):
-    name: str
-    arguments: dict[str, str] | None = None
-
-
-class ConsentRequest(_Params):
-    consent_id: str
-    tool: str
-    arguments: Any = None
-    expires_ms: int | None = Field(default=None, gt=0)
-
-
-C = TypeVar("C", bound=_Call)
-
-
-def _json_object(raw: str | bytes) -> dict[str, Any] | None:
-    try:
-        message = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return message if isinstance(message, dict) else None
 
 
 # ---- the client -------------------------------------------------------------------------------------
@@ -247,9 +135,9 @@ class DesktopClient:
         self.url = ws_url(url)
         self.token = token
         self.local = LocalServers(servers, errlog=errlog)
+        self.responder = FrameResponder(self.local, consent)
         self.device_name = device_name.strip()[:128] or "desktop"
         self.device_id = device_id
-        self.consent = consent
         self.backoff = backoff or Backoff()
         self.audit_detail_level = audit_detail_level
         self.session_id: str | None = None  # the last acknowledged one: resumed on reconnect
@@ -381,7 +269,7 @@ class DesktopClient:
                     await self._send_catalog_update()  # changes that arrived during the handshake
                     try:
                         async for raw in ws:
-                            tg.start_soon(self._dispatch, live, raw)
+                            tg.start_soon(self.responder.handle, raw, live.send)
                     except ConnectionClosed:
                         pass
                     tg.cancel_scope.cancel()  # calls in flight: the server has failed them already
@@ -404,7 +292,7 @@ class DesktopClient:
 
     async def _receive_ack(self, ws: ClientConnection) -> SessionAck:
         while True:
-            message = _json_object(await ws.recv())
+            message = json_object(await ws.recv())
             if message is None or message.get("id") != INIT_ID or "method" in message:
                 continue  # nothing else is expected before the ack; the server closes on real trouble
             if "error" in message:
@@ -431,183 +319,9 @@ class DesktopClient:
                 return
             await anyio.sleep(max(0.05, interval_s))
 
-    # ---- frames from the server -------------------------------------------------------------------
-
-    async def _dispatch(self, live: _Live, raw: str | bytes) -> None:
-        """One frame, in its own task: a slow tool never holds up heartbeats or other calls."""
-        message = _json_object(raw)
-        if message is None:
-            logger.warning("ignored a frame that is not a JSON object")
-            return
-        method, params = message.get("method"), message.get("params") or {}
-        if "id" not in message:
-            if method == protocol.CONSENT_REQUEST:
-                await self._consent(live, params)
-            elif method == protocol.POLICY_UPDATE:
-                logger.info("policy update from ScaiLink", extra={"policy": json.dumps(params)[:500]})
-            return  # other notifications: nothing to do
-        request_id = message["id"]
-        if method is None:
-            return  # a response: this client sends no requests after session_init
-        if method == protocol.TOOL_INVOKE:
-            reply = await self._answer(request_id, ToolInvoke, params, self._call_tool)
-        elif method == protocol.RESOURCE_READ:
-            reply = await self._answer(request_id, ResourceRead, params, self._read_resource)
-        elif method == protocol.PROMPT_GET:
-            reply = await self._answer(request_id, PromptGet, params, self._get_prompt)
-        else:
-            reply = protocol.error(request_id, METHOD_NOT_FOUND, f"unknown method {str(method)[:60]!r}")
-        if len(reply) > MAX_FRAME_BYTES // 4 and len(reply.encode()) > MAX_FRAME_BYTES:
-            reply = protocol.error(
-                request_id, TOO_LARGE, f"the answer is over the {MAX_FRAME_BYTES}-byte frame limit"
-            )
-        await live.send(reply)
-
-    async def _answer(
-        self, request_id: Any, shape: type[C], params: Any, call: Callable[[C], Awaitable[BaseModel]]
-    ) -> str:
-        try:
-            request = shape.model_validate(params)
-        except ValidationError as exc:
-            return protocol.error(
-                request_id, INVALID_PARAMS, f"invalid params: {protocol.first_error_field(exc)}"
-            )
-        deadline = answer_deadline_s(request.timeout_ms)
-        try:
-            with anyio.fail_after(deadline):
-                result = await call(request)
-        except UnknownItem as exc:
-            return protocol.error(request_id, NOT_FOUND, str(exc))
-        except TimeoutError:
-            return protocol.error(
-                request_id, TOOL_TIMEOUT, f"the local server did not answer within {deadline:g} s"
-            )
-        except MCPError as exc:
-            return protocol.error(request_id, TOOL_FAILED, f"the local server answered: {exc.message[:200]}")
-        except Exception as exc:
-            logger.warning("a local call failed", extra={"error": repr(exc)})
-            return protocol.error(request_id, TOOL_FAILED, f"the local server failed ({type(exc).__name__})")
-        return protocol.result(request_id, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
-
-    async def _call_tool(self, request: ToolInvoke) -> BaseModel:
-        return await self.local.call_tool(request.tool, request.arguments)
-
-    async def _read_resource(self, request: ResourceRead) -> BaseModel:
-        return await self.local.read_resource(request.uri)
-
-    async def _get_prompt(self, request: PromptGet) -> BaseModel:
-        return await self.local.get_prompt(request.name, request.arguments)
-
-    async def _consent(self, live: _Live, params: Any) -> None:
-        try:
-            request = ConsentRequest.model_validate(params)
-        except ValidationError as exc:
-            logger.warning(
-                "ignored a malformed consent_request", extra={"error": protocol.first_error_field(exc)}
-            )
-            return
-        decision: Decision = "denied"
-        remember: Remember = "once"
-        with anyio.move_on_after(request.expires_ms / 1000 if request.expires_ms else None) as scope:
-            try:
-                decision, remember = await self.consent(request.tool, request.arguments)
-            except Exception as exc:
-                logger.warning("the consent prompter failed: denied", extra={"error": repr(exc)})
-        if scope.cancelled_caught:
-            logger.info("a consent request expired unanswered", extra={"tool": request.tool})
-            return  # the server has already counted the silence as a denial
-        if decision != "approved":
-            decision, remember = "denied", "once"
-        response = {
-            "consent_id": request.consent_id,
-            "decision": decision,
-            "remember": remember if remember in ("once", "session") else "once",
-        }
-        await live.send(protocol.notification(protocol.CONSENT_RESPONSE, response))
-
-
-# ---- the command ------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scailink desktop",
-        description="Bridge the local MCP servers of an mcpServers config to ScaiLink.",
-    )
-    parser.add_argument(
-        "--server", required=True, help="ws(s)://HOST[:PORT]/v1/scailink/ws, or the http(s) base URL"
-    )
-    token = parser.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token", help="a JWT with scailink:view and scailink:invoke")
-    token.add_argument(
-        "--token-file", type=Path, help="a file holding the JWT (keeps it out of the process list)"
-    )
-    parser.add_argument("--config", required=True, type=Path, help="an mcpServers JSON file")
-    parser.add_argument(
-        "--device-name", default=platform.node() or "desktop", help="how ScaiLink shows this device"
-    )
-    parser.add_argument(
-        "--state-dir", type=Path, help="where the device id is kept (default: the user config dir)"
-    )
-    parser.add_argument("--auto-approve", action="store_true", help="approve every consent request unasked")
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`scailink desktop ...`: 0 after Ctrl-C/SIGTERM, 1 when ScaiLink refuses the device, 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    try:
-        servers = load_config(args.config)
-        token = args.token or _read_token(args.token_file)
-        state_dir = args.state_dir or default_state_dir(platform.system(), os.environ, Path.home())
-        client = DesktopClient(
-            args.server,
-            token,
-            servers,
-            device_name=args.device_name,
-            device_id=load_device_id(state_dir),
-            consent=auto_approve if args.auto_approve else TerminalConsent(),
-        )
-    except (ConfigError, OSError) as exc:
-        print(f"scailink desktop: {exc}", file=sys.stderr)
-        return 2
-    error = anyio.run(_run_until_signal, client)
-    if error is not None:
-        print(f"scailink desktop: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
-    return 0
+    """`scailink desktop ...` (see `client_cli.main`), imported on use: the CLI module imports this one."""
+    from scailink_mcp.desktop.client_cli import main as cli_main
 
-
-def _read_token(path: Path) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"{path} is empty")
-    return token
-
-
-async def _run_until_signal(client: DesktopClient) -> DesktopClientError | None:
-    error: DesktopClientError | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signals, client, tg.cancel_scope)
-        try:
-            await client.run()
-        except DesktopClientError as exc:
-            error = exc
-        tg.cancel_scope.cancel()
-    return error
-
-
-async def _stop_on_signals(client: DesktopClient, scope: anyio.CancelScope) -> None:
-    """The first Ctrl-C/SIGTERM ends the session cleanly; a second one stops waiting for that."""
-    try:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                if client.stopping:
-                    scope.cancel()
-                    return
-                await client.stop()
-    except NotImplementedError:  # Windows: Ctrl-C arrives as KeyboardInterrupt instead
-        await anyio.sleep_forever()
+    return cli_main(argv)
