@@ -25,7 +25,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
-from scailink_mcp import mcp_server
+from scailink_mcp import dashboard, mcp_server
 from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import iam as iam_api
@@ -324,6 +324,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             *desktop_api.routes,
             *audit_api.routes,
             *iam_api.routes,
+            Route("/", dashboard.home_redirect, methods=["GET"]),
+            Mount("/dashboard", app=dashboard.create_dashboard(parts), name="dashboard"),
             WebSocketRoute("/v1/scailink/ws", parts.bridge.endpoint),
             Route("/metrics", parts.metrics.endpoint, methods=["GET"]),
             *routes,

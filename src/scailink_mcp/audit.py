@@ -125,16 +125,22 @@ class AuditRecord:
         return AuditEvent(
             id=new_id(),
             ts=_utc(self.ts or utcnow()),
-            tenant_id=self.tenant_id[:128],
-            user_id=self.user_id[:128],
-            event=self.event[:64],
-            outcome=self.outcome[:16],
-            error_code=self.error_code[:64] if self.error_code else None,
+            tenant_id=_text(self.tenant_id, 128),
+            user_id=_text(self.user_id, 128),
+            event=_text(self.event, 64),
+            outcome=_text(self.outcome, 16),
+            error_code=_text(self.error_code, 64) if self.error_code else None,
             duration_ms=round(self.duration_ms, 3) if self.duration_ms is not None else None,
-            request_id=self.request_id[:128] if self.request_id else None,
-            target=self.target[:1024] if detailed and self.target else None,
+            request_id=_text(self.request_id, 128) if self.request_id else None,
+            target=_text(self.target, 1024) if detailed and self.target else None,
             arguments=_stored_arguments(self.arguments, max_argument_bytes) if detailed else None,
         )
+
+
+def _text(value: str, size: int) -> str:
+    """Truncated to the column, without NUL: PostgreSQL text cannot hold it, and one such value would
+    make the database refuse the whole batch (every other event in it lost)."""
+    return value.replace("\x00", "\ufffd")[:size]
 
 
 def _stored_arguments(arguments: Any, max_bytes: int) -> dict[str, Any] | None:
@@ -145,6 +151,7 @@ def _stored_arguments(arguments: Any, max_bytes: int) -> dict[str, Any] | None:
         text = json.dumps(redact(arguments), default=str, ensure_ascii=False)
     except (TypeError, ValueError):  # never let one odd value reach (and sink) the batch
         return {"_unserializable": True}
+    text = text.replace("\\u0000", "\\ufffd")  # PostgreSQL JSON(B) refuses NUL escapes too
     size = len(text.encode())
     if size > max_bytes:
         return {"_truncated": True, "_bytes": size}

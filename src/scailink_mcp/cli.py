@@ -6,7 +6,10 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +81,8 @@ def uvicorn_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Co
     return uvicorn.Config(app, **(options | overrides))
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, prepare: Callable[[Any], None] | None = None) -> None:
+    """Serve until SIGTERM; `prepare(app)` runs once the app is built, before it serves."""
     import anyio
     import uvicorn
     from sse_starlette.sse import AppStatus
@@ -106,14 +110,22 @@ def _serve(settings: Settings) -> None:
             AppStatus.should_exit = True
             await super().shutdown(sockets)
 
-    config = uvicorn_config(settings, create_app(settings, parts))
-    DrainingServer(config).run()
+    app = create_app(settings, parts)
+    if prepare is not None:
+        prepare(app)
+    DrainingServer(uvicorn_config(settings, app)).run()
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from scailink_mcp.auth import mint_token
+    from scailink_mcp.banner import dev_banner
+    from scailink_mcp.dashboard import find_dashboard
+    from scailink_mcp.dashboard.state import DashboardOptions
     from scailink_mcp.db import Database
+    from scailink_mcp.demo import start_demo
 
+    logs.configure(os.environ.get("SCAILINK_LOG_LEVEL", "INFO"), human=True)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its start-up chatter says nothing new
     settings = prepare_dev(_settings(args))
     Database(settings.effective_database_url).migrate()
     assert settings.dev_signing_key_path is not None
@@ -130,23 +142,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
     token_file = settings.data_dir / "dev_admin_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    print(
-        f"""
-ScaiLink MCP (dev) on {base}
-  database   {settings.effective_database_url}
-  REST       {base}/v1/modules/scailink/remote-servers
-  health     {base}/healthz
-  OpenAPI    {base}/v1/modules/scailink/openapi.json
-
-Dev admin token (user dev-admin, tenant dev, tenant_admin; 12 h; also in {token_file}):
-{token}
-
-Try it:
-  curl -s -H "Authorization: Bearer $(cat {token_file})" {base}/v1/modules/scailink/remote-servers
-""",
-        flush=True,
-    )
-    _serve(settings)
+    ticket = secrets.token_urlsafe(32)
+    options = DashboardOptions()
+    with ExitStack() as stack:
+        demo = None if args.no_demo else start_demo(settings, token, stack)
+        banner = dev_banner(
+            base=base,
+            database=settings.effective_database_url,
+            token=token,
+            token_file=str(token_file),
+            sign_in_url=f"{base}/dashboard/login?ticket={ticket}",
+            ticket_minutes=int(options.ticket_ttl_s // 60),
+            demo=demo,
+        )
+        print(banner, flush=True)
+        _serve(settings, prepare=lambda app: find_dashboard(app).tickets.add(ticket, token))
     return 0
 
 
@@ -236,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(dev)
     dev.add_argument("--host")
     dev.add_argument("--port", type=int)
+    dev.add_argument("--no-demo", dest="no_demo", action="store_true", help="no built-in demo MCP server")
     dev.set_defaults(func=cmd_dev)
 
     serve = sub.add_parser("serve", help="serve with the configured settings")

@@ -29,19 +29,20 @@ from scailink_mcp import auth
 from scailink_mcp.db import Database
 from scailink_mcp.errors import NotFound, ValidationFailed
 from scailink_mcp.models import CustomRole, utcnow
+from scailink_mcp.remote.schemas import TEXT_PATTERN
 
 logger = logging.getLogger(__name__)
 
-ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+ROLE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
 
 class RoleBody(BaseModel):
     """`PUT /v1/iam/roles/{name}`: the complete permission list (replaces the previous one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     permissions: list[str] = Field(max_length=64)
-    description: str = Field(default="", max_length=500)
+    description: str = Field(default="", max_length=500, pattern=TEXT_PATTERN)
 
     @field_validator("permissions")
     @classmethod
@@ -63,7 +64,7 @@ class RoleView(TypedDict):
 
 def check_name(name: str) -> None:
     """422 unless `name` may name a custom role. Pure."""
-    if not ROLE_NAME.match(name):
+    if not ROLE_NAME.fullmatch(name):
         raise ValidationFailed(
             "invalid role name", details=[{"field": "name", "reason": "must match " + ROLE_NAME.pattern}]
         )

@@ -1,5 +1,6 @@
-"""JSON log lines. Records carry only what callers put in `extra`; nothing here ever sees a header,
-a token or a credential, because nobody logs them."""
+"""Log lines: JSON (the default, for `serve`) or human-readable text (`scailink dev`). Records carry only
+what callers put in `extra`; nothing here ever sees a header, a token or a credential, because nobody
+logs them."""
 
 from __future__ import annotations
 
@@ -28,9 +29,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
-def configure(level: str = "INFO") -> None:
+class TextFormatter(logging.Formatter):
+    """`12:00:01 INFO  logger  message  key=value ...`: for a person at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        extras = " ".join(
+            f"{key}={value}"
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD and not key.startswith("_") and key != "color_message"
+        )
+        line = f"{when} {record.levelname:<7} {record.name}  {record.getMessage()}"
+        line = f"{line}  {extras}" if extras else line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(level: str = "INFO", *, human: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if human else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -27,7 +27,7 @@ BASE = "/v1/modules/scailink"
 
 
 class InvokeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     arguments: dict[str, Any] = Field(default_factory=dict)
     timeout_ms: int | None = Field(default=None, ge=1, le=300_000)
