@@ -261,7 +261,18 @@ def proxy_command(program: list[str], port: int, upstream: str) -> list[str]:
 
 
 def scailink_command(data_dir: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "scailink_mcp.cli", "dev", "--data-dir", str(data_dir), "--port", str(port)]
+    # --no-demo: the measured catalogs hold only the bench upstream's tools.
+    return [
+        sys.executable,
+        "-m",
+        "scailink_mcp.cli",
+        "dev",
+        "--no-demo",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+    ]
 
 
 # ScaiLink as it was before the lean `tools/call` path and the verified-token cache, same code base:

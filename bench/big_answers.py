@@ -154,7 +154,7 @@ async def measure(quick: bool) -> dict[str, Any]:
             for port in ports:
                 up = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--tools", "0", "--big"]
                 stack.enter_context(_process(up + (["--json"] if mode == "json" else [])))
-        command = [sys.executable, "-m", "scailink_mcp.cli", "dev", "--data-dir", str(data_dir)]
+        command = [sys.executable, "-m", "scailink_mcp.cli", "dev", "--no-demo", "--data-dir", str(data_dir)]
         scailink = stack.enter_context(_process([*command, "--port", str(sl_port)], env=env))
         for ports in modes.values():
             for port in ports:

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "-m",
                 "scailink_mcp.cli",
                 "dev",
+                "--no-demo",  # the suite expects the conformance upstream's catalog only
                 "--data-dir",
                 str(data_dir),
                 "--port",

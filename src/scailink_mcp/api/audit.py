@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from scailink_mcp import auth
 from scailink_mcp.api.envelope import (
+    components,
     decode_cursor,
     encode_cursor,
     page,
@@ -22,7 +23,7 @@ from scailink_mcp.api.envelope import (
     path_param,
     principal,
 )
-from scailink_mcp.audit import OUTCOMES, AuditLog, Cursor
+from scailink_mcp.audit import OUTCOMES, Cursor
 from scailink_mcp.auth import Principal
 from scailink_mcp.errors import ValidationFailed
 
@@ -71,8 +72,8 @@ def _cursor(request: Request) -> Cursor | None:
 
 
 async def _query(request: Request, who: Principal, user_id: str | None) -> Response:
-    parts = request.app.state.scailink
-    audit: AuditLog = parts.audit
+    parts = components(request)
+    audit = parts.audit
     outcome = request.query_params.get("outcome")
     if outcome is not None and outcome not in OUTCOMES:
         raise _invalid("outcome", "one of " + ", ".join(OUTCOMES))

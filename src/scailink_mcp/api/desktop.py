@@ -15,7 +15,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scailink_mcp import auth
-from scailink_mcp.api.envelope import no_content, ok, page, parse_body, principal, request_id
+from scailink_mcp.api.envelope import (
+    components,
+    no_content,
+    ok,
+    page,
+    parse_body,
+    path_param,
+    principal,
+    request_id,
+)
 from scailink_mcp.auth import Principal
 from scailink_mcp.desktop.connections import DesktopSession
 from scailink_mcp.desktop.protocol import PROTOCOL_VERSIONS, Close
@@ -33,12 +42,8 @@ class InvokeBody(BaseModel):
     timeout_ms: int | None = Field(default=None, ge=1, le=300_000)
 
 
-def _parts(request: Request) -> Any:
-    return request.app.state.scailink
-
-
 async def discover(request: Request) -> Response:
-    settings = _parts(request).settings
+    settings = components(request).settings
     base = (settings.public_url or str(request.base_url)).rstrip("/")
     ws_base = (
         "wss://" + base.removeprefix("https://")
@@ -60,9 +65,9 @@ async def invoke(request: Request) -> Response:
     who = await principal(request)
     if request.path_params["user_id"] != who.user_id:
         raise NotFound("user not found")
-    parts = _parts(request)
+    parts = components(request)
     body = await parse_body(request, InvokeBody, parts.settings.max_body_bytes)
-    name = request.path_params["tool_name"]
+    name = path_param(request, "tool_name")
     view = parts.catalog.view(who, parts.settings.tool_name_style)
     try:
         target = view.resolve_tool(name)
@@ -88,7 +93,7 @@ def _visible(who: Principal, session: DesktopSession) -> bool:
 
 async def list_sessions(request: Request) -> Response:
     who = await principal(request)
-    registry = _parts(request).desktop
+    registry = components(request).desktop
     user_id = request.query_params.get("user_id", who.user_id)
     tenant_wide = request.query_params.get("scope") == "tenant"
     if (tenant_wide or user_id != who.user_id) and not who.has(auth.MANAGE):
@@ -102,7 +107,9 @@ async def list_sessions(request: Request) -> Response:
 
 
 def _session(request: Request, who: Principal) -> DesktopSession:
-    session: DesktopSession | None = _parts(request).desktop.sessions.get(request.path_params["session_id"])
+    session: DesktopSession | None = components(request).desktop.sessions.get(
+        request.path_params["session_id"]
+    )
     if session is None or not _visible(who, session):
         raise NotFound("session not found")
     return session
@@ -118,13 +125,13 @@ async def delete_session(request: Request) -> Response:
     session = _session(request, who)
     if session.close is not None:
         await session.close(Close.NORMAL, "session terminated through the REST API")
-    await _parts(request).desktop.remove(session)
+    await components(request).desktop.remove(session)
     return no_content()
 
 
 async def capabilities(request: Request) -> Response:
     who = await principal(request)
-    parts = _parts(request)
+    parts = components(request)
     view = parts.catalog.view(who, parts.settings.tool_name_style)
     items: list[dict[str, Any]] = []
     for public, target in sorted(view.tool_targets.items()):

@@ -5,18 +5,21 @@ The error envelope lives in `errors.py`; this module only builds successes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from scailink_mcp import cursors
 from scailink_mcp.auth import Principal, bearer_token
+from scailink_mcp.cursors import encode_cursor as encode_cursor  # re-exported for the routes
 from scailink_mcp.errors import NotFound, PayloadTooLarge, ValidationFailed, from_validation
 from scailink_mcp.jsondepth import too_deep
+
+if TYPE_CHECKING:  # app.py imports the routes: the type only, no import cycle
+    from scailink_mcp.app import Components
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -79,6 +82,11 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
 async def read_json(request: Request, limit: int) -> Any:
     """Read the body (refusing more than `limit` bytes, even without Content-Length) and parse it
     (`parse_json`, with the `max_json_depth` setting)."""
+    return parse_json(await read_body(request, limit), components(request).settings.max_json_depth)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes (even without Content-Length) while reading."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
@@ -89,7 +97,7 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks), int(request.app.state.scailink.settings.max_json_depth))
+    return b"".join(chunks)
 
 
 async def parse_body(request: Request, model: type[M], limit: int) -> M:
@@ -117,8 +125,13 @@ def path_param(request: Request, name: str) -> str:
     return value
 
 
+def components(request: Request) -> Components:
+    """The app's parts, typed: the one place REST routes reach `app.state` (set by `create_app`)."""
+    return cast("Components", request.app.state.scailink)
+
+
 async def principal(request: Request) -> Principal:
-    parts = request.app.state.scailink
+    parts = components(request)
     token = bearer_token(request.headers.get("authorization"))
     result: Principal = await parts.verifier.verify(token)
     parts.limiter.check(f"{result.tenant_id}/{result.user_id}")
@@ -137,24 +150,6 @@ def page_limit(request: Request, default: int, maximum: int) -> int:
     return int(raw)
 
 
-def encode_cursor(position: tuple[str, ...]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode().rstrip("=")
-
-
 def decode_cursor(request: Request, size: int) -> tuple[str, ...] | None:
-    raw = request.query_params.get("cursor")
-    if not raw:
-        return None
-    try:
-        value = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        value = None
-    if not (
-        isinstance(value, list)
-        and len(value) == size
-        and all(isinstance(v, str) and "\x00" not in v for v in value)
-    ):
-        raise ValidationFailed(
-            "invalid cursor", details=[{"field": "cursor", "reason": "not a cursor from this API"}]
-        )
-    return tuple(value)
+    """The `?cursor=` of a list request (cursors.py)."""
+    return cursors.decode_cursor(request.query_params.get("cursor"), size)

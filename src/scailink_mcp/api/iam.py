@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from scailink_mcp import auth
 from scailink_mcp.api.envelope import (
+    components,
     decode_cursor,
     encode_cursor,
     no_content,
@@ -39,7 +40,7 @@ MAX_GROUP_LENGTH = 256
 
 
 def _roles(request: Request) -> RoleStore:
-    store: RoleStore = request.app.state.scailink.roles
+    store = components(request).roles
     return store
 
 
@@ -57,7 +58,7 @@ def _groups(request: Request) -> list[str]:
 
 async def permissions(request: Request) -> Response:
     who = await principal(request)
-    parts = request.app.state.scailink
+    parts = components(request)
     user_id = path_param(request, "user_id")
     if user_id == who.user_id and "groups" not in request.query_params:
         roles, sources = who.roles, who.permission_sources
@@ -78,7 +79,7 @@ async def permissions(request: Request) -> Response:
 async def list_roles(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    settings = request.app.state.scailink.settings
+    settings = components(request).settings
     limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
     after = decode_cursor(request, 1)
     views = [v for v in await _roles(request).list(who.tenant_id) if after is None or v["name"] > after[0]]
@@ -95,7 +96,7 @@ async def get_role(request: Request) -> Response:
 async def put_role(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    body = await parse_body(request, RoleBody, request.app.state.scailink.settings.registry_max_body_bytes)
+    body = await parse_body(request, RoleBody, components(request).settings.registry_max_body_bytes)
     missing = ungrantable(who.permissions, body.permissions)
     if missing:
         raise Forbidden(

@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from scailink_mcp.api.envelope import (
+    components,
     decode_cursor,
     encode_cursor,
     no_content,
@@ -25,14 +26,14 @@ from scailink_mcp.remote.schemas import CredentialValue, RegisterServer, UpdateS
 
 
 def _registry(request: Request) -> Registry:
-    registry: Registry = request.app.state.scailink.registry
+    registry = components(request).registry
     # Every registry call, reads included, answers 503 without a KEK (after authentication).
     registry.ensure_enabled()
     return registry
 
 
 def _limit(request: Request) -> int:
-    return int(request.app.state.scailink.settings.registry_max_body_bytes)
+    return components(request).settings.registry_max_body_bytes
 
 
 async def create_server(request: Request) -> Response:
@@ -45,7 +46,7 @@ async def create_server(request: Request) -> Response:
 async def list_servers(request: Request) -> Response:
     who = await principal(request)
     registry = _registry(request)
-    settings = request.app.state.scailink.settings
+    settings = components(request).settings
     limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
     after = decode_cursor(request, 2)
     if after is not None:

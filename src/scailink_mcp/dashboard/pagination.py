@@ -3,33 +3,17 @@ of in-memory lists (tools, sessions, roles) by the sort key of the last item sho
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from scailink_mcp.errors import ValidationFailed
+from scailink_mcp.cursors import decode_cursor, encode_cursor
 
 T = TypeVar("T")
 
 
-def encode(position: Sequence[str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode().rstrip("=")
-
-
-def decode(raw: str | None, size: int) -> tuple[str, ...] | None:
-    """A cursor from `encode`, or None when there is none; anything else is a validation error."""
-    if not raw:
-        return None
-    try:
-        value = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        value = None
-    if not (isinstance(value, list) and len(value) == size and all(isinstance(v, str) for v in value)):
-        raise ValidationFailed("invalid cursor", details=[{"field": "cursor", "reason": "not a cursor"}])
-    return tuple(value)
+encode = encode_cursor
+decode = decode_cursor
 
 
 @dataclass(frozen=True)

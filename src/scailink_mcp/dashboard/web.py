@@ -19,8 +19,9 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from scailink_mcp.api.envelope import read_body
 from scailink_mcp.auth import Principal
-from scailink_mcp.errors import Forbidden, PayloadTooLarge, Unauthorized, ValidationFailed
+from scailink_mcp.errors import Forbidden, Unauthorized, ValidationFailed
 
 if TYPE_CHECKING:
     from scailink_mcp.app import Components
@@ -83,15 +84,9 @@ async def read_form(request: Request, limit: int) -> Form:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":
         return Form([])  # no form, so no CSRF token either: the caller refuses it
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"form over {limit} bytes")
-        chunks.append(chunk)
+    body = await read_body(request, limit)
     try:
-        text = b"".join(chunks).decode("ascii")
+        text = body.decode("ascii")
         pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise ValidationFailed("invalid form", details=[{"field": "body", "reason": "not a form"}]) from None
