@@ -9,6 +9,7 @@ baseline of the same run.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -79,14 +80,33 @@ async def _flood(ws_url: str, token: str, stop: anyio.Event, batch: int, counts:
 
 async def catalog_flood(base: str, token: str, *, seconds: float, batch: int = 1000) -> dict[str, Any]:
     baseline = _summary(await _probe(base, min(seconds, 3.0)))
-    stop = anyio.Event()
     counts = {"connections": 0, "frames": 0, "closed": 0}
     ws_url = base.replace("http://", "ws://") + "/v1/scailink/ws"
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_flood, ws_url, token, stop, batch, counts)
+    # The flooder runs in its own thread and event loop: serialising 1,000-tool frames back to back
+    # would otherwise starve this loop's probe, measuring the client instead of ScaiLink.
+    stop = threading.Event()
+
+    async def flood() -> None:
+        done = anyio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set():  # noqa: ASYNC110  (a threading.Event set by the other thread)
+                await anyio.sleep(0.05)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            tg.start_soon(_flood, ws_url, token, done, batch, counts)
+            await done.wait()
+            tg.cancel_scope.cancel()
+
+    flooder = threading.Thread(target=anyio.run, args=(flood,), daemon=True)
+    flooder.start()
+    try:
         flooded = _summary(await _probe(base, seconds))
+    finally:
         stop.set()
-        tg.cancel_scope.cancel()
+        flooder.join(timeout=10)
     return {
         "healthz_idle": baseline,
         "healthz_during_flood": flooded,

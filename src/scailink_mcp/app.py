@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import anyio.to_thread
-import mcp_types as types
-from mcp.client.session import ClientSession, IncomingMessage
 from mcp.server.auth.routes import create_protected_resource_routes
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from pydantic import AnyHttpUrl
@@ -45,7 +42,7 @@ from scailink_mcp.db import Database
 from scailink_mcp.desktop.bridge import Bridge
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
-from scailink_mcp.errors import ScaiLinkError, UpstreamError
+from scailink_mcp.errors import ScaiLinkError
 from scailink_mcp.events import DesktopCatalogChanged, EventBus, ServerEvent
 from scailink_mcp.iam import RoleStore
 from scailink_mcp.inflight import InFlight
@@ -56,20 +53,16 @@ from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter
+from scailink_mcp.redis_bus import RedisEventBus, from_peer
 from scailink_mcp.relay import Relay
+from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
-from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+from scailink_mcp.remote.pool import UpstreamPool
 from scailink_mcp.remote.registry import Registry
-from scailink_mcp.remote.upstream import open_session
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Backends
 
 SINGLE_SERVER_MCP_PATH = "/v1/modules/scailink/remote-servers/{server_id}/mcp"
-LIST_CHANGED = (
-    types.ToolListChangedNotification,
-    types.PromptListChangedNotification,
-    types.ResourceListChangedNotification,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +96,10 @@ class Components:
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
     db = db or Database(settings.effective_database_url)
-    events = EventBus()
+    # Several workers or replicas: catalog events also travel through Redis (redis_bus.py).
+    events: EventBus = (
+        RedisEventBus(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else EventBus()
+    )
     keyring = Keyring.from_settings(settings)
     registry = Registry(settings, db, keyring, events)
     rediscovery = Rediscovery(settings, registry)
@@ -119,7 +115,9 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     audit = AuditLog(db, queue_size=settings.audit_queue_size)
 
     def audit_registry_change(event: ServerEvent) -> None:
-        if event.actor_user_id:  # changes made by a person (system flips live in the server's health fields)
+        # Changes made by a person (system flips live in the server's health fields), audited once: by
+        # the worker that made the change, not again by each peer that hears of it through Redis.
+        if event.actor_user_id and not from_peer():
             audit.record(
                 AuditRecord(
                     tenant_id=event.tenant_id,
@@ -131,43 +129,11 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
                 )
             )
 
-    def message_handler(key: PoolKey) -> Any:
-        async def handle(message: IncomingMessage) -> None:
-            # An upstream's own list_changed re-runs discovery (in another task: never await a
-            # request on the same session from inside its message handler).
-            if isinstance(message, LIST_CHANGED):
-                rediscovery.trigger(key.server_id)
-            elif isinstance(message, types.ResourceUpdatedNotification):
-                await subscriptions.updated(key, str(message.params.uri))
-
-        return handle
-
-    def connect(key: PoolKey) -> AbstractAsyncContextManager[ClientSession]:
-        """Cold path only: load and decrypt the target, then handshake."""
-
-        @asynccontextmanager
-        async def opened() -> AsyncIterator[ClientSession]:
-            target = await db.run(lambda s: registry.target_by_id(s, key.server_id))
-            if target is None:
-                raise UpstreamError("the server no longer exists")
-            async with open_session(
-                target,
-                registry.allowed,
-                connect_timeout=settings.discovery_connect_timeout_s,
-                read_timeout=settings.call_timeout_max_s,
-                message_handler=message_handler(key),
-                session_options=relay.session_options(key),
-                max_event_bytes=settings.max_result_bytes,
-            ) as session:
-                # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions.
-                for uri in subscriptions.uris_for(key):
-                    await session.subscribe_resource(uri)
-                yield session
-
-        return opened()
-
+    # The pool opens sessions through the connector; the relay is bound to it once the pool exists
+    # (see `Connector`: the one late binding of the build).
+    connector = Connector(settings, registry, rediscovery, subscriptions)
     pool = UpstreamPool(
-        connect,
+        connector,
         idle_ttl_s=settings.pool_idle_ttl_s,
         max_sessions=settings.pool_max_sessions,
         breaker_failures=settings.pool_breaker_failures,
@@ -176,7 +142,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         breaker_min_users=settings.pool_breaker_min_users,
         lean_calls=settings.pool_lean_calls,
     )
-    relay = Relay(pool)
+    connector.bind_relay(Relay(pool))
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
@@ -299,6 +265,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.desktop.run_expiry)
             tg.start_soon(parts.audit.run)
             tg.start_soon(parts.roles.run_reload)
+            if isinstance(parts.events, RedisEventBus):  # the Redis sender and supervised subscriber
+                tg.start_soon(parts.events.run)
             if settings.background_tasks:
                 # Audit retention does not depend on the registry being enabled.
                 tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./.scailink")
     database_url: str | None = None
     redis_url: str | None = None
+    # Channel (and client name) prefix in Redis: replicas sharing one Redis with the same prefix are one
+    # gateway; another prefix keeps another deployment apart.
+    redis_prefix: str = Field(default="scailink", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     log_level: str = "INFO"
 
     # --- credentials at rest

@@ -1,5 +1,5 @@
-"""`/healthz` (process alive), `/readyz` (database reachable and migrated, Redis reachable when one is
-configured) and the served OpenAPI."""
+"""`/healthz` (process alive), `/readyz` (database reachable and migrated; when Redis is configured: Redis
+reachable and this worker subscribed to the other workers' events) and the served OpenAPI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from scailink_mcp.redis_bus import RedisEventBus
 
 
 async def healthz(request: Request) -> Response:
@@ -37,6 +39,9 @@ async def readyz(request: Request) -> Response:
     redis_url = request.app.state.scailink.settings.redis_url
     if redis_url:
         checks["redis"] = await _redis(redis_url)
+        events = request.app.state.scailink.events
+        if isinstance(events, RedisEventBus):  # subscribed now: events of the other workers arrive
+            checks["redis_events"] = events.health()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
 

@@ -1,43 +1,57 @@
-"""Live desktop sessions by (tenant, user, device); invocation with timeout; consent; the grace period.
+"""Live desktop sessions by (tenant, user, device); invocation with timeout; the grace period.
 
 Identity is always (tenant, user): a user id is unique only inside its tenant, so the device lookup,
 the per-user connection cap, resume and the tool limits all compare both.
 
-A `DesktopSession` outlives its WebSocket: on disconnect it stays `disconnected` for the grace period
-(its tools stay listed, calls wait for a reconnect within their own timeout) and a `session_init`
-with `resume_session_id` re-attaches a new socket to it. After the grace period it expires and its
-tools leave the catalog. Every pending invocation is a future owned by its session and removed in a
-`finally`, so nothing is left behind when a device drops mid-call.
+A session (`sessions.py`) outlives its WebSocket for the grace period and can be resumed; after it,
+the session expires and its tools leave the catalog. Every pending invocation is a future owned by
+its session and removed in a `finally`, so nothing is left behind when a device drops mid-call.
+Consent on the device is `consent.py`'s; the registry's `ask_consent` forwards to it.
+
+Must not: validate frames (`protocol.py` and the bridge do), or decide permissions and consent tiers.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
-from scailink_mcp.desktop import protocol
-from scailink_mcp.errors import ConsentDenied, ToolNotFound, UpstreamError, UpstreamTimeout
+from scailink_mcp.desktop import consent, protocol
+from scailink_mcp.desktop.consent import CONSENT_META_KEY, DesktopConsentGate, consent_denied, needs_consent
+from scailink_mcp.desktop.sessions import (
+    MAX_IN_FLIGHT,
+    Closer,
+    DesktopSession,
+    Pending,
+    Send,
+    new_session_id,
+)
+from scailink_mcp.errors import ToolNotFound, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import DesktopCatalogChanged, EventBus
 from scailink_mcp.naming import slugify
 
+# Importers reach these through this module; they live in `sessions.py` and `consent.py`.
+__all__ = [
+    "CONSENT_META_KEY",
+    "MAX_IN_FLIGHT",
+    "Closer",
+    "DesktopConsentGate",
+    "DesktopRegistry",
+    "DesktopSession",
+    "Send",
+    "ToolLimits",
+    "consent_denied",
+    "needs_consent",
+    "new_session_id",
+]
+
 logger = logging.getLogger(__name__)
-
-Send = Callable[[str], Awaitable[None]]
-Closer = Callable[[int, str], Awaitable[None]]
-MAX_IN_FLIGHT = 32
-CONSENT_META_KEY = "scailink/consent"  # a desktop tool whose `_meta` says "confirm" needs consent per call
-
-
-def new_session_id() -> str:
-    return "slink_" + secrets.token_urlsafe(16)[:22]
 
 
 @dataclass(frozen=True)
@@ -46,84 +60,6 @@ class ToolLimits:
 
     per_session: int
     per_user: int
-
-
-@dataclass(eq=False)
-class _Pending:
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: dict[str, Any] | None = None
-    error: Exception | None = None
-
-    def settle(self, result: dict[str, Any] | None = None, error: Exception | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
-
-
-@dataclass(eq=False)
-class DesktopSession:
-    session_id: str
-    user_id: str
-    tenant_id: str
-    device_id: str
-    device_name: str
-    device_slug: str
-    platform: dict[str, Any]
-    client_version: str
-    audit_detail_level: str
-    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
-    resources: list[dict[str, Any]] = field(default_factory=list)
-    prompts: list[dict[str, Any]] = field(default_factory=list)
-    created_at: float = field(default_factory=time.time)
-    disconnected_at: float | None = None
-    send: Send | None = None
-    close: Closer | None = None
-    connected: anyio.Event = field(default_factory=anyio.Event)
-    pending: dict[str, _Pending] = field(default_factory=dict)
-    # Invocations given up on (timeout, cancellation): a late answer to one of these is ignored,
-    # not a protocol violation (the device could not know the caller stopped waiting).
-    abandoned: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
-    consents: dict[str, _Pending] = field(default_factory=dict)
-    approved_for_session: set[str] = field(default_factory=set)
-    in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
-
-    @property
-    def namespace(self) -> str:
-        return f"desktop.{self.user_id}.{self.device_slug}"
-
-    @property
-    def state(self) -> str:
-        return "connected" if self.send is not None else "disconnected"
-
-    def attach(self, send: Send, close: Closer) -> None:
-        self.send, self.close = send, close
-        self.disconnected_at = None
-        self.connected.set()
-
-    def detach(self, now: float) -> None:
-        """The socket is gone: fail what is in flight; keep the session for the grace period."""
-        self.send = self.close = None
-        self.disconnected_at = now
-        self.connected = anyio.Event()
-        for pending in list(self.pending.values()):
-            pending.settle(error=UpstreamError("the desktop device disconnected during the call"))
-        for waiter in list(self.consents.values()):
-            waiter.settle(result={"decision": "denied"})
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "user_id": self.user_id,
-            "tenant_id": self.tenant_id,
-            "device_id": self.device_id,
-            "device_name": self.device_name,
-            "device_slug": self.device_slug,
-            "platform": self.platform,
-            "client_version": self.client_version,
-            "state": self.state,
-            "tools": sorted(self.tools),
-            "in_flight": len(self.pending),
-        }
 
 
 class DesktopRegistry:
@@ -303,7 +239,7 @@ class DesktopRegistry:
         wait within their timeout.
         """
         invocation_id = uuid.uuid4().hex
-        pending = _Pending()
+        pending = Pending()
         try:
             with anyio.fail_after(timeout):
                 await session.connected.wait()
@@ -346,62 +282,8 @@ class DesktopRegistry:
     async def ask_consent(
         self, session: DesktopSession, tool: str, arguments: Any, *, timeout: float
     ) -> bool:
-        """`consent_request` to the device; True when approved. Denied, dropped or timed out -> False."""
-        if tool in session.approved_for_session:
-            return True
-        consent_id = uuid.uuid4().hex
-        waiter = _Pending()
-        session.consents[consent_id] = waiter
-        try:
-            with anyio.move_on_after(timeout):
-                if session.send is None:
-                    return False
-                await session.send(
-                    protocol.notification(
-                        protocol.CONSENT_REQUEST,
-                        {
-                            "consent_id": consent_id,
-                            "tool": tool,
-                            "arguments": arguments,
-                            "expires_ms": int(timeout * 1000),
-                        },
-                    )
-                )
-                await waiter.done.wait()
-        finally:
-            session.consents.pop(consent_id, None)
-        answer = waiter.result or {}
-        approved = answer.get("decision") == "approved"
-        if approved and answer.get("remember") == "session":
-            session.approved_for_session.add(tool)
-        return approved
+        """`consent.ask_consent`: True when the device's user approved within `timeout`."""
+        return await consent.ask_consent(session, tool, arguments, timeout=timeout)
 
     def consent_answered(self, session: DesktopSession, response: protocol.ConsentResponse) -> None:
-        waiter = session.consents.get(response.consent_id)
-        if waiter is not None:
-            waiter.settle(result=response.model_dump())
-
-
-class DesktopConsentGate:
-    """The consent interface for `confirm` remote servers: ask one of the user's connected devices."""
-
-    def __init__(self, registry: DesktopRegistry, timeout_s: float) -> None:
-        self.registry = registry
-        self.timeout_s = timeout_s
-
-    async def ask(self, principal: Any, public_name: str, arguments: dict[str, Any] | None) -> bool:
-        for session in self.registry.sessions_for(principal.tenant_id, principal.user_id):
-            if session.send is not None:
-                return await self.registry.ask_consent(
-                    session, public_name, arguments, timeout=self.timeout_s
-                )
-        return False
-
-
-def needs_consent(tool: dict[str, Any]) -> bool:
-    meta = tool.get("_meta")
-    return isinstance(meta, dict) and meta.get(CONSENT_META_KEY) == "confirm"
-
-
-def consent_denied() -> ConsentDenied:
-    return ConsentDenied("the user denied the invocation, or did not answer in time")
+        consent.consent_answered(session, response)

@@ -1,0 +1,111 @@
+"""One live desktop session: its device, its catalog, and the answers it owes.
+
+A `DesktopSession` outlives its WebSocket: on disconnect (`detach`) it stays `disconnected` for the
+grace period (its tools stay listed, calls wait for a reconnect within their own timeout) and a
+`session_init` with `resume_session_id` re-attaches a new socket to it (`attach`). Every request sent
+to the device waits on a `Pending` owned by its session; `detach` settles them all, so nothing is left
+waiting when a device drops mid-call.
+
+Must not: send frames itself or know the registry of sessions (`connections.py` owns both).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from scailink_mcp.errors import UpstreamError
+
+Send = Callable[[str], Awaitable[None]]
+Closer = Callable[[int, str], Awaitable[None]]
+MAX_IN_FLIGHT = 32
+
+
+def new_session_id() -> str:
+    return "slink_" + secrets.token_urlsafe(16)[:22]
+
+
+@dataclass(eq=False)
+class Pending:
+    """An answer the device owes one waiter: settled once, with a result or an error."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: dict[str, Any] | None = None
+    error: Exception | None = None
+
+    def settle(self, result: dict[str, Any] | None = None, error: Exception | None = None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()
+
+
+@dataclass(eq=False)
+class DesktopSession:
+    session_id: str
+    user_id: str
+    tenant_id: str
+    device_id: str
+    device_name: str
+    device_slug: str
+    platform: dict[str, Any]
+    client_version: str
+    audit_detail_level: str
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    disconnected_at: float | None = None
+    send: Send | None = None
+    close: Closer | None = None
+    connected: anyio.Event = field(default_factory=anyio.Event)
+    pending: dict[str, Pending] = field(default_factory=dict)
+    # Invocations given up on (timeout, cancellation): a late answer to one of these is ignored,
+    # not a protocol violation (the device could not know the caller stopped waiting).
+    abandoned: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
+    consents: dict[str, Pending] = field(default_factory=dict)
+    approved_for_session: set[str] = field(default_factory=set)
+    in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
+
+    @property
+    def namespace(self) -> str:
+        return f"desktop.{self.user_id}.{self.device_slug}"
+
+    @property
+    def state(self) -> str:
+        return "connected" if self.send is not None else "disconnected"
+
+    def attach(self, send: Send, close: Closer) -> None:
+        self.send, self.close = send, close
+        self.disconnected_at = None
+        self.connected.set()
+
+    def detach(self, now: float) -> None:
+        """The socket is gone: fail what is in flight; keep the session for the grace period."""
+        self.send = self.close = None
+        self.disconnected_at = now
+        self.connected = anyio.Event()
+        for pending in list(self.pending.values()):
+            pending.settle(error=UpstreamError("the desktop device disconnected during the call"))
+        for waiter in list(self.consents.values()):
+            waiter.settle(result={"decision": "denied"})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "tenant_id": self.tenant_id,
+            "device_id": self.device_id,
+            "device_name": self.device_name,
+            "device_slug": self.device_slug,
+            "platform": self.platform,
+            "client_version": self.client_version,
+            "state": self.state,
+            "tools": sorted(self.tools),
+            "in_flight": len(self.pending),
+        }

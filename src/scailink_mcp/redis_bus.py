@@ -1,0 +1,264 @@
+"""`RedisEventBus`: the `EventBus` of several workers and replicas (SPEC section 10), over Redis pub/sub.
+
+Same two methods as `EventBus`. `publish` dispatches to this worker's subscribers at once (exactly as
+`EventBus` does) and queues the event for Redis; one sender task PUBLISHes it on the channel
+`<prefix>:events` as JSON (`{"v": 1, "origin": <worker id>, "type": "server_event", "event": {fields}}`).
+One subscriber task per worker SUBSCRIBEs to that channel once and dispatches every event published
+by another worker to the local subscribers, in the order it was published; its own are ignored. So a
+registration, update, deletion, refresh, credential rotation, status flip or rediscovery made through
+any replica refreshes every replica's directory, closes its pooled sessions when needed and sends
+`list_changed` to the downstream sessions it holds. Subscribers re-read the database (the source of
+truth): an event only says which server moved.
+
+Only `ServerEvent` crosses workers for now. `DesktopCatalogChanged` stays local: a desktop's catalog
+lives in the memory of the worker holding its WebSocket until the desktop session directory is shared
+through Redis (issue 13, item 2), and peers could not show it anyway.
+
+Worker identity (`host:pid:random`) is made when `run()` starts, in the lifespan of the worker process
+itself, never at import or construction time: a process forked afterwards (a preloading server) would
+otherwise share its parent's id and ignore its siblings' events as its own.
+
+Failure handling:
+- A PUBLISH that fails (Redis down, queue full) is logged and counted; the caller's request never
+  fails or waits for Redis (the local dispatch already happened, the sender works in the background).
+- The subscriber is supervised: when its connection drops it reconnects with exponential backoff, and
+  `ready` is False (so `/readyz` answers 503) from the drop until the new SUBSCRIBE is confirmed.
+  redis-py's own silent retry is off for that connection so that no drop goes unnoticed; TCP
+  keepalive detects a peer that vanished without closing the connection.
+- Events published by peers while this worker was not subscribed are not replayed (Redis pub/sub
+  keeps nothing); re-syncing the caches after an outage belongs to the Redis-faults work (item 8).
+
+An event that crosses workers is dispatched here with `from_peer()` True: a subscriber with a durable
+side effect (the audit of a registry change) checks it, since the worker that made the change already
+recorded it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from scailink_mcp.events import Event, EventBus, ServerEvent, ServerEventKind
+
+if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+SERVER_EVENT = "server_event"
+_SERVER_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(ServerEvent))
+
+_from_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("scailink_event_from_peer", default=False)
+
+
+def from_peer() -> bool:
+    """True while a subscriber handles an event another worker published (and already handled)."""
+    return _from_peer.get()
+
+
+def make_worker_id() -> str:
+    """`host:pid:random`: call it in the worker process itself (after any fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def encode(event: ServerEvent, origin: str) -> str:
+    fields = {name: getattr(event, name) for name in _SERVER_EVENT_FIELDS}
+    fields["kind"] = event.kind.value
+    return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": SERVER_EVENT, "event": fields})
+
+
+def decode(data: bytes | str) -> tuple[str, ServerEvent]:
+    """(origin, event) of one message; ValueError when it is not a ServerEvent of this wire version."""
+    message = json.loads(data)
+    if not isinstance(message, dict) or message.get("v") != WIRE_VERSION:
+        raise ValueError("not a ScaiLink event of this version")
+    origin, kind, fields = message.get("origin"), message.get("type"), message.get("event")
+    if not isinstance(origin, str) or kind != SERVER_EVENT or not isinstance(fields, dict):
+        raise ValueError("not a server event")
+    values: dict[str, Any] = {}
+    for name in _SERVER_EVENT_FIELDS:
+        value = fields.get(name, "" if name == "actor_user_id" else None)
+        expected = bool if name == "is_tenant_shared" else str
+        if not isinstance(value, expected):
+            raise ValueError(f"bad field {name!r}")
+        values[name] = value
+    values["kind"] = ServerEventKind(values["kind"])
+    return origin, ServerEvent(**values)
+
+
+def _keepalive_options() -> dict[int, int]:
+    """Probe an idle connection after 10 s, every 5 s, 3 times: a vanished Redis is noticed in ~25 s."""
+    wanted = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
+
+class RedisEventBus(EventBus):
+    """Local fan-out (inherited) plus Redis fan-out to the other workers. `run()` is owned by the app
+    lifespan: it makes the worker id, then runs the sender and the supervised subscriber until
+    cancelled."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "scailink",
+        queue_size: int = 10_000,
+        connect_timeout_s: float = 2.0,
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        from redis.asyncio.connection import parse_url
+
+        super().__init__()
+        parse_url(url)  # a malformed URL is a configuration error: fail at start-up, not in the background
+        self.url = url
+        self.channel = f"{prefix}:events"
+        self.client_name_prefix = f"{prefix}:events"
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.worker_id = ""  # made by run(), in the worker process
+        self._outbox: MemoryObjectSendStream[ServerEvent]
+        self._pending: MemoryObjectReceiveStream[ServerEvent]
+        self._outbox, self._pending = anyio.create_memory_object_stream[ServerEvent](queue_size)
+        self._ready = False
+        self._state = "not started"
+        # Counters (tests, logs): subscriptions made, events sent, not sent, received from peers.
+        self.subscriptions = 0
+        self.published = 0
+        self.publish_failures = 0
+        self.received = 0
+
+    # ---- the EventBus interface ------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        if isinstance(event, ServerEvent):
+            try:  # queued before the local dispatch: a cancelled caller cannot keep it from peers
+                self._outbox.send_nowait(event)
+            except anyio.WouldBlock:
+                self.publish_failures += 1
+                logger.error(
+                    "event not published to Redis: the outgoing queue is full",
+                    extra={"event": event.kind.value, "server_id": event.server_id},
+                )
+        await super().publish(event)
+
+    # ---- health ----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Subscribed to the channel right now (events from peers are being received)."""
+        return self._ready
+
+    def health(self) -> str:
+        """`ok`, or why events from other workers are not being received (for `/readyz`)."""
+        return "ok" if self._ready else self._state
+
+    # ---- the background tasks --------------------------------------------------------------------
+
+    def _client(self, *, name: str, retries: int) -> Redis:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff, NoBackoff
+
+        return Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.connect_timeout_s,
+            socket_timeout=self.connect_timeout_s,
+            socket_keepalive=True,
+            socket_keepalive_options=_keepalive_options(),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05) if retries else NoBackoff(), retries),
+            client_name=name,
+        )
+
+    async def run(self) -> None:
+        self.worker_id = make_worker_id()
+        self._state = "connecting"
+        sender = self._client(name=f"{self.client_name_prefix}:pub:{self.worker_id}", retries=2)
+        receiver = self._client(name=f"{self.client_name_prefix}:sub:{self.worker_id}", retries=0)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._send_forever, sender)
+                tg.start_soon(self._subscribe_forever, receiver)
+        finally:
+            self._ready = False
+            self._state = "stopped"
+            with anyio.move_on_after(2, shield=True):
+                await sender.aclose()
+                await receiver.aclose()
+
+    async def _send_forever(self, client: Redis) -> None:
+        async for event in self._pending:
+            try:
+                with anyio.fail_after(self.connect_timeout_s * 3):
+                    await client.publish(self.channel, encode(event, self.worker_id))
+                self.published += 1
+            except Exception as exc:
+                self.publish_failures += 1
+                logger.error(
+                    "event not published to Redis: other workers will not see it",
+                    extra={
+                        "event": event.kind.value,
+                        "server_id": event.server_id,
+                        "error": type(exc).__name__,
+                    },
+                )
+
+    async def _subscribe_forever(self, client: Redis) -> None:
+        backoff = self.backoff_min_s
+        while True:
+            try:
+                await self._subscribe_once(client)
+                raise ConnectionError("the subscription ended")
+            except Exception as exc:
+                was_ready, self._ready = self._ready, False
+                self._state = f"reconnecting ({type(exc).__name__})"
+                if was_ready:
+                    backoff = self.backoff_min_s
+                logger.warning(
+                    "Redis event subscription lost, reconnecting",
+                    extra={"error": type(exc).__name__, "retry_in_s": backoff},
+                )
+            await anyio.sleep(backoff)  # the backoff between attempts, not a synchronisation
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    async def _subscribe_once(self, client: Redis) -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    self.subscriptions += 1
+                    self._ready = True
+                    if self.subscriptions > 1:
+                        logger.info("Redis event subscription restored")
+                elif message["type"] == "message":
+                    await self._receive(message["data"])
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _receive(self, data: bytes | str) -> None:
+        try:
+            origin, event = decode(data)
+        except (ValueError, TypeError) as exc:
+            logger.warning("ignored a malformed event from Redis", extra={"error": str(exc)[:200]})
+            return
+        if origin == self.worker_id:
+            return
+        self.received += 1
+        token = _from_peer.set(True)
+        try:
+            await super().publish(event)  # local subscribers only; never sent back to Redis
+        finally:
+            _from_peer.reset(token)

@@ -1,0 +1,103 @@
+"""One warm upstream session as the pool holds it, and how a `tools/call` is sent on it.
+
+`PooledSession` is typed: the SDK `ClientSession`, the lean `tools/call` path ScaiLink added to it
+over Streamable HTTP (`wire.py`; None over legacy SSE) and the bound on its answers (`AnswerLimit`).
+The pool reads those fields here instead of looking attributes up on the SDK object by name.
+
+Must not: open or close anything (the pool's owner task holds the session's context), nor validate
+an upstream's `tools/call` result (a proxy passes it through unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+from mcp.client.session import ClientSession
+from mcp.shared.dispatcher import ProgressFnT
+
+from scailink_mcp.remote.upstream import AnswerLimit, UpstreamSession
+from scailink_mcp.remote.wire import MessageSink, Wire
+
+PROGRESS_TOKEN = "scailink-progress"
+
+
+@dataclass(frozen=True)
+class PooledSession:
+    client: ClientSession
+    wire: Wire | None = None
+    answer_limit: AnswerLimit | None = None
+
+    @classmethod
+    def of(cls, session: ClientSession) -> PooledSession:
+        """What `open_session` yielded; any other `ClientSession` goes through the SDK only."""
+        if isinstance(session, UpstreamSession):
+            return cls(session, session.wire, session.answer_limit)
+        return cls(session)
+
+    def trips(self) -> int:
+        """How many reads the answer bound has stopped so far."""
+        return self.answer_limit.tripped if self.answer_limit is not None else 0
+
+    def tripped_since(self, before: int) -> AnswerLimit | None:
+        """The `AnswerLimit` if it stopped a read since `trips()` was `before`, else None."""
+        limit = self.answer_limit
+        return limit if limit is not None and limit.tripped > before else None
+
+    async def call_tool(
+        self,
+        params: dict[str, Any],
+        meta: dict[str, Any] | None,
+        progress: ProgressFnT | None,
+        *,
+        lean: bool,
+    ) -> dict[str, Any]:
+        """The upstream's `tools/call` result dict, never re-validated.
+
+        Over Streamable HTTP (and `lean`) it is one POST on the wire. Otherwise it is the SDK's
+        `send_request` (never `ClientSession.call_tool`: a proxy must not validate the upstream's
+        output against its schema, nor pay the `tools/list` the SDK issues to learn it).
+        """
+        if lean and self.wire is not None:
+            return await self.wire.call_tool(
+                _with_progress(params, meta, progress), _sink(self.wire, progress)
+            )
+        request = types.CallToolRequest(
+            params=types.CallToolRequestParams.model_validate({**params, "_meta": meta} if meta else params)
+        )
+        result = await self.client.send_request(request, types.CallToolResult, progress_callback=progress)
+        return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def _with_progress(
+    params: dict[str, Any], meta: dict[str, Any] | None, progress: ProgressFnT | None
+) -> dict[str, Any]:
+    if progress is not None:
+        meta = {**(meta or {}), "progressToken": PROGRESS_TOKEN}
+    return {**params, "_meta": meta} if meta else params
+
+
+def _sink(wire: Wire, progress: ProgressFnT | None) -> MessageSink | None:
+    """Where a call's other messages go: its own progress to `progress`, the rest to the SDK session."""
+    if progress is None:
+        return None  # the wire hands everything to the session
+
+    async def deliver(message: dict[str, Any]) -> None:
+        params = message.get("params")
+        if (
+            message.get("method") == "notifications/progress"
+            and isinstance(params, dict)
+            and params.get("progressToken") == PROGRESS_TOKEN
+            and isinstance(params.get("progress"), int | float)
+        ):
+            total, text = params.get("total"), params.get("message")
+            await progress(
+                params["progress"],
+                total if isinstance(total, int | float) else None,
+                text if isinstance(text, str) else None,
+            )
+        else:
+            await wire.inject(message)
+
+    return deliver
