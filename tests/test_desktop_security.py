@@ -176,9 +176,16 @@ async def test_huge_catalog_update_is_refused_cheaply(live: LiveApp, token: Toke
     assert len(live.parts.desktop.sessions[ack["session_id"]].tools) == 2
 
 
+@pytest.fixture
+def unthrottled(settings_factory: Callable[..., Settings]) -> Iterator[LiveApp]:
+    with LiveApp(settings_factory(ws_catalog_updates_per_s=0)) as app:  # the rate limit is off
+        yield app
+
+
 async def test_catalog_update_flood_is_coalesced_and_nothing_is_lost(
-    live: LiveApp, token: TokenFactory
+    unthrottled: LiveApp, token: TokenFactory
 ) -> None:
+    live = unthrottled
     tok = token("u1", "t1", ("tenant_user",))
     registry = live.parts.desktop
     async with device(live, tok, capabilities=caps("a")) as (ws, ack):
@@ -202,6 +209,30 @@ async def test_catalog_update_flood_is_coalesced_and_nothing_is_lost(
         await ws.send(HEARTBEAT)  # the flooding socket itself stays open: a pong still comes back
         with anyio.fail_after(5):
             await (await ws.ping())
+
+
+async def test_catalog_updates_over_the_rate_close_4003_and_reconnecting_gets_no_new_budget(
+    settings_factory: Callable[..., Settings], token: TokenFactory
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    with LiveApp(settings_factory(ws_catalog_updates_per_s=0.01, ws_catalog_updates_burst=3)) as live:
+        async with device(live, tok, capabilities=caps("a")) as (ws, ack):
+            session = live.parts.desktop.sessions[ack["session_id"]]
+            for i in range(3):
+                await ws.send(catalog_update(added=tools(f"ok{i}")))
+            await poll(lambda: "ok2" in session.tools)
+            await ws.send(catalog_update(added=tools("over")))
+            code, reason = await close_of(ws)
+        assert code == 4003 and "catalog_update rate" in reason
+        assert "over" not in session.tools, "the frame over the rate is not applied"
+        async with device(live, tok, capabilities=caps("a")) as (ws, _):
+            await ws.send(catalog_update(added=tools("again")))
+            code, reason = await close_of(ws)
+        assert code == 4003, "the budget is the user's, not the socket's"
+        other = token("u2", "t1", ("tenant_user",))
+        async with device(live, other, capabilities=caps("a")) as (ws, ack):
+            await ws.send(catalog_update(added=tools("theirs")))
+            await poll(lambda: "theirs" in live.parts.desktop.sessions[ack["session_id"]].tools)
 
 
 # ---- item 6: binary and deeply nested frames ---------------------------------------------------------

@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     # catalog_update frames are applied at once, but the catalog is marked changed (views rebuilt,
     # list_changed sent) at most once per this interval per session; the rest is coalesced.
     ws_catalog_change_min_interval_ms: int = 500
+    # catalog_update frames one (tenant, user) may send (token bucket, across its connections); one
+    # over it closes the socket 4003 before the frame is even parsed. 0 disables.
+    ws_catalog_updates_per_s: float = 1.0
+    ws_catalog_updates_burst: int = 10
 
     # --- audit
     audit_detail_level: Literal["off", "metadata"] = (

@@ -42,7 +42,8 @@ from scailink_mcp.config import Settings
 from scailink_mcp.desktop import protocol
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession, ToolLimits
 from scailink_mcp.desktop.protocol import BinaryFrame, Close, FrameError
-from scailink_mcp.errors import Forbidden, Unauthorized
+from scailink_mcp.errors import Forbidden, RateLimited, Unauthorized
+from scailink_mcp.ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class Bridge:
         self.verifier = verifier
         self.registry = registry
         self.limits = ToolLimits(settings.ws_max_tools_per_session, settings.ws_max_tools_per_user)
+        # Per (tenant, user), not per socket: a device that reconnects does not get a fresh budget.
+        self.catalog_updates = RateLimiter(
+            per_s=settings.ws_catalog_updates_per_s, burst=settings.ws_catalog_updates_burst
+        )
 
     async def endpoint(self, websocket: WebSocket) -> None:
         await websocket.accept()
@@ -225,6 +230,12 @@ class Bridge:
                         return
                     continue
                 last_frame = clock()
+                if protocol.CATALOG_UPDATE in text and not self._catalog_update_allowed(session):
+                    reason = (
+                        f"catalog_update rate exceeded ({self.settings.ws_catalog_updates_per_s:g} per s)"
+                    )
+                    await _refuse(websocket, Close.PROTOCOL, reason, session)
+                    return
                 try:
                     message = protocol.parse_frame(text, self.settings.max_json_depth)
                     done = await self._handle(session, message, throttle)
@@ -239,6 +250,14 @@ class Bridge:
         finally:
             if throttle.pending:
                 await self.registry.changed(session)
+
+    def _catalog_update_allowed(self, session: DesktopSession) -> bool:
+        """Checked on the raw text, before parsing: a flood costs a substring search per frame."""
+        try:
+            self.catalog_updates.check(f"{session.tenant_id}/{session.user_id}")
+        except RateLimited:
+            return False
+        return True
 
     async def _handle(
         self, session: DesktopSession, message: dict[str, Any], throttle: ChangeThrottle
