@@ -16,69 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
-import httpx2
-from mcp.client.session import ClientSession
-from mcp.client.streamable_http import streamable_http_client
+
+from bench.procs import client, free_port, process, wait_http
 
 UPSTREAMS = 3
 GOAL_MIB = 50.0
 TOO_LARGE = "SCAILINK_RESULT_TOO_LARGE"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-@contextmanager
-def _process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@asynccontextmanager
-async def _client(url: str, token: str) -> AsyncIterator[ClientSession]:
-    async with (
-        httpx2.AsyncClient(
-            headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=300)
-        ) as http,
-        streamable_http_client(url, http_client=http) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -99,7 +51,7 @@ def _reset_peak(pid: int) -> bool:
 
 async def _call(url: str, token: str, tool: str, arguments: dict[str, Any]) -> str | None:
     """The call's `scailink/error` code, or None if it succeeded."""
-    async with _client(url, token) as session:
+    async with client(url, token, read_timeout=300) as session:
         result = await session.call_tool(tool, arguments)
     if not result.is_error:
         return None
@@ -143,23 +95,23 @@ async def measure(quick: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
     env["SCAILINK_RATE_LIMIT_PER_S"] = "0"
     modes = {
-        "json": [_free_port() for _ in range(UPSTREAMS)],
-        "sse": [_free_port() for _ in range(UPSTREAMS)],
+        "json": [free_port() for _ in range(UPSTREAMS)],
+        "sse": [free_port() for _ in range(UPSTREAMS)],
     }
-    sl_port = _free_port()
+    sl_port = free_port()
     base = f"http://127.0.0.1:{sl_port}"
     results: dict[str, Any] = {"answers": UPSTREAMS, "mib_per_answer": mib, "goal_mib": GOAL_MIB}
     with ExitStack() as stack:
         for mode, ports in modes.items():
             for port in ports:
                 up = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--tools", "0", "--big"]
-                stack.enter_context(_process(up + (["--json"] if mode == "json" else [])))
+                stack.enter_context(process(up + (["--json"] if mode == "json" else [])))
         command = [sys.executable, "-m", "scailink_mcp.cli", "dev", "--no-demo", "--data-dir", str(data_dir)]
-        scailink = stack.enter_context(_process([*command, "--port", str(sl_port)], env=env))
+        scailink = stack.enter_context(process([*command, "--port", str(sl_port)], env=env))
         for ports in modes.values():
             for port in ports:
-                _wait_http(f"http://127.0.0.1:{port}/mcp")
-        _wait_http(base + "/healthz")
+                wait_http(f"http://127.0.0.1:{port}/mcp")
+        wait_http(base + "/healthz")
         token = (data_dir / "dev_admin_token").read_text().strip()
         names: dict[str, list[str]] = {}
         async with httpx.AsyncClient(timeout=60) as rest:
