@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
@@ -28,7 +28,7 @@ from scailink_mcp.db import Database
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.events import ServerEvent, ServerEventKind
-from scailink_mcp.models import RemoteServer
+from scailink_mcp.models import RemoteServer, same_named
 from scailink_mcp.naming import compat_names, namespaced_name, remote_namespace
 from scailink_mcp.remote.discovery import visible_capabilities
 from scailink_mcp.targets import DesktopTarget, RemoteTarget, Target
@@ -83,21 +83,13 @@ def snapshot(session: Session, server: RemoteServer) -> ServerSnapshot:
     }
     for cap in visible_capabilities(session, server):
         kinds[cap.kind].append(cap.payload)
-    return ServerSnapshot(
-        id=server.id,
-        tenant_id=server.tenant_id,
-        owner_user_id=server.owner_user_id,
-        is_tenant_shared=server.is_tenant_shared,
-        slug=server.slug,
-        name=server.name,
-        status=server.status,
-        consent_tier=server.consent_tier,
-        credential_version=server.credential_version,
-        tools=tuple(kinds["tool"]),
-        prompts=tuple(kinds["prompt"]),
-        resources=tuple(kinds["resource"]),
-        resource_templates=tuple(kinds["resource_template"]),
-    )
+    listed = {
+        "tools": tuple(kinds["tool"]),
+        "prompts": tuple(kinds["prompt"]),
+        "resources": tuple(kinds["resource"]),
+        "resource_templates": tuple(kinds["resource_template"]),
+    }
+    return ServerSnapshot(**same_named(server, (f.name for f in fields(ServerSnapshot)), **listed))
 
 
 class RemoteDirectory:
@@ -181,16 +173,22 @@ def paginate(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return pages
 
 
-@dataclass
-class CatalogView:
-    """One principal's catalog in one naming style, built once and reused until it is stale."""
+@dataclass(kw_only=True)
+class Listing:
+    """What an MCP endpoint lists (the handlers of `mcp_server.py` read only this and `resolve_*`)."""
 
-    version: Any
     tools: list[types.Tool] = field(default_factory=list)
     tool_pages: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[types.Prompt] = field(default_factory=list)
     resources: list[types.Resource] = field(default_factory=list)
     resource_templates: list[types.ResourceTemplate] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class CatalogView(Listing):
+    """One principal's catalog in one naming style, built once and reused until it is stale."""
+
+    version: Any
     tool_targets: dict[str, Target] = field(default_factory=dict)
     prompt_targets: dict[str, Target] = field(default_factory=dict)
     namespaces: dict[str, ServerSnapshot | DesktopSession] = field(default_factory=dict)
@@ -336,22 +334,17 @@ class Catalog:
         return server
 
 
-@dataclass
-class ServerScope:
+@dataclass(kw_only=True)
+class ServerScope(Listing):
     """What the per-server endpoint lists and resolves: one server, its upstream names unchanged.
     The same interface as `CatalogView`, so both MCP endpoints share one set of handlers."""
 
     server: ServerSnapshot
-    tools: list[types.Tool] = field(default_factory=list)
-    tool_pages: list[tuple[int, int]] = field(default_factory=list)
-    prompts: list[types.Prompt] = field(default_factory=list)
-    resources: list[types.Resource] = field(default_factory=list)
-    resource_templates: list[types.ResourceTemplate] = field(default_factory=list)
 
     @classmethod
     def of(cls, server: ServerSnapshot) -> ServerScope:
         return cls(
-            server,
+            server=server,
             tools=[types.Tool.model_validate(t) for t in server.tools],
             tool_pages=paginate(list(server.tools)),
             prompts=[types.Prompt.model_validate(p) for p in server.prompts],

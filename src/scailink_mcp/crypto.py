@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from sqlmodel import col, select
 
 from scailink_mcp.config import Settings
 from scailink_mcp.db import Database
-from scailink_mcp.models import Credential
+from scailink_mcp.models import Credential, same_named
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -140,23 +141,13 @@ def rewrap(keyring: Keyring, sealed: SealedSecret) -> SealedSecret:
     if sealed.kek_id == keyring.primary_id:
         return sealed
     dek = _unwrap(keyring, sealed)
-    return SealedSecret(
-        dek_id=sealed.dek_id,
-        kek_id=keyring.primary_id,
-        wrapped_dek=_wrap(keyring, dek, sealed.dek_id),
-        nonce=sealed.nonce,
-        ciphertext=sealed.ciphertext,
+    return dataclasses.replace(
+        sealed, kek_id=keyring.primary_id, wrapped_dek=_wrap(keyring, dek, sealed.dek_id)
     )
 
 
 def sealed_from_row(row: Credential) -> SealedSecret:
-    return SealedSecret(
-        dek_id=row.dek_id,
-        kek_id=row.kek_id,
-        wrapped_dek=row.wrapped_dek,
-        nonce=row.nonce,
-        ciphertext=row.ciphertext,
-    )
+    return SealedSecret(**same_named(row, (f.name for f in dataclasses.fields(SealedSecret))))
 
 
 def rotate_credentials(

@@ -27,7 +27,7 @@ from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import consent_denied
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
-from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, Result, Target
+from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, Result, Target, ToolCall
 
 
 class ConsentGate(Protocol):
@@ -104,7 +104,8 @@ class Invoker:
         try:
             principal.require(auth.INVOKE)
             await self._approve(principal, target, public, arguments, caller)
-            result = await target.call(self.backends, principal, arguments, timeout, caller.forwarding)
+            call = ToolCall(principal, arguments, timeout, caller.forwarding)
+            result = await target.call(self.backends, call)
             if result_size(result) > self.settings.max_result_bytes:
                 raise ResultTooLarge(f"tool result over {self.settings.max_result_bytes} bytes refused")
             outcome = "tool_error" if result.get("isError") is True else "ok"

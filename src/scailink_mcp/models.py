@@ -7,6 +7,7 @@ ciphertext and the wrapped data key (see `crypto.py`).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,12 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def same_named(source: object, names: Iterable[str], **values: Any) -> dict[str, Any]:
+    """`values`, plus each of `names` not among them read from `source`: the keyword arguments of a
+    view (a snapshot, a detail) built from a row, where most fields are the row's own."""
+    return {name: getattr(source, name) for name in names if name not in values} | values
 
 
 class TenantQuota(SQLModel, table=True):

@@ -53,6 +53,16 @@ class Forwarding:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One `tools/call` as a target receives it (after permission and consent)."""
+
+    principal: Principal
+    arguments: dict[str, Any] | None
+    timeout: float
+    forwarding: Forwarding
+
+
+@dataclass(frozen=True)
 class RemoteTarget:
     kind: Kind
     upstream_name: str  # tool/prompt name, or resource URI, as the upstream knows it
@@ -71,21 +81,14 @@ class RemoteTarget:
     def consent_tier(self) -> str:
         return self.server.consent_tier
 
-    async def call(
-        self,
-        b: Backends,
-        principal: Principal,
-        arguments: dict[str, Any] | None,
-        timeout: float,
-        fw: Forwarding,
-    ) -> Result:
+    async def call(self, b: Backends, call: ToolCall) -> Result:
         return await b.pool.call_tool(
-            self.pool_key(principal),
+            self.pool_key(call.principal),
             self.upstream_name,
-            arguments,
-            timeout=timeout,
-            progress_callback=fw.progress,
-            relay=fw.relay,
+            call.arguments,
+            timeout=call.timeout,
+            progress_callback=call.forwarding.progress,
+            relay=call.forwarding.relay,
         )
 
     async def use(
@@ -129,20 +132,13 @@ class DesktopTarget:
         tool = self.session.tools.get(self.upstream_name, {})
         return "device" if needs_consent(tool) else "auto"
 
-    async def call(
-        self,
-        b: Backends,
-        principal: Principal,
-        arguments: dict[str, Any] | None,
-        timeout: float,
-        fw: Forwarding,
-    ) -> Result:
+    async def call(self, b: Backends, call: ToolCall) -> Result:
         params = {
             "tool": self.upstream_name,
-            "arguments": arguments or {},
-            "caller": {"user_id": principal.user_id},
+            "arguments": call.arguments or {},
+            "caller": {"user_id": call.principal.user_id},
         }
-        raw = await b.desktop.invoke(self.session, TOOL_INVOKE, params, timeout=timeout)
+        raw = await b.desktop.invoke(self.session, TOOL_INVOKE, params, timeout=call.timeout)
         try:
             result = types.CallToolResult.model_validate(raw)
         except ValidationError:

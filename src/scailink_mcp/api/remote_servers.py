@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from starlette.requests import Request
@@ -20,9 +21,12 @@ from scailink_mcp.api.envelope import (
     path_param,
     principal,
 )
+from scailink_mcp.auth import Principal
 from scailink_mcp.errors import ValidationFailed
 from scailink_mcp.remote.registry import Registry
-from scailink_mcp.remote.schemas import CredentialValue, RegisterServer, UpdateServer
+from scailink_mcp.remote.schemas import CredentialValue, RegisterServer, ServerDetail, UpdateServer
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _registry(request: Request) -> Registry:
@@ -37,10 +41,12 @@ def _limit(request: Request) -> int:
 
 
 async def create_server(request: Request) -> Response:
-    who = await principal(request)
-    registry = _registry(request)
-    body = await parse_body(request, RegisterServer, _limit(request))
-    return ok(request, await registry.register(who, body), status_code=201)
+    who, registry = await principal(request), _registry(request)
+    return ok(
+        request,
+        await registry.register(who, await parse_body(request, RegisterServer, _limit(request))),
+        status_code=201,
+    )
 
 
 async def list_servers(request: Request) -> Response:
@@ -62,14 +68,8 @@ async def list_servers(request: Request) -> Response:
     )
 
 
-async def get_server(request: Request) -> Response:
-    who = await principal(request)
-    return ok(request, await _registry(request).get(who, path_param(request, "server_id")))
-
-
 async def update_server(request: Request) -> Response:
-    who = await principal(request)
-    registry = _registry(request)
+    who, registry = await principal(request), _registry(request)
     body = await parse_body(request, UpdateServer, _limit(request))
     return ok(request, await registry.update(who, path_param(request, "server_id"), body))
 
@@ -80,14 +80,18 @@ async def delete_server(request: Request) -> Response:
     return no_content()
 
 
-async def refresh_server(request: Request) -> Response:
-    who = await principal(request)
-    return ok(request, await _registry(request).refresh(who, path_param(request, "server_id")))
+def _detail_of(action: Callable[[Registry, Principal, str], Awaitable[ServerDetail]]) -> Endpoint:
+    """An endpoint answering one server's detail after `action` (a read, or a refresh)."""
+
+    async def endpoint(request: Request) -> Response:
+        who = await principal(request)
+        return ok(request, await action(_registry(request), who, path_param(request, "server_id")))
+
+    return endpoint
 
 
 async def put_credential(request: Request) -> Response:
-    who = await principal(request)
-    registry = _registry(request)
+    who, registry = await principal(request), _registry(request)
     body = await parse_body(request, CredentialValue, _limit(request))
     detail = await registry.put_credential(
         who, path_param(request, "server_id"), path_param(request, "field"), body.value.get_secret_value()
@@ -108,10 +112,10 @@ BASE = "/v1/modules/scailink/remote-servers"
 routes = [
     Route(BASE, create_server, methods=["POST"]),
     Route(BASE, list_servers, methods=["GET"]),
-    Route(BASE + "/{server_id}", get_server, methods=["GET"]),
+    Route(BASE + "/{server_id}", _detail_of(Registry.get), methods=["GET"]),
     Route(BASE + "/{server_id}", update_server, methods=["PATCH"]),
     Route(BASE + "/{server_id}", delete_server, methods=["DELETE"]),
-    Route(BASE + "/{server_id}/refresh", refresh_server, methods=["POST"]),
+    Route(BASE + "/{server_id}/refresh", _detail_of(Registry.refresh), methods=["POST"]),
     Route(BASE + "/{server_id}/credentials/{field}", put_credential, methods=["PUT"]),
     Route(BASE + "/{server_id}/credentials/{field}", delete_credential, methods=["DELETE"]),
 ]

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import json
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import mcp_types as types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from scailink_mcp.jsondepth import too_deep
 
@@ -61,14 +69,18 @@ class BinaryFrame(FrameError):
         super().__init__("binary frames are not supported: send JSON-RPC text frames")
 
 
-def check_tools(value: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+def check_tools(value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
     """Every item must be an MCP tool in wire shape; the error names the first bad index."""
     for index, item in enumerate(value):
         try:
             types.Tool.model_validate(item)
         except ValidationError:
-            raise ValueError(f"{field}[{index}] is not an MCP tool") from None
+            raise ValueError(f"{info.field_name}[{index}] is not an MCP tool") from None
     return value
+
+
+# A list of MCP tools in wire shape (each checked, the frame's dicts kept as sent).
+ToolList = Annotated[list[dict[str, Any]], AfterValidator(check_tools)]
 
 
 class Platform(BaseModel):
@@ -80,14 +92,9 @@ class Platform(BaseModel):
 
 
 class Capabilities(BaseModel):
-    tools: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
+    tools: ToolList = Field(default_factory=list, max_length=2000)
     resources: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
     prompts: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return check_tools(value, "tools")
 
 
 class SessionInit(BaseModel):
@@ -113,7 +120,7 @@ class CatalogUpdate(BaseModel):
     `ws_max_tools_per_session`): the length is checked before any item is validated, so a frame
     holding hundreds of thousands of items is refused at the cost of one `len`."""
 
-    added: list[dict[str, Any]] = Field(default_factory=list)
+    added: ToolList = Field(default_factory=list)
     removed: list[str] = Field(default_factory=list)
 
     @field_validator("added", "removed", mode="before")
@@ -123,11 +130,6 @@ class CatalogUpdate(BaseModel):
         if isinstance(value, list) and isinstance(limit, int) and len(value) > limit:
             raise ValueError(f"more than {limit} items (ws_max_tools_per_session)")
         return value
-
-    @field_validator("added")
-    @classmethod
-    def _tools(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return check_tools(value, "added")
 
 
 class ConsentResponse(BaseModel):

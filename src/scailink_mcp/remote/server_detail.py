@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from scailink_mcp.models import Credential, RemoteServer, utcnow
+from scailink_mcp.models import Credential, RemoteServer, same_named, utcnow
 from scailink_mcp.naming import namespaced_name, namespaced_uri, remote_namespace
 from scailink_mcp.remote.discovery import KINDS, aware, visible_capabilities
 from scailink_mcp.remote.schemas import Capabilities, CapabilityOut, ServerDetail
@@ -24,32 +24,22 @@ def server_detail(session: Session, server: RemoteServer) -> ServerDetail:
     creds = session.exec(select(Credential).where(Credential.server_id == server.id)).all()
     oldest = min((aware(c.updated_at) for c in creds), default=None)
     return ServerDetail(
-        id=server.id,
-        name=server.name,
-        slug=server.slug,
-        description=server.description,
-        endpoint_url=server.endpoint_url,
-        transport=server.transport,
-        auth_type=server.auth_type,
-        consent_tier=server.consent_tier,
-        is_tenant_shared=server.is_tenant_shared,
-        owner_user_id=server.owner_user_id,
-        tenant_id=server.tenant_id,
-        status=server.status,
-        consecutive_failures=server.consecutive_failures,
-        last_health_status=server.last_health_status,
-        last_health_at=_aware_or_none(server.last_health_at),
-        last_discovery_at=_aware_or_none(server.last_discovery_at),
-        capabilities=Capabilities(
-            tools=groups["tool"],
-            resources=groups["resource"],
-            resource_templates=groups["resource_template"],
-            prompts=groups["prompt"],
-        ),
-        credential_fields=sorted(c.field for c in creds),
-        credential_oldest_days=(utcnow() - oldest).days if oldest else None,
-        created_at=aware(server.created_at),
-        updated_at=aware(server.updated_at),
+        **same_named(
+            server,
+            ServerDetail.model_fields,
+            last_health_at=_aware_or_none(server.last_health_at),
+            last_discovery_at=_aware_or_none(server.last_discovery_at),
+            capabilities=Capabilities(
+                tools=groups["tool"],
+                resources=groups["resource"],
+                resource_templates=groups["resource_template"],
+                prompts=groups["prompt"],
+            ),
+            credential_fields=sorted(c.field for c in creds),
+            credential_oldest_days=(utcnow() - oldest).days if oldest else None,
+            created_at=aware(server.created_at),
+            updated_at=aware(server.updated_at),
+        )
     )
 
 
