@@ -40,6 +40,7 @@ from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
 from scailink_mcp.desktop.bridge import Bridge
+from scailink_mcp.desktop.cluster import DesktopCluster
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError
@@ -108,6 +109,10 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         grace_period_s=settings.ws_grace_period_ms / 1000,
         max_connections_per_user=settings.ws_max_connections_per_user,
         events=events,
+        # Several replicas: desktop sessions listed and reached everywhere (desktop/cluster.py).
+        cluster=DesktopCluster(settings.redis_url, prefix=settings.redis_prefix)
+        if settings.redis_url
+        else None,
     )
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
@@ -267,6 +272,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.roles.run_reload)
             if isinstance(parts.events, RedisEventBus):  # the Redis sender and supervised subscriber
                 tg.start_soon(parts.events.run)
+            if parts.desktop.cluster is not None:  # the desktop directory and the routing of calls
+                tg.start_soon(parts.desktop.cluster.run)
             if settings.background_tasks:
                 # Audit retention does not depend on the registry being enabled.
                 tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)

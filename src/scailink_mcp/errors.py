@@ -11,6 +11,7 @@
     ├── RemoteLimitExceeded           SCAILINK_REMOTE_LIMIT_EXCEEDED 429
     ├── RateLimited                   SCAILINK_RATE_LIMITED      429
     ├── ToolNotFound                  SCAILINK_TOOL_NOT_FOUND    404
+    ├── DeviceOffline                 SCAILINK_DEVICE_OFFLINE    404
     ├── ConsentDenied                 SCAILINK_CONSENT_DENIED    403
     ├── UpstreamError                 SCAILINK_UPSTREAM_ERROR    502
     │   └── ResultTooLarge            SCAILINK_RESULT_TOO_LARGE  502
@@ -111,6 +112,25 @@ class ToolNotFound(ScaiLinkError):
     code = "SCAILINK_TOOL_NOT_FOUND"
     status = 404
     default_message = "tool not found"
+
+
+class DeviceOffline(ScaiLinkError):
+    """The replica holding the device's WebSocket is gone, or Redis cannot reach it (SPEC section 10)."""
+
+    code = "SCAILINK_DEVICE_OFFLINE"
+    status = 404
+    default_message = "the desktop device is offline"
+
+
+def error_class(code: str) -> type[ScaiLinkError]:
+    """The error class of a code (a forwarded call's error, rebuilt on the caller's replica)."""
+    stack: list[type[ScaiLinkError]] = [ScaiLinkError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return ScaiLinkError
 
 
 class ConsentDenied(ScaiLinkError):

@@ -23,8 +23,8 @@ Failure handling:
   fails or waits for Redis (the local dispatch already happened, the sender works in the background).
 - The subscriber is supervised: when its connection drops it reconnects with exponential backoff, and
   `ready` is False (so `/readyz` answers 503) from the drop until the new SUBSCRIBE is confirmed.
-  redis-py's own silent retry is off for that connection so that no drop goes unnoticed; TCP
-  keepalive detects a peer that vanished without closing the connection.
+  redis-py's own silent retry is off for that connection so that no drop goes unnoticed
+  (`redis_link.py` makes the connections and keeps the subscription).
 - Events published by peers while this worker was not subscribed are not replayed (Redis pub/sub
   keeps nothing); re-syncing the caches after an outage belongs to the Redis-faults work (item 8).
 
@@ -39,15 +39,13 @@ import contextvars
 import dataclasses
 import json
 import logging
-import os
-import secrets
-import socket
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from scailink_mcp.events import Event, EventBus, ServerEvent, ServerEventKind
+from scailink_mcp.redis_link import check_url, connect, keep_subscribed, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
     from redis.asyncio import Redis
@@ -64,11 +62,6 @@ _from_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("scailink_even
 def from_peer() -> bool:
     """True while a subscriber handles an event another worker published (and already handled)."""
     return _from_peer.get()
-
-
-def make_worker_id() -> str:
-    """`host:pid:random`: call it in the worker process itself (after any fork)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def encode(event: ServerEvent, origin: str) -> str:
@@ -96,12 +89,6 @@ def decode(data: bytes | str) -> tuple[str, ServerEvent]:
     return origin, ServerEvent(**values)
 
 
-def _keepalive_options() -> dict[int, int]:
-    """Probe an idle connection after 10 s, every 5 s, 3 times: a vanished Redis is noticed in ~25 s."""
-    wanted = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
-    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
-
-
 class RedisEventBus(EventBus):
     """Local fan-out (inherited) plus Redis fan-out to the other workers. `run()` is owned by the app
     lifespan: it makes the worker id, then runs the sender and the supervised subscriber until
@@ -117,10 +104,8 @@ class RedisEventBus(EventBus):
         backoff_min_s: float = 0.1,
         backoff_max_s: float = 5.0,
     ) -> None:
-        from redis.asyncio.connection import parse_url
-
         super().__init__()
-        parse_url(url)  # a malformed URL is a configuration error: fail at start-up, not in the background
+        check_url(url)
         self.url = url
         self.channel = f"{prefix}:events"
         self.client_name_prefix = f"{prefix}:events"
@@ -167,19 +152,7 @@ class RedisEventBus(EventBus):
     # ---- the background tasks --------------------------------------------------------------------
 
     def _client(self, *, name: str, retries: int) -> Redis:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff, NoBackoff
-
-        return Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.connect_timeout_s,
-            socket_timeout=self.connect_timeout_s,
-            socket_keepalive=True,
-            socket_keepalive_options=_keepalive_options(),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05) if retries else NoBackoff(), retries),
-            client_name=name,
-        )
+        return connect(self.url, name=name, retries=retries, timeout_s=self.connect_timeout_s)
 
     async def run(self) -> None:
         self.worker_id = make_worker_id()
@@ -215,22 +188,18 @@ class RedisEventBus(EventBus):
                 )
 
     async def _subscribe_forever(self, client: Redis) -> None:
-        backoff = self.backoff_min_s
-        while True:
-            try:
-                await self._subscribe_once(client)
-                raise ConnectionError("the subscription ended")
-            except Exception as exc:
-                was_ready, self._ready = self._ready, False
-                self._state = f"reconnecting ({type(exc).__name__})"
-                if was_ready:
-                    backoff = self.backoff_min_s
-                logger.warning(
-                    "Redis event subscription lost, reconnecting",
-                    extra={"error": type(exc).__name__, "retry_in_s": backoff},
-                )
-            await anyio.sleep(backoff)  # the backoff between attempts, not a synchronisation
-            backoff = min(backoff * 2, self.backoff_max_s)
+        def lost(exc: Exception) -> bool:
+            was_ready, self._ready = self._ready, False
+            self._state = f"reconnecting ({type(exc).__name__})"
+            return was_ready
+
+        await keep_subscribed(
+            lambda: self._subscribe_once(client),
+            what="event",
+            on_lost=lost,
+            backoff_min_s=self.backoff_min_s,
+            backoff_max_s=self.backoff_max_s,
+        )
 
     async def _subscribe_once(self, client: Redis) -> None:
         pubsub = client.pubsub()

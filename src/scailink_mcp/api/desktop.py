@@ -100,16 +100,14 @@ async def list_sessions(request: Request) -> Response:
         who.require(auth.MANAGE)
     sessions = [
         s.describe()
-        for s in registry.sessions.values()
+        for s in registry.all()
         if s.tenant_id == who.tenant_id and (tenant_wide or s.user_id == user_id)
     ]
     return page(request, sorted(sessions, key=lambda s: s["session_id"]), None)
 
 
 def _session(request: Request, who: Principal) -> DesktopSession:
-    session: DesktopSession | None = components(request).desktop.sessions.get(
-        request.path_params["session_id"]
-    )
+    session = components(request).desktop.get(request.path_params["session_id"])
     if session is None or not _visible(who, session):
         raise NotFound("session not found")
     return session
@@ -123,9 +121,9 @@ async def get_session(request: Request) -> Response:
 async def delete_session(request: Request) -> Response:
     who = await principal(request)
     session = _session(request, who)
-    if session.close is not None:
-        await session.close(Close.NORMAL, "session terminated through the REST API")
-    await components(request).desktop.remove(session)
+    await components(request).desktop.terminate(
+        session, Close.NORMAL, "session terminated through the REST API"
+    )
     return no_content()
 
 

@@ -42,6 +42,9 @@ async def readyz(request: Request) -> Response:
         events = request.app.state.scailink.events
         if isinstance(events, RedisEventBus):  # subscribed now: events of the other workers arrive
             checks["redis_events"] = events.health()
+        cluster = request.app.state.scailink.desktop.cluster
+        if cluster is not None:  # subscribed now: desktop sessions and calls of the other workers arrive
+            checks["redis_desktop"] = cluster.health()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
 

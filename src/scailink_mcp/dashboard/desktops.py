@@ -33,7 +33,7 @@ def listed(visit: Visit, user_id: str, tenant_wide: bool) -> list[dict[str, Any]
         who.require(auth.MANAGE)
     return [
         s.describe()
-        for s in list(visit.parts.desktop.sessions.values())
+        for s in visit.parts.desktop.all()
         if s.tenant_id == who.tenant_id and (tenant_wide or s.user_id == user_id)
     ]
 
@@ -62,10 +62,8 @@ async def list_sessions(request: Request) -> Response:
 async def terminate(request: Request) -> Response:
     visit = await signed_in(request)
     await visit.form()
-    session = visit.parts.desktop.sessions.get(request.path_params["session_id"])
+    session = visit.parts.desktop.get(request.path_params["session_id"])
     if session is None or not visible(visit.who, session):
         raise NotFound("session not found")
-    if session.close is not None:
-        await session.close(Close.NORMAL, "session terminated from the dashboard")
-    await visit.parts.desktop.remove(session)
+    await visit.parts.desktop.terminate(session, Close.NORMAL, "session terminated from the dashboard")
     return visit.redirect("/desktops", f"{session.device_name}: session terminated")

@@ -54,7 +54,7 @@ def session_counts(visit: Visit) -> dict[str, int]:
     tenant_wide = who.has(auth.MANAGE)
     sessions = [
         s
-        for s in list(visit.parts.desktop.sessions.values())
+        for s in visit.parts.desktop.all()
         if s.tenant_id == who.tenant_id and (tenant_wide or s.user_id == who.user_id)
     ]
     return dict(Counter(s.state for s in sessions))

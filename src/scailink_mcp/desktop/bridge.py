@@ -117,7 +117,7 @@ class Bridge:
             return
         tenant_id, user_id = principal.tenant_id, principal.user_id
         previous = self.registry.find_device(tenant_id, user_id, init.device_id) if init.device_id else None
-        replacing = previous is not None and previous.send is not None
+        replacing = previous is not None and previous.online
         if (
             self.registry.connected_count(tenant_id, user_id) - int(replacing)
             >= self.registry.max_connections_per_user
@@ -156,7 +156,7 @@ class Bridge:
             await self._serve(websocket, session, expires_at)
         finally:
             if session.send is send:  # not already replaced by a newer socket
-                session.detach(self.registry.clock())
+                await self.registry.detached(session)
                 self._audit(session, "desktop_session_end")
             logger.info("desktop session disconnected", extra={"session_id": session.session_id})
 

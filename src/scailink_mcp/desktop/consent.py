@@ -74,7 +74,7 @@ class DesktopConsentGate:
 
     async def ask(self, principal: Any, public_name: str, arguments: dict[str, Any] | None) -> bool:
         for session in self.registry.sessions_for(principal.tenant_id, principal.user_id):
-            if session.send is not None:
+            if session.online:
                 return await self.registry.ask_consent(
                     session, public_name, arguments, timeout=self.timeout_s
                 )

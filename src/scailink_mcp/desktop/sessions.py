@@ -71,14 +71,31 @@ class DesktopSession:
     consents: dict[str, Pending] = field(default_factory=dict)
     approved_for_session: set[str] = field(default_factory=set)
     in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
+    # Several replicas (cluster.py): the worker holding the socket ("" = this one), the fencing epoch
+    # of the latest announcement, and for a peer's session its state and calls in flight as announced.
+    owner: str = ""
+    epoch: int = 0
+    peer_state: str = "connected"
+    peer_in_flight: int = 0
 
     @property
     def namespace(self) -> str:
         return f"desktop.{self.user_id}.{self.device_slug}"
 
     @property
+    def local(self) -> bool:
+        return not self.owner
+
+    @property
     def state(self) -> str:
+        if self.owner:
+            return self.peer_state
         return "connected" if self.send is not None else "disconnected"
+
+    @property
+    def online(self) -> bool:
+        """A socket is attached, here or on the owning replica."""
+        return self.state == "connected"
 
     def attach(self, send: Send, close: Closer) -> None:
         self.send, self.close = send, close
@@ -107,5 +124,39 @@ class DesktopSession:
             "client_version": self.client_version,
             "state": self.state,
             "tools": sorted(self.tools),
-            "in_flight": len(self.pending),
+            "in_flight": self.peer_in_flight if self.owner else len(self.pending),
         }
+
+    def record(self) -> dict[str, Any]:
+        """What peers need to list this session and route to it (cluster.py), as JSON."""
+        return {
+            **self.describe(),
+            "audit_detail_level": self.audit_detail_level,
+            "created_at": self.created_at,
+            "tool_items": list(self.tools.values()),
+            "resources": self.resources,
+            "prompts": self.prompts,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], owner: str, epoch: int) -> DesktopSession:
+        """A peer's session, as announced by `owner` (no socket here: calls are forwarded)."""
+        return cls(
+            session_id=str(record["session_id"]),
+            user_id=str(record["user_id"]),
+            tenant_id=str(record["tenant_id"]),
+            device_id=str(record["device_id"]),
+            device_name=str(record["device_name"]),
+            device_slug=str(record["device_slug"]),
+            platform=dict(record.get("platform") or {}),
+            client_version=str(record.get("client_version", "")),
+            audit_detail_level=str(record.get("audit_detail_level", "metadata")),
+            tools={t["name"]: t for t in record.get("tool_items", []) if isinstance(t, dict) and "name" in t},
+            resources=list(record.get("resources", [])),
+            prompts=list(record.get("prompts", [])),
+            created_at=float(record.get("created_at", 0.0)),
+            owner=owner,
+            epoch=epoch,
+            peer_state=str(record.get("state", "connected")),
+            peer_in_flight=int(record.get("in_flight", 0)),
+        )

@@ -1,0 +1,89 @@
+"""What every Redis user of ScaiLink shares: how a connection is made, and how a subscription is kept.
+
+Used by `redis_bus.py` (catalog events) and `desktop/cluster.py` (desktop sessions across replicas).
+redis is imported only here and only when a Redis URL is configured: the single process never needs it.
+
+- `connect`: timeouts on connect and on every command, TCP keepalive (a Redis that vanished without
+  closing the connection is noticed in ~25 s), a client name that says which worker and which use.
+  A subscriber connection gets no silent retries, so that no drop goes unnoticed.
+- `keep_subscribed`: runs one subscription until it fails, reports the loss, waits with exponential
+  backoff and runs it again, forever (until cancelled). The caller's `subscribe_once` marks itself
+  ready when Redis confirms the SUBSCRIBE; the backoff starts again from its minimum after a drop of
+  a subscription that had been ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+
+def make_worker_id() -> str:
+    """`host:pid:random`: call it in the worker process itself (after any fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def check_url(url: str) -> None:
+    """A malformed URL is a configuration error: fail at start-up, not in a background task."""
+    from redis.asyncio.connection import parse_url
+
+    parse_url(url)
+
+
+def _keepalive_options() -> dict[int, int]:
+    """Probe an idle connection after 10 s, every 5 s, 3 times."""
+    wanted = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
+
+def connect(url: str, *, name: str, retries: int, timeout_s: float) -> Redis:
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff, NoBackoff
+
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_keepalive=True,
+        socket_keepalive_options=_keepalive_options(),
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05) if retries else NoBackoff(), retries),
+        client_name=name,
+    )
+
+
+async def keep_subscribed(
+    subscribe_once: Callable[[], Awaitable[None]],
+    *,
+    what: str,
+    on_lost: Callable[[Exception], bool],
+    backoff_min_s: float,
+    backoff_max_s: float,
+) -> None:
+    """Run `subscribe_once` again after every failure. `on_lost(error)` marks the caller not ready
+    and returns whether it had been ready (which restarts the backoff from its minimum)."""
+    backoff = backoff_min_s
+    while True:
+        try:
+            await subscribe_once()
+            raise ConnectionError("the subscription ended")
+        except Exception as exc:
+            if on_lost(exc):
+                backoff = backoff_min_s
+            logger.warning(
+                f"Redis {what} subscription lost, reconnecting",
+                extra={"error": type(exc).__name__, "retry_in_s": backoff},
+            )
+        await anyio.sleep(backoff)  # the backoff between attempts, not a synchronisation
+        backoff = min(backoff * 2, backoff_max_s)
