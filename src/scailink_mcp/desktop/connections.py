@@ -18,13 +18,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from scailink_mcp.desktop import consent, protocol
 from scailink_mcp.desktop.consent import CONSENT_META_KEY, DesktopConsentGate, consent_denied, needs_consent
+from scailink_mcp.desktop.limits import ToolLimits
 from scailink_mcp.desktop.sessions import (
     MAX_IN_FLIGHT,
     Closer,
@@ -56,14 +56,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ToolLimits:
-    """Tools one session may hold, and one (tenant, user) across its sessions (connected or in grace)."""
-
-    per_session: int
-    per_user: int
 
 
 class DesktopRegistry:
@@ -148,26 +140,15 @@ class DesktopRegistry:
         self, tenant_id: str, user_id: str, count: int, session: DesktopSession | None, limits: ToolLimits
     ) -> None:
         """`FrameError` if `session` (None: a new one) holding `count` tools breaks a limit."""
-        if count > limits.per_session:
-            raise protocol.FrameError(
-                f"{count} tools in one session (limit ws_max_tools_per_session={limits.per_session})"
-            )
-        others = sum(len(s.tools) for s in self.sessions_for(tenant_id, user_id) if s is not session)
-        if others + count > limits.per_user:
-            raise protocol.FrameError(
-                f"{others + count} tools across this user's sessions "
-                f"(limit ws_max_tools_per_user={limits.per_user})"
-            )
+        limits.check(
+            count, sum(len(s.tools) for s in self.sessions_for(tenant_id, user_id) if s is not session)
+        )
 
     def apply_catalog_update(
         self, session: DesktopSession, update: protocol.CatalogUpdate, limits: ToolLimits
     ) -> None:
         """Removals, then additions; refused whole (`FrameError`, nothing changed) over a limit."""
-        tools = dict(session.tools)
-        for name in update.removed:
-            tools.pop(name, None)
-        for tool in update.added:
-            tools[tool["name"]] = tool
+        tools = limits.updated(session.tools, update)
         self.check_tool_limits(session.tenant_id, session.user_id, len(tools), session, limits)
         session.tools = tools
 
