@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 from mcp.server.auth.routes import create_protected_resource_routes
+from mcp.server.connection import Connection
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from scailink_mcp import dashboard, mcp_server
 from scailink_mcp.api import audit as audit_api
@@ -34,7 +35,7 @@ from scailink_mcp.api.middleware import (
     unhandled_error_handler,
 )
 from scailink_mcp.audit import AuditLog, AuditRecord
-from scailink_mcp.auth import TokenVerifier
+from scailink_mcp.auth import Principal, TokenVerifier
 from scailink_mcp.catalog import Catalog, RemoteDirectory
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
@@ -51,6 +52,7 @@ from scailink_mcp.invocation import Invoker
 from scailink_mcp.mcp_auth import McpTokenVerifier, rate_key, resource_url
 from scailink_mcp.mcp_auth import protect as protect_mcp
 from scailink_mcp.mcp_guard import McpGuard
+from scailink_mcp.mcp_sessions import SessionStore, SharedSessions
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter
@@ -93,6 +95,7 @@ class Components:
     audit: AuditLog
     roles: RoleStore
     in_flight: InFlight
+    mcp_sessions: SessionStore | None
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
@@ -202,6 +205,12 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         audit=audit,
         roles=roles,
         in_flight=InFlight(),
+        # Several replicas: handshake-era MCP sessions served by every replica (mcp_sessions.py).
+        mcp_sessions=(
+            SessionStore(settings.redis_url, prefix=settings.redis_prefix, ttl_s=settings.mcp_session_idle_s)
+            if settings.redis_url
+            else None
+        ),
     )
 
 
@@ -236,11 +245,24 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     def protect(app: ASGIApp, manager: StreamableHTTPSessionManager | None = None) -> ASGIApp:
         return protect_mcp(app, verifier, metadata, guarded(manager))
 
+    def served(manager: StreamableHTTPSessionManager, *, single: bool) -> ASGIApp:
+        app = mcp_server.asgi(manager)
+        if parts.mcp_sessions is None:
+            return app
+        endpoint = "single" if single else "aggregate"
+
+        def revived(connection: Connection, principal: Principal, scope: Scope) -> None:
+            parts.mcp.revived(connection, principal, scope, single=single)
+
+        return SharedSessions(
+            app, manager=manager, store=parts.mcp_sessions, endpoint=endpoint, on_revived=revived
+        )
+
     routes: list[BaseRoute] = [
-        Route("/mcp", endpoint=protect(mcp_server.asgi(aggregate), aggregate)),
+        Route("/mcp", endpoint=protect(served(aggregate, single=False), aggregate)),
         Route("/sse", endpoint=protect(sse.connect), methods=["GET"]),
         Mount("/messages", app=protect(sse.post)),
-        Route(SINGLE_SERVER_MCP_PATH, endpoint=protect(mcp_server.asgi(single), single)),
+        Route(SINGLE_SERVER_MCP_PATH, endpoint=protect(served(single, single=True), single)),
         *create_protected_resource_routes(
             resource_url=AnyHttpUrl(resource),
             authorization_servers=[AnyHttpUrl(issuer or base)],
@@ -274,6 +296,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
                 tg.start_soon(parts.events.run)
             if parts.desktop.cluster is not None:  # the desktop directory and the routing of calls
                 tg.start_soon(parts.desktop.cluster.run)
+            if parts.mcp_sessions is not None:  # MCP sessions ended on other replicas
+                tg.start_soon(parts.mcp_sessions.run)
             if settings.background_tasks:
                 # Audit retention does not depend on the registry being enabled.
                 tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)

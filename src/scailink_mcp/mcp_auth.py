@@ -68,13 +68,16 @@ def current_principal() -> Principal:
     return token.principal
 
 
+def scope_principal(scope: Scope) -> Principal | None:
+    """The principal of an authenticated request, read in ASGI middleware (before any handler)."""
+    token = getattr(scope.get("user"), "access_token", None)
+    return token.principal if isinstance(token, ScaiLinkAccessToken) else None
+
+
 def rate_key(scope: Scope) -> str | None:
     """The per-user rate-limit bucket of an authenticated request (the same key as REST)."""
-    user = scope.get("user")
-    token = getattr(user, "access_token", None)
-    if isinstance(token, ScaiLinkAccessToken):
-        return f"{token.principal.tenant_id}/{token.principal.user_id}"
-    return None
+    principal = scope_principal(scope)
+    return None if principal is None else f"{principal.tenant_id}/{principal.user_id}"
 
 
 def protect(

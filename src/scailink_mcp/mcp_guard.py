@@ -111,11 +111,11 @@ class McpGuard:
         if self.manager is not None and MCP_SESSION_ID not in headers:
             await self._make_room(scope)
         if self.in_flight is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         self.in_flight.enter()  # until the answer (an SSE stream for a request) is complete
         try:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
         finally:
             self.in_flight.exit()
 
@@ -165,7 +165,8 @@ class McpGuard:
             logger.info("mcp sessions evicted: per-principal cap", extra={"count": evicted})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` with `body` (already read) given first, as one message."""
     sent = False
 
     async def replay() -> Message:

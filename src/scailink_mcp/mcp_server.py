@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import mcp_types as types
+from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
@@ -112,6 +113,16 @@ class McpSurface:
         style = self.style(ctx)
         self.notifier.track(ctx.session, principal, style)
         return principal, self.catalog.view(principal, style)
+
+    def revived(self, connection: Connection, principal: Principal, scope: Scope, *, single: bool) -> None:
+        """A session created on another replica is served here now: it hears of catalog changes."""
+        if single:
+            server_id = str(scope.get("path_params", {}).get("server_id", ""))
+            self.notifier.track_connection(connection, principal, "dotted", server_id=server_id)
+            return
+        names = Request(scope).query_params.get("names")
+        style: NameStyle = names if names in ("compat", "dotted") else self.settings.tool_name_style  # type: ignore[assignment]
+        self.notifier.track_connection(connection, principal, style)
 
     def server_scope(self, ctx: Ctx) -> tuple[Principal, ServerScope]:
         principal = current_principal()

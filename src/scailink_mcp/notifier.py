@@ -96,7 +96,12 @@ class SessionNotifier:
     def track(
         self, session: ServerSession, principal: Principal, style: NameStyle, server_id: str | None = None
     ) -> None:
-        connection = connection_of(session)  # lives as long as the MCP session (sdk_sessions.py)
+        # the connection lives as long as the MCP session (sdk_sessions.py)
+        self.track_connection(connection_of(session), principal, style, server_id)
+
+    def track_connection(
+        self, connection: Connection, principal: Principal, style: NameStyle, server_id: str | None = None
+    ) -> None:
         tracked = self._sessions.get(connection)
         if tracked is None or tracked.principal != principal or tracked.style != style:
             tracked = Tracked(principal, style, server_id, ("", "", ""))

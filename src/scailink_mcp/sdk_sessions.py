@@ -8,7 +8,16 @@ to count or close the sessions of one owner. ScaiLink needs both for the per-pri
 `_session_owners` (session id -> the owner's `AuthorizationContext`); `_discard_session` forgets a
 session and terminates its transport the way the manager itself does.
 
-2. The connection behind a handler's `ctx.session`. `ctx.session` is a per-request proxy; the
+2. Reviving a handshake-era session on another replica (`mcp_sessions.py`, SPEC section 10). mcp 2.3
+creates a session only from an `initialize` on the replica that receives it. `revive` registers a
+transport under the session's existing id in the manager's table (with the owner the SDK checks on
+every request), and serves it with the SDK's own loop (`serve_connection` over a `JSONRPCDispatcher`,
+as `serve_loop` does) on a `Connection` whose handshake state (client params, protocol version,
+initialized) is restored through its public attributes; the version is negotiated with the SDK's own
+rule. It runs in the manager's task group and is discarded the way the manager discards its own.
+`discard` ends a local copy (the session was ended on another replica).
+
+3. The connection behind a handler's `ctx.session`. `ctx.session` is a per-request proxy; the
 `Connection` behind it lives as long as the downstream MCP session, so it is what the list_changed
 registry (notifier.py) and resource subscriptions key on. The SDK exposes no public accessor.
 
@@ -17,10 +26,21 @@ Keep every such access here.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
 from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
 from mcp.server.connection import Connection
+from mcp.server.runner import ServerRunner, serve_connection
 from mcp.server.session import ServerSession
+from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+
+logger = logging.getLogger(__name__)
 
 
 def sessions_of(manager: StreamableHTTPSessionManager, owner: AuthorizationContext) -> list[str]:
@@ -47,3 +67,64 @@ def connection_of(session: ServerSession) -> Connection:
     """The long-lived connection behind a handler's per-request `ctx.session`."""
     connection: Connection = session._connection
     return connection
+
+
+def has_session(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
+    return session_id in manager._server_instances
+
+
+async def discard(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
+    """End this replica's copy of a session; False if it had none."""
+    transport = manager._server_instances.get(session_id)
+    if transport is None:
+        return False
+    await manager._discard_session(session_id, transport)
+    return True
+
+
+async def revive(
+    manager: StreamableHTTPSessionManager,
+    session_id: str,
+    owner: AuthorizationContext,
+    initialize_params: dict[str, Any],
+    on_connection: Callable[[Connection], None],
+) -> None:
+    """Serve an established session (created on another replica) here, under its own id."""
+    if session_id in manager._server_instances or manager._task_group is None:
+        return
+    client_params, version = ServerRunner._negotiate_initialize(initialize_params)
+    transport = StreamableHTTPServerTransport(
+        mcp_session_id=session_id,
+        is_json_response_enabled=manager.json_response,
+        event_store=manager.event_store,
+        security_settings=manager.security_settings,
+        retry_interval=manager.retry_interval,
+        idle_timeout=manager.session_idle_timeout,
+    )
+    manager._session_owners[session_id] = owner
+    manager._server_instances[session_id] = transport
+
+    async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with transport.connect() as (read_stream, write_stream):
+                dispatcher: JSONRPCDispatcher[Any] = JSONRPCDispatcher(
+                    read_stream, write_stream, inline_methods=frozenset({"initialize"})
+                )
+                connection = Connection.for_loop(
+                    dispatcher, session_id=session_id, protocol_version_hint=version
+                )
+                connection.client_params, connection.protocol_version = client_params, version
+                connection.initialized.set()
+                on_connection(connection)
+                task_status.started()
+                idle = transport.idle_scope or anyio.CancelScope()
+                with idle:
+                    await serve_connection(
+                        manager.app, dispatcher, connection=connection, lifespan_state=manager._lifespan_state
+                    )
+        except Exception:
+            logger.exception("revived MCP session crashed", extra={"session_id": session_id[:64]})
+        finally:
+            await manager._discard_session(session_id, transport)
+
+    await manager._task_group.start(run)

@@ -45,6 +45,9 @@ async def readyz(request: Request) -> Response:
         cluster = request.app.state.scailink.desktop.cluster
         if cluster is not None:  # subscribed now: desktop sessions and calls of the other workers arrive
             checks["redis_desktop"] = cluster.health()
+        sessions = request.app.state.scailink.mcp_sessions
+        if sessions is not None:  # subscribed now: MCP sessions ended on other replicas end here
+            checks["redis_mcp_sessions"] = sessions.health()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
 

@@ -1,0 +1,279 @@
+"""Handshake-era MCP sessions served by every replica (SPEC section 10), with Redis.
+
+The choice: shared session state, not owner forwarding. When an `initialize` succeeds, the replica
+that served it stores what the handshake established (the principal, and the client's `initialize`
+params: protocol version, capabilities, client info) in Redis under the session id. A request for a
+session id this replica does not hold loads that state and, when the request's principal is the
+session's, revives the session here under the same id (`sdk_sessions.revive`): the SDK then serves it
+as its own, owner check included. Why not forwarding to an owner: the SDK's per-session state beyond
+the handshake (a GET stream, requests in flight) is per connection anyway, and with owner forwarding
+every request of a session would cross replicas through Redis and a dead owner would take its
+sessions with it; here a replica's death loses only what was in flight on it, and a `--workers N`
+process needs no internal address per worker. Why not sealing the state into the id (agentgateway's
+approach): a sealed id cannot be ended or expire when idle across replicas without shared state anyway.
+
+- Another principal presenting the id gets the SDK's 404 (nothing is revived for it).
+- `DELETE` on any replica ends the session everywhere: its key is deleted and every replica drops its
+  copy (a message on `<prefix>:mcp`).
+- Idle expiry: the key lives `mcp_session_idle_s` after the last request on any replica (each replica
+  refreshes it at most every `TOUCH_S` per session); each copy also ends after that long idle.
+- A revived session is registered with the notifier at once, so `list_changed` reaches a GET stream
+  opened on any replica.
+- The per-principal session cap (`mcp_guard.py`) counts the sessions opened on each replica.
+- Redis unreachable: a session this replica does not hold answers 404 (the client re-initializes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+from mcp.server.connection import Connection
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scailink_mcp import sdk_sessions
+from scailink_mcp.auth import Principal
+from scailink_mcp.mcp_auth import scope_principal
+from scailink_mcp.mcp_guard import replay
+from scailink_mcp.redis_link import check_url, connect, keep_subscribed
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+MCP_SESSION_ID = "mcp-session-id"
+TOUCH_S = 30.0
+Revived = Callable[[Connection, Principal, Scope], None]
+
+
+class SessionStore:
+    """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages."""
+
+    def __init__(self, url: str, *, prefix: str, ttl_s: float, timeout_s: float = 2.0) -> None:
+        check_url(url)
+        self.url = url
+        self.prefix = prefix
+        self.ttl_ms = int(ttl_s * 1000)
+        self.timeout_s = timeout_s
+        self._client: Redis | None = None
+        self._managers: dict[str, StreamableHTTPSessionManager] = {}
+        self._ready = False
+        self._state = "not started"
+
+    def _key(self, endpoint: str, session_id: str) -> str:
+        return f"{self.prefix}:mcp:{endpoint}:{session_id}"
+
+    @property
+    def _channel(self) -> str:
+        return f"{self.prefix}:mcp"
+
+    def health(self) -> str:
+        return "ok" if self._ready else self._state
+
+    def register(self, endpoint: str, manager: StreamableHTTPSessionManager) -> None:
+        self._managers[endpoint] = manager
+
+    def holds(self, endpoint: str, session_id: str) -> bool:
+        """This replica serves that session right now (created or revived here)."""
+        manager = self._managers.get(endpoint)
+        return manager is not None and sdk_sessions.has_session(manager, session_id)
+
+    def _redis(self) -> Redis:
+        if self._client is None:
+            self._client = connect(
+                self.url, name=f"{self.prefix}:mcp:cmd", retries=1, timeout_s=self.timeout_s
+            )
+        return self._client
+
+    async def save(self, endpoint: str, session_id: str, state: dict[str, Any]) -> None:
+        await self._redis().set(self._key(endpoint, session_id), json.dumps(state), px=self.ttl_ms)
+
+    async def load(self, endpoint: str, session_id: str) -> dict[str, Any] | None:
+        raw = await self._redis().get(self._key(endpoint, session_id))
+        state = json.loads(raw) if raw else None
+        return state if isinstance(state, dict) else None
+
+    async def touch(self, endpoint: str, session_id: str) -> None:
+        await self._redis().pexpire(self._key(endpoint, session_id), self.ttl_ms)
+
+    async def end(self, endpoint: str, session_id: str) -> None:
+        client = self._redis()
+        await client.delete(self._key(endpoint, session_id))
+        await client.publish(
+            self._channel, json.dumps({"v": 1, "endpoint": endpoint, "session_id": session_id})
+        )
+
+    async def run(self) -> None:
+        """The `ended` subscription (owned by the app lifespan)."""
+        self._state = "connecting"
+        receiver = connect(self.url, name=f"{self.prefix}:mcp:sub", retries=0, timeout_s=self.timeout_s)
+
+        def lost(exc: Exception) -> bool:
+            was_ready, self._ready = self._ready, False
+            self._state = f"reconnecting ({type(exc).__name__})"
+            return was_ready
+
+        try:
+            await keep_subscribed(
+                lambda: self._subscribe_once(receiver),
+                what="MCP session",
+                on_lost=lost,
+                backoff_min_s=0.1,
+                backoff_max_s=5.0,
+            )
+        finally:
+            self._ready, self._state = False, "stopped"
+            with anyio.move_on_after(2, shield=True):
+                await receiver.aclose()
+                if self._client is not None:
+                    await self._client.aclose()
+
+    async def _subscribe_once(self, client: Redis) -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(self._channel)
+            async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    self._ready = True
+                elif message["type"] == "message":
+                    await self._ended(message["data"])
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _ended(self, data: bytes | str) -> None:
+        try:
+            message = json.loads(data)
+            manager = self._managers.get(str(message["endpoint"]))
+            if manager is not None:
+                await sdk_sessions.discard(manager, str(message["session_id"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning("ignored a malformed MCP session message", extra={"error": str(exc)[:200]})
+
+
+class SharedSessions:
+    """ASGI layer in front of one session manager (inside the guard): records, revives, ends."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        manager: StreamableHTTPSessionManager,
+        store: SessionStore,
+        endpoint: str,
+        on_revived: Revived,
+    ) -> None:
+        self.app = app
+        self.manager = manager
+        self.store = store
+        self.endpoint = endpoint
+        self.on_revived = on_revived
+        self._touched: dict[str, float] = {}
+        store.register(endpoint, manager)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = scope_principal(scope)
+        if scope["type"] != "http" or principal is None:
+            await self.app(scope, receive, send)
+            return
+        session_id = Headers(scope=scope).get(MCP_SESSION_ID)
+        if session_id is None:
+            if scope["method"] == "POST":
+                await self._opening(scope, receive, send, principal)
+            else:
+                await self.app(scope, receive, send)
+            return
+        await self._established(scope, session_id, principal)
+        status = await _status_of(self.app, scope, receive, send)
+        if scope["method"] == "DELETE" and status is not None and status < 300:
+            self._touched.pop(session_id, None)
+            await self._quietly(self.store.end(self.endpoint, session_id), "end")
+
+    async def _opening(self, scope: Scope, receive: Receive, send: Send, principal: Principal) -> None:
+        """A request without a session id: when it is a successful `initialize`, record the session."""
+        body = await _read(receive)
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None
+        created: list[str] = []
+
+        async def watch(event: Message) -> None:
+            if event["type"] == "http.response.start" and event["status"] < 400:
+                created.extend(
+                    v.decode() for k, v in event.get("headers", []) if k.decode().lower() == MCP_SESSION_ID
+                )
+            await send(event)
+
+        await self.app(scope, replay(body, receive), watch)
+        if created and isinstance(message, dict) and message.get("method") == "initialize":
+            state = {"principal": list(principal.identity), "params": message.get("params") or {}}
+            await self._quietly(self.store.save(self.endpoint, created[0], state), "save")
+
+    async def _established(self, scope: Scope, session_id: str, principal: Principal) -> None:
+        if sdk_sessions.has_session(self.manager, session_id):
+            now = time.monotonic()
+            if now - self._touched.get(session_id, 0.0) >= TOUCH_S:
+                self._touched[session_id] = now
+                await self._quietly(self.store.touch(self.endpoint, session_id), "touch")
+            return
+        try:
+            state = await self.store.load(self.endpoint, session_id)
+        except Exception as exc:  # Redis unreachable: the SDK answers 404, the client re-initializes
+            logger.warning("MCP session state unavailable", extra={"error": type(exc).__name__})
+            return
+        user = scope.get("user")
+        if (
+            state is None
+            or state.get("principal") != list(principal.identity)
+            or not isinstance(user, AuthenticatedUser)
+        ):
+            return  # unknown, or another principal's: the SDK answers 404
+        params = state.get("params")
+        await sdk_sessions.revive(
+            self.manager,
+            session_id,
+            authorization_context(user),
+            params if isinstance(params, dict) else {},
+            lambda connection: self.on_revived(connection, principal, scope),
+        )
+        self._touched[session_id] = time.monotonic()
+        logger.info("MCP session revived on this replica", extra={"session_id": session_id[:64]})
+
+    async def _quietly(self, work: Any, what: str) -> None:
+        try:
+            await work
+        except Exception as exc:
+            logger.warning(f"MCP session state not {what}d in Redis", extra={"error": type(exc).__name__})
+
+
+async def _read(receive: Receive) -> bytes:
+    chunks = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return bytes(chunks)
+        chunks += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(chunks)
+
+
+async def _status_of(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> int | None:
+    status: int | None = None
+
+    async def watch(event: Message) -> None:
+        nonlocal status
+        if event["type"] == "http.response.start":
+            status = int(event["status"])
+        await send(event)
+
+    await app(scope, receive, watch)
+    return status
