@@ -118,6 +118,32 @@ async def test_error_closes_session_and_recovers(upstream: UpstreamServer) -> No
         assert upstream.initialize_count == before + 1
 
 
+async def test_an_upstream_restart_costs_no_failed_call(upstream: UpstreamServer) -> None:
+    """The upstream restarts and forgets our session (404): the next call opens a new session and
+    succeeds, for the lean `tools/call` and for the SDK's requests (a prompt) alike."""
+    async with running_pool(upstream) as pool:
+        await echo(pool)
+        await anyio.to_thread.run_sync(upstream.restart)
+        before = upstream.initialize_count
+        assert await echo(pool, text="after the restart") == "after the restart"
+        assert upstream.initialize_count == before + 1
+        await anyio.to_thread.run_sync(upstream.restart)
+        prompt = await pool.use(KEY, lambda s: s.get_prompt("greet", {"name": "Ada"}), timeout=10)
+        assert prompt.messages
+
+
+async def test_a_json_rpc_error_answer_keeps_the_session_warm(upstream: UpstreamServer) -> None:
+    """An upstream that answers with a JSON-RPC error is up: its session is reused, not re-opened."""
+    async with running_pool(upstream) as pool:
+        await echo(pool)
+        before = upstream.initialize_count
+        for _ in range(3):
+            with pytest.raises(UpstreamError):
+                await pool.use(KEY, lambda s: s.get_prompt("no-such-prompt", {}), timeout=10)
+        assert await echo(pool) == "x"
+        assert upstream.initialize_count == before, "no new handshake after an error answer"
+
+
 async def test_killed_mid_call_and_timeout(upstream: UpstreamServer) -> None:
     async with running_pool(upstream) as pool:
         await echo(pool)

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from scailink_mcp.errors import UpstreamError, UpstreamTimeout
 from scailink_mcp.remote.upstream import UpstreamTarget, open_session
-from scailink_mcp.remote.wire import DRAIN_TIMEOUT_S, UpstreamHTTPError, Wire
+from scailink_mcp.remote.wire import DRAIN_TIMEOUT_S, SessionGone, UpstreamHTTPError, Wire
 from tests.servers import ThreadedServer
 from tests.test_pool_unit import ALLOWED, KEY, echo, running_pool
 from tests.test_pool_unit import upstream as upstream  # the fixture
@@ -299,13 +299,12 @@ async def test_json_rpc_errors_are_raised_as_such(
     ("status", "body", "content_type"),
     [
         (202, b"", None),
-        (404, b"", None),
         (503, b"try later", "text/plain"),
         (500, b"{not json", "application/json"),
         (400, b"[1, 2]", "application/json"),
         (400, b'{"jsonrpc": "2.0", "id": null}', "application/json"),
     ],
-    ids=["accepted", "not-found", "unavailable", "json-garbage", "json-list", "json-without-error"],
+    ids=["accepted", "unavailable", "json-garbage", "json-list", "json-without-error"],
 )
 async def test_http_statuses_without_a_json_rpc_error_are_http_errors(
     scripted: Scripted, status: int, body: bytes, content_type: str | None
@@ -318,9 +317,20 @@ async def test_http_statuses_without_a_json_rpc_error_are_http_errors(
             await wire.call_tool({"name": "echo"})
 
 
+@pytest.mark.parametrize("content_type", [None, "application/json"])
+async def test_a_404_to_our_session_is_session_gone(scripted: Scripted, content_type: str | None) -> None:
+    """A 404 to a request carrying a session id means the upstream forgot the session, whatever the
+    body says (the SDK's server sends a JSON-RPC error with it)."""
+    body = b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32600, "message": "Session not found"}}'
+    scripted.respond = reply(404, body if content_type else b"", content_type)
+    async with wire_to(scripted.url) as (wire, _):
+        with pytest.raises(SessionGone):
+            await wire.call_tool({"name": "echo"})
+
+
 async def test_an_expired_session_is_the_upstreams_404(upstream: UpstreamServer) -> None:
-    """A real upstream that forgot the session (restarted) answers 404 with a JSON-RPC error; the lean
-    path raises it as `MCPError` (-32600 "Session not found") at once, rather than an HTTP error."""
+    """A real upstream that forgot the session (restarted) answers 404; the lean path raises
+    `SessionGone` at once (the pool then opens a new session and sends the call again)."""
     target = UpstreamTarget("s1", upstream.url, "streamable_http")
     with anyio.fail_after(30):
         async with open_session(target, ALLOWED, connect_timeout=5, read_timeout=10) as session:
@@ -328,9 +338,8 @@ async def test_an_expired_session_is_the_upstreams_404(upstream: UpstreamServer)
             result = await session.wire.call_tool({"name": "echo", "arguments": {"text": "before"}})
             assert result["content"] == [{"type": "text", "text": "before"}]
             await anyio.to_thread.run_sync(upstream.restart)
-            with pytest.raises(MCPError) as err:
+            with pytest.raises(SessionGone):
                 await session.wire.call_tool({"name": "echo", "arguments": {"text": "after"}})
-            assert (err.value.error.code, err.value.error.message) == (-32600, "Session not found")
 
 
 async def test_a_sessionless_wire_sends_no_session_headers(scripted: Scripted) -> None:

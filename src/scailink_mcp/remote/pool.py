@@ -25,12 +25,14 @@ import anyio
 import anyio.abc
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
 
 from scailink_mcp.errors import ResultTooLarge, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.remote.breaker import SDK_CONNECTION_CLOSED, CircuitBreakers, counts_for_breaker
 from scailink_mcp.remote.pooled_session import PooledSession
 from scailink_mcp.remote.upstream import error_class_name
+from scailink_mcp.remote.wire import SessionGone
 
 __all__ = ["SDK_CONNECTION_CLOSED", "Opener", "PoolKey", "PoolStats", "UpstreamPool", "counts_for_breaker"]
 
@@ -250,19 +252,26 @@ class UpstreamPool:
         tripped = 0
         try:
             with anyio.fail_after(timeout):
-                entry = await self._acquire(key)
-                session = entry.session
-                tripped = session.trips() if session is not None else 0
-                entry.in_flight += 1
-                if relay is not None:
-                    entry.relays.append(relay)
-                try:
-                    result = await _unless_closed(entry, fn)
-                finally:
-                    entry.in_flight -= 1
+                for attempt in (1, 2):
+                    entry = await self._acquire(key)
+                    session = entry.session
+                    tripped = session.trips() if session is not None else 0
+                    entry.in_flight += 1
                     if relay is not None:
-                        entry.relays.remove(relay)
-                    entry.last_used = self.clock()
+                        entry.relays.append(relay)
+                    try:
+                        result = await _unless_closed(entry, fn)
+                        break
+                    except Exception as exc:
+                        if attempt == 2 or not session_gone(exc):
+                            raise
+                        # The upstream forgot the session (it restarted): the request was not run.
+                        self._close(entry)
+                    finally:
+                        entry.in_flight -= 1
+                        if relay is not None:
+                            entry.relays.remove(relay)
+                        entry.last_used = self.clock()
         except Exception as exc:
             raise self._failed(key, entry, session, tripped, exc, timeout) from None
         self._breakers.success(key.server_id, key.user_id)
@@ -291,8 +300,9 @@ class UpstreamPool:
             return UpstreamTimeout(f"the upstream did not answer within {timeout:g} s")
         if isinstance(exc, ScaiLinkError):
             return exc
-        # Any RPC or transport error: this session is not reused; the next call handshakes again.
-        if entry is not None:
+        # A transport error: this session is not reused, the next call handshakes again. A JSON-RPC
+        # error answer (MCPError) came over a working session: it stays warm.
+        if entry is not None and (not isinstance(exc, MCPError) or session_gone(exc)):
             self._close(entry)
         return UpstreamError(f"upstream MCP server failed ({error_class_name(exc)}: {_short(exc)})")
 
@@ -336,6 +346,14 @@ async def _unless_closed(entry: _Entry, fn: Callable[[PooledSession], Awaitable[
         finally:
             entry.scopes.discard(scope)
     raise UpstreamError("the upstream connection was lost during the call")
+
+
+def session_gone(exc: BaseException) -> bool:
+    """The upstream no longer knows our session (it restarted, or expired it): the lean path's
+    `SessionGone`, or the SDK client's error for the same 404 (which carries the server's message)."""
+    if isinstance(exc, SessionGone):
+        return True
+    return isinstance(exc, MCPError) and "session not found" in exc.error.message.lower()
 
 
 def _short(exc: BaseException) -> str:

@@ -48,7 +48,12 @@ MessageSink = Callable[[Message], Awaitable[None]]
 
 
 class UpstreamHTTPError(httpx2.HTTPError):
-    """The upstream answered a call with an HTTP error status (404: its session is gone)."""
+    """The upstream answered a call with an HTTP error status."""
+
+
+class SessionGone(UpstreamHTTPError):
+    """404 to a request carrying our session id: the upstream forgot the session (a restart, its idle
+    expiry). The request was not run; the pool opens a new session and sends it again."""
 
 
 @dataclass
@@ -97,6 +102,8 @@ class Wire:
         try:
             async with self.http.stream("POST", self.url, content=body, headers=self.headers()) as response:
                 content_type = response.headers.get("content-type", "").lower()
+                if response.status_code == 404 and self.session_id is not None:
+                    raise SessionGone("the upstream no longer knows this session (HTTP 404)")
                 if response.status_code >= 400 and content_type.startswith("application/json"):
                     # A JSON-RPC error at an HTTP error status (400 for invalid params) is an answer.
                     _raise_error_body(await response.aread())
