@@ -372,3 +372,35 @@ def test_wire_format_round_trip_and_rejects() -> None:
     wrong_kind = encode(event, "x").replace("credentials_changed", "nope")
     with pytest.raises(ValueError):
         decode(wrong_kind)
+
+
+async def test_custom_role_change_on_a_applies_on_b_within_1s(
+    redis_settings: Callable[..., Settings], token: TokenFactory
+) -> None:
+    """A custom role put through A grants its permissions to requests on B within 1 s (RolesChanged
+    over Redis), long before B's 30 s reload; deleting it through B revokes it on A."""
+    admin = token("admin", "t1", ("tenant_admin",))
+    auditor = token("carol", "t1", ("auditors",))  # a group named like the role grants it
+    async with two_replicas(redis_settings()) as (a, b):
+
+        async def audit_status(live: LiveApp) -> int:
+            async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as c:
+                return (await c.get(AUDIT, headers=auth_headers(auditor))).status_code
+
+        assert await audit_status(b) == 403
+        async with httpx.AsyncClient(base_url=a.base_url, timeout=30) as c:
+            resp = await c.put(
+                "/v1/iam/roles/auditors",
+                json={"permissions": ["scailink:audit"], "description": "read the audit log"},
+                headers=auth_headers(admin),
+            )
+        assert resp.status_code == 200, resp.text
+        await eventually(lambda: _status_is(audit_status(b), 200))
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as c:
+            resp = await c.delete("/v1/iam/roles/auditors", headers=auth_headers(admin))
+        assert resp.status_code == 204, resp.text
+        await eventually(lambda: _status_is(audit_status(a), 403))
+
+
+async def _status_is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)

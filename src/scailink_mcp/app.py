@@ -45,7 +45,7 @@ from scailink_mcp.desktop.cluster import DesktopCluster
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError
-from scailink_mcp.events import DesktopCatalogChanged, EventBus, ServerEvent
+from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent
 from scailink_mcp.iam import RoleStore
 from scailink_mcp.inflight import InFlight
 from scailink_mcp.invocation import Invoker
@@ -166,7 +166,14 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         audit=audit,
     )
     verifier = TokenVerifier(settings)
-    roles = RoleStore(db)
+    roles = RoleStore(db, events=events)
+
+    async def roles_changed(event: RolesChanged) -> None:
+        if from_peer():  # this worker's own change is already in its cache
+            await roles.reload(event)
+        notifier.tenant_changed(event.tenant_id)
+
+    events.subscribe(roles_changed, RolesChanged)
     verifier.custom_roles = roles.roles_for
     metrics.gauge("scailink_pool_sessions", "Warm upstream sessions", lambda: pool.size())
     metrics.gauge("scailink_pool_hits", "Pool hits (warm sessions reused)", lambda: pool.stats.hits)

@@ -1,8 +1,9 @@
 """The catalog-change publish/subscribe interface: the one way catalog-changing signals travel.
 
 Everything that changes what a principal can see or how an upstream must be reached is published
-here: registry changes, status flips, rediscovery (`ServerEvent`) and desktop catalog changes
-(`DesktopCatalogChanged`: a session started, updated its catalog, ended or expired). The directory,
+here: registry changes, status flips, rediscovery (`ServerEvent`), desktop catalog changes
+(`DesktopCatalogChanged`: a session started, updated its catalog, ended or expired) and custom-role
+changes (`RolesChanged`). The directory,
 the pool, the audit of registry changes and the list_changed notifier subscribe, each to the event
 types it cares about; nobody calls them directly. In-process by default; a Redis-backed bus can
 implement the same two methods for several workers.
@@ -65,8 +66,15 @@ class DesktopCatalogChanged:
     user_id: str
 
 
-Event = ServerEvent | DesktopCatalogChanged
-E = TypeVar("E", ServerEvent, DesktopCatalogChanged)
+@dataclass(frozen=True)
+class RolesChanged:
+    """A tenant's custom roles changed (a role put or deleted): permissions, hence listings, may move."""
+
+    tenant_id: str
+
+
+Event = ServerEvent | DesktopCatalogChanged | RolesChanged
+E = TypeVar("E", ServerEvent, DesktopCatalogChanged, RolesChanged)
 Handler = Callable[[E], Awaitable[None] | None]
 
 

@@ -1,9 +1,10 @@
 """Custom roles per tenant, kept in the database and cached in memory for the auth path.
 
 `RoleStore.roles_for(tenant)` is what `TokenVerifier` consults on every request: a dict lookup, never
-a query. Changes through the API update this worker's cache at once (no restart); other workers pick
-them up through `run_reload` until role changes are fanned out through Redis. A reload that raced with
-a change is discarded rather than allowed to put an older view back.
+a query. Changes through the API update this worker's cache at once (no restart) and publish
+`RolesChanged`: with Redis, every other worker reloads on it within a second (`run_reload` every 30 s
+is the safety net for events missed while Redis was away). A reload that raced with a change is
+discarded rather than allowed to put an older view back.
 
 A custom role grants exactly its permission list (the admin catch-all never applies). Its name must
 not be a built-in role's, and nobody can grant a permission they do not hold themselves
@@ -28,6 +29,7 @@ from sqlmodel import Session, col, func, select
 from scailink_mcp import auth
 from scailink_mcp.db import Database
 from scailink_mcp.errors import NotFound, ValidationFailed
+from scailink_mcp.events import EventBus, RolesChanged
 from scailink_mcp.models import CustomRole, utcnow
 from scailink_mcp.remote.schemas import TEXT_PATTERN
 
@@ -106,8 +108,11 @@ def _view(row: CustomRole) -> RoleView:
 
 
 class RoleStore:
-    def __init__(self, db: Database, *, max_roles_per_tenant: int = 100) -> None:
+    def __init__(
+        self, db: Database, *, max_roles_per_tenant: int = 100, events: EventBus | None = None
+    ) -> None:
         self.db = db
+        self.events = events  # each change publishes `RolesChanged` (other replicas reload, listings move)
         self.max_roles_per_tenant = max_roles_per_tenant
         self._roles: dict[str, dict[str, frozenset[str]]] = {}
         self._version = 0  # bumped by every local change; see `load`
@@ -205,7 +210,16 @@ class RoleStore:
             except IntegrityError:  # created at once by another worker: replace it instead
                 row = await self.db.run(run)
             self._cache(tenant_id, name, frozenset(row.permissions))
+        await self._changed(tenant_id)
         return _view(row)
+
+    async def _changed(self, tenant_id: str) -> None:
+        if self.events is not None:
+            await self.events.publish(RolesChanged(tenant_id))
+
+    async def reload(self, event: RolesChanged) -> None:
+        """Another replica changed a tenant's roles: read them again (the cache is per process)."""
+        await anyio.to_thread.run_sync(self.load)
 
     async def delete(self, tenant_id: str, name: str) -> None:
         if name in auth.BUILTIN_ROLES:
@@ -225,6 +239,7 @@ class RoleStore:
             if not await self.db.run(run):
                 raise NotFound("role not found")
             self._cache(tenant_id, name, None)
+        await self._changed(tenant_id)
 
 
 def _find(session: Session, tenant_id: str, name: str) -> CustomRole | None:

@@ -10,9 +10,9 @@ any replica refreshes every replica's directory, closes its pooled sessions when
 `list_changed` to the downstream sessions it holds. Subscribers re-read the database (the source of
 truth): an event only says which server moved.
 
-Only `ServerEvent` crosses workers for now. `DesktopCatalogChanged` stays local: a desktop's catalog
-lives in the memory of the worker holding its WebSocket until the desktop session directory is shared
-through Redis (issue 13, item 2), and peers could not show it anyway.
+`ServerEvent` and `RolesChanged` cross workers here. `DesktopCatalogChanged` stays local: desktop
+sessions travel through `desktop/cluster.py`, whose announcements make each peer publish its own
+`DesktopCatalogChanged` locally.
 
 Worker identity (`host:pid:random`) is made when `run()` starts, in the lifespan of the worker process
 itself, never at import or construction time: a process forked afterwards (a preloading server) would
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from scailink_mcp.events import Event, EventBus, ServerEvent, ServerEventKind
+from scailink_mcp.events import Event, EventBus, RolesChanged, ServerEvent, ServerEventKind
 from scailink_mcp.redis_link import check_url, connect, keep_subscribed, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
 SERVER_EVENT = "server_event"
+ROLES_CHANGED = "roles_changed"
 _SERVER_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(ServerEvent))
 
 _from_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("scailink_event_from_peer", default=False)
@@ -64,19 +65,29 @@ def from_peer() -> bool:
     return _from_peer.get()
 
 
-def encode(event: ServerEvent, origin: str) -> str:
+Shared = ServerEvent | RolesChanged  # the events that cross workers here
+
+
+def encode(event: Shared, origin: str) -> str:
+    if isinstance(event, RolesChanged):
+        fields: dict[str, Any] = {"tenant_id": event.tenant_id}
+        return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": ROLES_CHANGED, "event": fields})
     fields = {name: getattr(event, name) for name in _SERVER_EVENT_FIELDS}
     fields["kind"] = event.kind.value
     return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": SERVER_EVENT, "event": fields})
 
 
-def decode(data: bytes | str) -> tuple[str, ServerEvent]:
-    """(origin, event) of one message; ValueError when it is not a ServerEvent of this wire version."""
+def decode(data: bytes | str) -> tuple[str, Shared]:
+    """(origin, event) of one message; ValueError when it is not an event of this wire version."""
     message = json.loads(data)
     if not isinstance(message, dict) or message.get("v") != WIRE_VERSION:
         raise ValueError("not a ScaiLink event of this version")
     origin, kind, fields = message.get("origin"), message.get("type"), message.get("event")
-    if not isinstance(origin, str) or kind != SERVER_EVENT or not isinstance(fields, dict):
+    if not isinstance(origin, str) or not isinstance(fields, dict):
+        raise ValueError("not a ScaiLink event")
+    if kind == ROLES_CHANGED and isinstance(fields.get("tenant_id"), str):
+        return origin, RolesChanged(fields["tenant_id"])
+    if kind != SERVER_EVENT:
         raise ValueError("not a server event")
     values: dict[str, Any] = {}
     for name in _SERVER_EVENT_FIELDS:
@@ -87,6 +98,13 @@ def decode(data: bytes | str) -> tuple[str, ServerEvent]:
         values[name] = value
     values["kind"] = ServerEventKind(values["kind"])
     return origin, ServerEvent(**values)
+
+
+def _describe(event: Shared) -> dict[str, str]:
+    """What a log line says of an event."""
+    if isinstance(event, RolesChanged):
+        return {"event": ROLES_CHANGED, "tenant_id": event.tenant_id}
+    return {"event": event.kind.value, "server_id": event.server_id}
 
 
 class RedisEventBus(EventBus):
@@ -113,9 +131,9 @@ class RedisEventBus(EventBus):
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.worker_id = ""  # made by run(), in the worker process
-        self._outbox: MemoryObjectSendStream[ServerEvent]
-        self._pending: MemoryObjectReceiveStream[ServerEvent]
-        self._outbox, self._pending = anyio.create_memory_object_stream[ServerEvent](queue_size)
+        self._outbox: MemoryObjectSendStream[Shared]
+        self._pending: MemoryObjectReceiveStream[Shared]
+        self._outbox, self._pending = anyio.create_memory_object_stream[Shared](queue_size)
         self._ready = False
         self._state = "not started"
         # Counters (tests, logs): subscriptions made, events sent, not sent, received from peers.
@@ -127,14 +145,14 @@ class RedisEventBus(EventBus):
     # ---- the EventBus interface ------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        if isinstance(event, ServerEvent):
+        if isinstance(event, ServerEvent | RolesChanged):
             try:  # queued before the local dispatch: a cancelled caller cannot keep it from peers
                 self._outbox.send_nowait(event)
             except anyio.WouldBlock:
                 self.publish_failures += 1
                 logger.error(
                     "event not published to Redis: the outgoing queue is full",
-                    extra={"event": event.kind.value, "server_id": event.server_id},
+                    extra=_describe(event),
                 )
         await super().publish(event)
 
@@ -180,11 +198,7 @@ class RedisEventBus(EventBus):
                 self.publish_failures += 1
                 logger.error(
                     "event not published to Redis: other workers will not see it",
-                    extra={
-                        "event": event.kind.value,
-                        "server_id": event.server_id,
-                        "error": type(exc).__name__,
-                    },
+                    extra={**_describe(event), "error": type(exc).__name__},
                 )
 
     async def _subscribe_forever(self, client: Redis) -> None:
