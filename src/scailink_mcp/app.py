@@ -49,14 +49,16 @@ from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, S
 from scailink_mcp.iam import RoleStore
 from scailink_mcp.inflight import InFlight
 from scailink_mcp.invocation import Invoker
+from scailink_mcp.leases import Lease, RedisLease
 from scailink_mcp.mcp_auth import McpTokenVerifier, rate_key, resource_url
 from scailink_mcp.mcp_auth import protect as protect_mcp
 from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.mcp_sessions import SessionStore, SharedSessions
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
-from scailink_mcp.ratelimit import RateLimiter
+from scailink_mcp.ratelimit import RateLimiter, RedisRateLimiter
 from scailink_mcp.redis_bus import RedisEventBus, from_peer
+from scailink_mcp.redis_link import cluster_signer
 from scailink_mcp.relay import Relay
 from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
@@ -96,31 +98,47 @@ class Components:
     roles: RoleStore
     in_flight: InFlight
     mcp_sessions: SessionStore | None
+    lease: Lease
 
 
 def build_components(settings: Settings, db: Database | None = None) -> Components:
     db = db or Database(settings.effective_database_url)
-    # Several workers or replicas: catalog events also travel through Redis (redis_bus.py).
+    # Several workers or replicas: what they share travels through Redis, signed (redis_link.py).
+    signer = cluster_signer(settings) if settings.redis_url else None
     events: EventBus = (
-        RedisEventBus(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else EventBus()
+        RedisEventBus(settings.redis_url, signer=signer, prefix=settings.redis_prefix)
+        if settings.redis_url and signer
+        else EventBus()
     )
     keyring = Keyring.from_settings(settings)
     registry = Registry(settings, db, keyring, events)
-    rediscovery = Rediscovery(settings, registry)
+    # Several replicas: work done once per cluster takes a Redis lease, limits count in Redis.
+    lease = RedisLease(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else Lease()
+    limiter = (
+        RedisRateLimiter(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            per_s=settings.rate_limit_per_s,
+            burst=settings.rate_limit_burst,
+        )
+        if settings.redis_url
+        else RateLimiter(per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+    )
+    rediscovery = Rediscovery(settings, registry, lease=lease)
     directory = RemoteDirectory(db)
     desktop = DesktopRegistry(
         grace_period_s=settings.ws_grace_period_ms / 1000,
         max_connections_per_user=settings.ws_max_connections_per_user,
         events=events,
         # Several replicas: desktop sessions listed and reached everywhere (desktop/cluster.py).
-        cluster=DesktopCluster(settings.redis_url, prefix=settings.redis_prefix)
-        if settings.redis_url
+        cluster=DesktopCluster(settings.redis_url, signer=signer, prefix=settings.redis_prefix)
+        if settings.redis_url and signer
         else None,
     )
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
     subscriptions = Subscriptions()
-    audit = AuditLog(db, queue_size=settings.audit_queue_size)
+    audit = AuditLog(db, queue_size=settings.audit_queue_size, lease=lease)
 
     def audit_registry_change(event: ServerEvent) -> None:
         # Changes made by a person (system flips live in the server's health fields), audited once: by
@@ -197,7 +215,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         keyring=keyring,
         verifier=verifier,
         registry=registry,
-        health=HealthChecker(settings, registry),
+        health=HealthChecker(settings, registry, lease=lease),
         rediscovery=rediscovery,
         directory=directory,
         catalog=catalog,
@@ -208,16 +226,22 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop, audit),
         metrics=metrics,
-        limiter=RateLimiter(per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
+        limiter=limiter,
         audit=audit,
         roles=roles,
         in_flight=InFlight(),
         # Several replicas: handshake-era MCP sessions served by every replica (mcp_sessions.py).
         mcp_sessions=(
-            SessionStore(settings.redis_url, prefix=settings.redis_prefix, ttl_s=settings.mcp_session_idle_s)
-            if settings.redis_url
+            SessionStore(
+                settings.redis_url,
+                signer=signer,
+                prefix=settings.redis_prefix,
+                ttl_s=settings.mcp_session_idle_s,
+            )
+            if settings.redis_url and signer
             else None
         ),
+        lease=lease,
     )
 
 
@@ -301,6 +325,10 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             tg.start_soon(parts.roles.run_reload)
             if isinstance(parts.events, RedisEventBus):  # the Redis sender and supervised subscriber
                 tg.start_soon(parts.events.run)
+            if isinstance(parts.limiter, RedisRateLimiter):  # closes its connections on shutdown
+                tg.start_soon(parts.limiter.run)
+            if isinstance(parts.lease, RedisLease):  # hands its leases over on shutdown
+                tg.start_soon(parts.lease.run)
             if parts.desktop.cluster is not None:  # the desktop directory and the routing of calls
                 tg.start_soon(parts.desktop.cluster.run)
             if parts.mcp_sessions is not None:  # MCP sessions ended on other replicas

@@ -6,8 +6,10 @@ and serialisation happen in the writer, off the caller's path. Overflow is count
 are events in batches the database refused (`failed_writes`); both are exported in `/metrics`.
 
 The writer (`run`) and the retention loop (`run_pruner`) are owned by the app lifespan; `run` flushes
-what is queued when it is cancelled, within `drain_timeout_s`. Tests step them with `flush()` and
-`prune_expired()` and an injected clock instead of sleeping.
+what is queued when it is cancelled, within `drain_timeout_s`. Tests step them with `flush()`,
+`prune_round()` and an injected clock instead of sleeping. With several replicas on one database, a
+pruning round takes the lease `audit-prune` (`leases.py`) first, so the retention is applied once per
+interval in the cluster (by the replica that keeps renewing it), not by every replica.
 
 This module must not be called from a worker thread (`record` wakes the writer through an anyio event)
 and must not raise into a caller of `record`.
@@ -29,10 +31,12 @@ from sqlalchemy import delete, tuple_
 from sqlmodel import Session, col, select
 
 from scailink_mcp.db import Database
+from scailink_mcp.leases import Lease
 from scailink_mcp.models import AuditEvent, new_id, utcnow
 
 logger = logging.getLogger(__name__)
 
+PRUNE_LEASE = "audit-prune"
 REDACTED = "[REDACTED]"
 OUTCOMES = ("ok", "error", "denied")
 DETAIL_LEVELS = ("metadata", "off")
@@ -214,8 +218,10 @@ class AuditLog:
         max_argument_bytes: int = 16 * 1024,
         prune_chunk: int = 5_000,
         clock: Callable[[], datetime] = utcnow,
+        lease: Lease | None = None,
     ) -> None:
         self.db = db
+        self.lease = lease or Lease()
         self.queue_size = queue_size
         self.batch_size = max(1, batch_size)
         self.flush_interval_s = flush_interval_s
@@ -351,11 +357,19 @@ class AuditLog:
         """One step of the retention loop: delete what is older than `retention_s` by the log's clock."""
         return await self.prune(self._clock() - timedelta(seconds=retention_s))
 
+    async def prune_round(self, retention_s: float, interval_s: float) -> int | None:
+        """One round of the retention loop: how many events were deleted, or None when another replica
+        holds the lease (or Redis does not answer: skipped, the next round tries again). The lease
+        lives two intervals: longer than the holder's gap between rounds, so it keeps pruning."""
+        if not await self.lease.acquire(PRUNE_LEASE, 2 * interval_s):
+            return None
+        return await self.prune_expired(retention_s)
+
     async def run_pruner(self, retention_s: float, interval_s: float = 3600.0) -> None:
         """Owned by the app lifespan: applies the retention now and then every `interval_s`."""
         while True:
             try:
-                deleted = await self.prune_expired(retention_s)
+                deleted = await self.prune_round(retention_s, interval_s)
                 if deleted:
                     logger.info("audit events pruned", extra={"rows": deleted})
             except Exception as exc:

@@ -5,6 +5,8 @@ Built once (by the CLI or a test fixture) and passed down; no other module reads
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,6 +38,9 @@ class Settings(BaseSettings):
     # Channel (and client name) prefix in Redis: replicas sharing one Redis with the same prefix are one
     # gateway; another prefix keeps another deployment apart.
     redis_prefix: str = Field(default="scailink", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # Base64 of >= 32 bytes shared by all replicas: signs every message and session state they put in
+    # Redis (redis_link.Signer). Unset: derived from the primary KEK.
+    cluster_secret: SecretStr | None = None
     log_level: str = "INFO"
 
     # --- credentials at rest
@@ -167,6 +172,18 @@ class Settings(BaseSettings):
     def _valid_networks(cls, value: list[str]) -> list[str]:
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @field_validator("cluster_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                raw = base64.b64decode(value.get_secret_value().strip(), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("SCAILINK_CLUSTER_SECRET must be base64") from None
+            if len(raw) < 32:
+                raise ValueError("SCAILINK_CLUSTER_SECRET must be base64 of at least 32 bytes")
         return value
 
     @property

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -151,17 +151,29 @@ def sealed_from_row(row: Credential) -> SealedSecret:
 
 
 def rotate_credentials(
-    db: Database, keyring: Keyring, *, batch_size: int = 100, max_batches: int | None = None
+    db: Database,
+    keyring: Keyring,
+    *,
+    batch_size: int = 100,
+    max_batches: int | None = None,
+    after_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Re-wrap every DEK not under the primary KEK, one committed batch at a time.
 
     Resumable: an interrupted run leaves every row decryptable (each under its old or the new KEK) and
-    a second run continues with what is left. Safe while the service runs: a row is only updated if
-    its `kek_id` is still the one read (a concurrent credential rotation wins).
+    a second run continues with what is left. Safe while the service runs, on any number of replicas:
+    a row is rewritten in one UPDATE of (`kek_id`, `wrapped_dek`) — a reader sees the old pair or the
+    new one, never a mix, and either opens with a keyring holding both KEKs — and only if it still
+    holds the DEK that was read (`dek_id`, new on every seal) under the KEK that was read. Comparing
+    `kek_id` alone would let a credential set meanwhile by a replica still on the old primary (same
+    `kek_id`, a new DEK and ciphertext) be overwritten with the old DEK's wrapping: a row nobody could
+    open. Such a row is left as it is, and picked up by the next batch if it still needs re-wrapping.
+    `after_batch(rewrapped)` runs after each commit (the CLI renews its cluster lock there).
     """
     done = 0
     batches = 0
     while max_batches is None or batches < max_batches:
+        rewrapped = 0
         with db.session() as session:
             rows = session.exec(
                 select(Credential)
@@ -175,12 +187,19 @@ def rotate_credentials(
                 fresh = rewrap(keyring, sealed_from_row(row))
                 result = session.execute(
                     update(Credential)
-                    .where(col(Credential.id) == row.id, col(Credential.kek_id) == row.kek_id)
+                    .where(
+                        col(Credential.id) == row.id,
+                        col(Credential.kek_id) == row.kek_id,
+                        col(Credential.dek_id) == row.dek_id,
+                    )
                     .values(
                         kek_id=fresh.kek_id, wrapped_dek=fresh.wrapped_dek
                     )  # updated_at is the secret's age
                 )
-                done += result.rowcount  # type: ignore[attr-defined]
+                rewrapped += result.rowcount  # type: ignore[attr-defined]
             session.commit()
+        done += rewrapped
         batches += 1
+        if after_batch is not None:
+            after_batch(rewrapped)
     return done

@@ -1,7 +1,8 @@
 """The guard in front of `/mcp`, `/messages/` and the per-server endpoint, inside bearer auth.
 
 What the SDK's transport does not do for a multi-tenant gateway, checked before a message reaches it:
-- the per-user request rate of the REST surface (one bucket per (tenant, user), shared with REST);
+- the per-user request rate of the REST surface (one bucket per (tenant, user), shared with REST and,
+  with Redis configured, with every replica: `ratelimit.py`);
 - the body cap of SPEC section 2 (`max_body_bytes`, 1 MiB; the SDK's own default is 4 MiB), read
   incrementally so an oversized body is never buffered whole;
 - JSON-RPC shape: a message whose `id` is `null`, an object, a list or a boolean is an Invalid Request
@@ -90,7 +91,7 @@ class McpGuard:
         key = self.principal_key(scope)
         if key is not None:
             try:
-                self.limiter.check(key)
+                await self.limiter.admit(key)
             except RateLimited as exc:
                 retry = str(max(1, round(exc.retry_after or 1)))
                 await _rpc_error(429, INVALID_REQUEST, exc.message, {"Retry-After": retry})(

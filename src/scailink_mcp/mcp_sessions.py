@@ -42,7 +42,7 @@ from scailink_mcp import sdk_sessions
 from scailink_mcp.auth import Principal
 from scailink_mcp.mcp_auth import scope_principal
 from scailink_mcp.mcp_guard import replay
-from scailink_mcp.redis_link import check_url, connect, keep_subscribed
+from scailink_mcp.redis_link import Signer, check_url, connect, keep_subscribed
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -57,9 +57,12 @@ Revived = Callable[[Connection, Principal, Scope], None]
 class SessionStore:
     """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages."""
 
-    def __init__(self, url: str, *, prefix: str, ttl_s: float, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, signer: Signer, prefix: str, ttl_s: float, timeout_s: float = 2.0
+    ) -> None:
         check_url(url)
         self.url = url
+        self.signer = signer
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
         self.timeout_s = timeout_s
@@ -94,11 +97,16 @@ class SessionStore:
         return self._client
 
     async def save(self, endpoint: str, session_id: str, state: dict[str, Any]) -> None:
-        await self._redis().set(self._key(endpoint, session_id), json.dumps(state), px=self.ttl_ms)
+        value = self.signer.sign(json.dumps(state))
+        await self._redis().set(self._key(endpoint, session_id), value, px=self.ttl_ms)
 
     async def load(self, endpoint: str, session_id: str) -> dict[str, Any] | None:
         raw = await self._redis().get(self._key(endpoint, session_id))
-        state = json.loads(raw) if raw else None
+        try:
+            state = json.loads(self.signer.verify(raw)) if raw else None
+        except ValueError:
+            logger.warning("ignored an MCP session state not signed by this gateway")
+            return None
         return state if isinstance(state, dict) else None
 
     async def touch(self, endpoint: str, session_id: str) -> None:
@@ -107,9 +115,8 @@ class SessionStore:
     async def end(self, endpoint: str, session_id: str) -> None:
         client = self._redis()
         await client.delete(self._key(endpoint, session_id))
-        await client.publish(
-            self._channel, json.dumps({"v": 1, "endpoint": endpoint, "session_id": session_id})
-        )
+        message = json.dumps({"v": 1, "endpoint": endpoint, "session_id": session_id})
+        await client.publish(self._channel, self.signer.sign(message))
 
     async def run(self) -> None:
         """The `ended` subscription (owned by the app lifespan)."""
@@ -151,7 +158,7 @@ class SessionStore:
 
     async def _ended(self, data: bytes | str) -> None:
         try:
-            message = json.loads(data)
+            message = json.loads(self.signer.verify(data))
             manager = self._managers.get(str(message["endpoint"]))
             if manager is not None:
                 await sdk_sessions.discard(manager, str(message["session_id"]))
@@ -177,6 +184,7 @@ class SharedSessions:
         self.endpoint = endpoint
         self.on_revived = on_revived
         self._touched: dict[str, float] = {}
+        self._reviving: dict[str, anyio.Event] = {}
         store.register(endpoint, manager)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,12 +227,23 @@ class SharedSessions:
             await self._quietly(self.store.save(self.endpoint, created[0], state), "save")
 
     async def _established(self, scope: Scope, session_id: str, principal: Principal) -> None:
+        reviving = self._reviving.get(session_id)
+        if reviving is not None:  # another request of this session is reviving it (a GET and a POST)
+            await reviving.wait()
+            return
         if sdk_sessions.has_session(self.manager, session_id):
             now = time.monotonic()
             if now - self._touched.get(session_id, 0.0) >= TOUCH_S:
                 self._touched[session_id] = now
                 await self._quietly(self.store.touch(self.endpoint, session_id), "touch")
             return
+        self._reviving[session_id] = anyio.Event()
+        try:
+            await self._revive(scope, session_id, principal)
+        finally:
+            self._reviving.pop(session_id).set()
+
+    async def _revive(self, scope: Scope, session_id: str, principal: Principal) -> None:
         try:
             state = await self.store.load(self.endpoint, session_id)
         except Exception as exc:  # Redis unreachable: the SDK answers 404, the client re-initializes

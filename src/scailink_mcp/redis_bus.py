@@ -45,7 +45,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from scailink_mcp.events import Event, EventBus, RolesChanged, ServerEvent, ServerEventKind
-from scailink_mcp.redis_link import check_url, connect, keep_subscribed, make_worker_id
+from scailink_mcp.redis_link import Signer, check_url, connect, keep_subscribed, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
     from redis.asyncio import Redis
@@ -116,6 +116,7 @@ class RedisEventBus(EventBus):
         self,
         url: str,
         *,
+        signer: Signer,
         prefix: str = "scailink",
         queue_size: int = 10_000,
         connect_timeout_s: float = 2.0,
@@ -125,6 +126,7 @@ class RedisEventBus(EventBus):
         super().__init__()
         check_url(url)
         self.url = url
+        self.signer = signer
         self.channel = f"{prefix}:events"
         self.client_name_prefix = f"{prefix}:events"
         self.connect_timeout_s = connect_timeout_s
@@ -192,7 +194,7 @@ class RedisEventBus(EventBus):
         async for event in self._pending:
             try:
                 with anyio.fail_after(self.connect_timeout_s * 3):
-                    await client.publish(self.channel, encode(event, self.worker_id))
+                    await client.publish(self.channel, self.signer.sign(encode(event, self.worker_id)))
                 self.published += 1
             except Exception as exc:
                 self.publish_failures += 1
@@ -233,7 +235,7 @@ class RedisEventBus(EventBus):
 
     async def _receive(self, data: bytes | str) -> None:
         try:
-            origin, event = decode(data)
+            origin, event = decode(self.signer.verify(data))
         except (ValueError, TypeError) as exc:
             logger.warning("ignored a malformed event from Redis", extra={"error": str(exc)[:200]})
             return

@@ -6,6 +6,10 @@ redis is imported only here and only when a Redis URL is configured: the single 
 - `connect`: timeouts on connect and on every command, TCP keepalive (a Redis that vanished without
   closing the connection is noticed in ~25 s), a client name that says which worker and which use.
   A subscriber connection gets no silent retries, so that no drop goes unnoticed.
+- `Signer`: every message and every session state ScaiLink puts in Redis is signed (HMAC-SHA256
+  under a key derived from `SCAILINK_CLUSTER_SECRET`, or from the primary KEK when it is unset), and
+  whatever does not verify is ignored: a client of the same Redis that is not a replica of this
+  gateway (another deployment, a stray script) cannot inject events, calls or sessions.
 - `keep_subscribed`: runs one subscription until it fails, reports the loss, waits with exponential
   backoff and runs it again, forever (until cancelled). The caller's `subscribe_once` marks itself
   ready when Redis confirms the SUBSCRIBE; the backoff starts again from its minimum after a drop of
@@ -14,6 +18,9 @@ redis is imported only here and only when a Redis URL is configured: the single 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -22,11 +29,46 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from scailink_mcp.config import Settings
+
 logger = logging.getLogger(__name__)
+
+
+class Signer:
+    """`sign(text)` -> `<mac>.<text>`; `verify(data)` -> the text, or ValueError."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = HKDF(algorithm=SHA256(), length=32, salt=None, info=b"scailink/redis/v1").derive(secret)
+
+    def _mac(self, text: str) -> str:
+        digest = hmac.new(self._key, text.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def sign(self, text: str) -> str:
+        return f"{self._mac(text)}.{text}"
+
+    def verify(self, data: bytes | str) -> str:
+        signed = data.decode() if isinstance(data, bytes) else data
+        mac, dot, text = signed.partition(".")
+        if not dot or not hmac.compare_digest(mac, self._mac(text)):
+            raise ValueError("not signed by a replica of this gateway")
+        return text
+
+
+def cluster_signer(settings: Settings) -> Signer:
+    """The signer of this gateway's Redis traffic: `SCAILINK_CLUSTER_SECRET`, else the primary KEK."""
+    if settings.cluster_secret is not None:
+        return Signer(base64.b64decode(settings.cluster_secret.get_secret_value().strip()))
+    if settings.encryption_local_kek is not None:
+        kek = base64.b64decode(settings.encryption_local_kek.get_secret_value().strip())
+        return Signer(hashlib.sha256(b"scailink-cluster-secret" + kek).digest())
+    raise ValueError("several replicas need SCAILINK_CLUSTER_SECRET (or SCAILINK_ENCRYPTION_LOCAL_KEK)")
 
 
 def make_worker_id() -> str:

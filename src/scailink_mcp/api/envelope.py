@@ -134,7 +134,7 @@ async def principal(request: Request) -> Principal:
     parts = components(request)
     token = bearer_token(request.headers.get("authorization"))
     result: Principal = await parts.verifier.verify(token)
-    parts.limiter.check(f"{result.tenant_id}/{result.user_id}")
+    await parts.limiter.admit(f"{result.tenant_id}/{result.user_id}")
     return result
 
 

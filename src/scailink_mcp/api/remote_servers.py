@@ -80,12 +80,13 @@ async def delete_server(request: Request) -> Response:
     return no_content()
 
 
-def _detail_of(action: Callable[[Registry, Principal, str], Awaitable[ServerDetail]]) -> Endpoint:
-    """An endpoint answering one server's detail after `action` (a read, or a refresh)."""
+def _detail_of(action: Callable[[Registry], Callable[[Principal, str], Awaitable[ServerDetail]]]) -> Endpoint:
+    """An endpoint answering one server's detail after `action(registry)` (a read, or a refresh);
+    the registry's method is looked up per request, on the app's own registry."""
 
     async def endpoint(request: Request) -> Response:
         who = await principal(request)
-        return ok(request, await action(_registry(request), who, path_param(request, "server_id")))
+        return ok(request, await action(_registry(request))(who, path_param(request, "server_id")))
 
     return endpoint
 
@@ -112,10 +113,10 @@ BASE = "/v1/modules/scailink/remote-servers"
 routes = [
     Route(BASE, create_server, methods=["POST"]),
     Route(BASE, list_servers, methods=["GET"]),
-    Route(BASE + "/{server_id}", _detail_of(Registry.get), methods=["GET"]),
+    Route(BASE + "/{server_id}", _detail_of(lambda registry: registry.get), methods=["GET"]),
     Route(BASE + "/{server_id}", update_server, methods=["PATCH"]),
     Route(BASE + "/{server_id}", delete_server, methods=["DELETE"]),
-    Route(BASE + "/{server_id}/refresh", _detail_of(Registry.refresh), methods=["POST"]),
+    Route(BASE + "/{server_id}/refresh", _detail_of(lambda registry: registry.refresh), methods=["POST"]),
     Route(BASE + "/{server_id}/credentials/{field}", put_credential, methods=["PUT"]),
     Route(BASE + "/{server_id}/credentials/{field}", delete_credential, methods=["DELETE"]),
 ]

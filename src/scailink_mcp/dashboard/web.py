@@ -165,7 +165,7 @@ async def signed_in(request: Request) -> Visit:
     except Unauthorized as err:
         dash.sessions.end(request.cookies.get(SESSION_COOKIE))
         raise SignInRequired(f"signed out: {err.message}") from None
-    dash.parts.limiter.check(f"{who.tenant_id}/{who.user_id}")  # the REST per-user rate, shared
+    await dash.parts.limiter.admit(f"{who.tenant_id}/{who.user_id}")  # the REST per-user rate, shared
     return Visit(request, dash, who, session)
 
 

@@ -38,7 +38,7 @@ from anyio.abc import TaskGroup
 
 from scailink_mcp.desktop.sessions import DesktopSession, Pending
 from scailink_mcp.errors import DeviceOffline, ScaiLinkError, UpstreamTimeout, error_class
-from scailink_mcp.redis_link import check_url, connect, keep_subscribed, make_worker_id
+from scailink_mcp.redis_link import Signer, check_url, connect, keep_subscribed, make_worker_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -73,6 +73,7 @@ class DesktopCluster:
         self,
         url: str,
         *,
+        signer: Signer,
         prefix: str = "scailink",
         timeout_s: float = 2.0,
         backoff_min_s: float = 0.1,
@@ -80,6 +81,7 @@ class DesktopCluster:
     ) -> None:
         check_url(url)
         self.url = url
+        self.signer = signer
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.backoff_min_s = backoff_min_s
@@ -95,6 +97,7 @@ class DesktopCluster:
         self._wake = anyio.Event()
         self._waiting: dict[str, tuple[str, Pending]] = {}  # request id -> (owner, waiter)
         self._serving: dict[str, anyio.CancelScope] = {}
+        self._missing: set[str] = set()  # peers whose heartbeat the last sweep did not find
         self.forwarded = 0  # requests sent to peers (tests, logs)
 
     # ---- names -------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ class DesktopCluster:
             try:
                 receivers = await self._client.publish(
                     self._inbox(session.owner),
-                    json.dumps({**message, "session_id": session.session_id, **body}),
+                    self.signer.sign(json.dumps({**message, "session_id": session.session_id, **body})),
                 )
             except Exception as exc:
                 raise DeviceOffline(f"Redis is unreachable ({type(exc).__name__})") from None
@@ -211,7 +214,13 @@ class DesktopCluster:
         refreshed = 0.0
         while True:
             try:
-                await self._client.set(self._heartbeat(self.worker_id), "1", px=HEARTBEAT_TTL_MS)
+                previous = await self._client.set(
+                    self._heartbeat(self.worker_id), "1", px=HEARTBEAT_TTL_MS, get=True
+                )
+                if previous is None and self._ready:  # Redis lost its keys (a restart): announce all again
+                    for session_id in self.registry.sessions if self.registry else ():
+                        self._outbox[session_id] = "upsert"
+                    self._wake.set()
                 now = anyio.current_time()
                 if now - refreshed >= SESSION_REFRESH_S:
                     refreshed = now
@@ -227,14 +236,19 @@ class DesktopCluster:
         assert self._client is not None and self.registry is not None
         owners = {s.owner for s in self.registry.peers.values()} | {o for o, _ in self._waiting.values()}
         owners.discard(self.worker_id)
+        missing: set[str] = set()
         for owner in owners:
             if await self._client.exists(self._heartbeat(owner)):
+                continue
+            missing.add(owner)
+            if owner not in self._missing:  # gone only when missing twice (not just after a Redis restart)
                 continue
             logger.warning("a replica holding desktop sessions is gone", extra={"worker": owner})
             for o, waiter in list(self._waiting.values()):
                 if o == owner:
                     waiter.settle(error=DeviceOffline("the replica holding the desktop device is gone"))
             await self.registry.drop_owner(owner)
+        self._missing = missing
 
     async def _announce_forever(self) -> None:
         while True:
@@ -265,9 +279,8 @@ class DesktopCluster:
         self._epochs[session_id] = epoch
         record = session.record()
         key = self._key(session_id)
-        await self._client.hset(
-            key, mapping={"epoch": epoch, "owner": self.worker_id, "record": json.dumps(record)}
-        )
+        signed = self.signer.sign(json.dumps(record))
+        await self._client.hset(key, mapping={"epoch": epoch, "owner": self.worker_id, "record": signed})
         await self._client.pexpire(key, SESSION_TTL_MS)
         await self._send(
             self._channel, {"op": "upsert", "owner": self.worker_id, "epoch": epoch, "record": record}
@@ -286,7 +299,8 @@ class DesktopCluster:
 
     async def _send(self, channel: str, message: dict[str, Any]) -> int:
         assert self._client is not None
-        return int(await self._client.publish(channel, json.dumps({"v": WIRE_VERSION, **message})))
+        text = json.dumps({"v": WIRE_VERSION, **message})
+        return int(await self._client.publish(channel, self.signer.sign(text)))
 
     async def _subscribe_forever(self, client: Redis) -> None:
         def lost(exc: Exception) -> bool:
@@ -327,8 +341,13 @@ class DesktopCluster:
         async for key in self._client.scan_iter(match=self._key("*"), count=500):
             entry = {_text(k): _text(v) for k, v in (await self._client.hgetall(key)).items()}
             owner = entry.get("owner", "")
-            if owner and owner != self.worker_id and await self._client.exists(self._heartbeat(owner)):
-                found.append((json.loads(entry["record"]), owner, int(entry["epoch"])))
+            if owner and owner != self.worker_id:  # a dead owner's sessions leave at the next sweeps
+                try:
+                    found.append(
+                        (json.loads(self.signer.verify(entry["record"])), owner, int(entry["epoch"]))
+                    )
+                except (ValueError, KeyError):
+                    logger.warning("ignored a desktop session key not signed by this gateway")
         await self.registry.load_peers(found)
         for session_id in self.registry.sessions:
             self._outbox[session_id] = "upsert"
@@ -338,7 +357,7 @@ class DesktopCluster:
     async def _receive(self, data: bytes | str) -> None:
         assert self.registry is not None and self._tg is not None
         try:
-            message = json.loads(data)
+            message = json.loads(self.signer.verify(data))
             if not isinstance(message, dict) or message.get("v") != WIRE_VERSION:
                 raise ValueError("not a ScaiLink desktop message of this version")
             op = message.get("op")

@@ -7,6 +7,16 @@ successful refresh, or, with `health_auto_recover`, after `health_recover_succes
 A server whose stored credential does not decrypt fails its check (`CredentialDecryptError`) and
 flips at once; one server's failure, of any kind, never ends the round for the others.
 
+Several replicas (SPEC section 10): each server's check and re-discovery run on one replica per
+interval. A round asks for the lease `health:<server id>` (`leases.py`) before checking a server and
+skips the servers another replica holds; the holder renews its leases every round, so a server is
+checked once per interval and a status flips once, on one replica, whose `ServerEvent` reaches the
+others through the event bus. The lease lives `HEALTH_LEASE_INTERVALS` intervals: longer than the
+holder's gap between rounds (the interval, its jitter and the round itself), so the holder keeps it,
+and a replica that died is replaced within that. Re-discovery takes `discovery:<server id>` for a
+period and one discovery, then re-reads the server (a peer may have re-discovered it meanwhile). Redis
+unreachable: the lease is not granted and that round's work is skipped (`leases.py` logs it once).
+
 Both loops are owned by the app lifespan; `run_once` steps them in tests without sleeping.
 """
 
@@ -16,12 +26,14 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from functools import partial
 
 import anyio
 from sqlmodel import Session, col, select
 
 from scailink_mcp.config import Settings
 from scailink_mcp.events import ServerEventKind
+from scailink_mcp.leases import Lease
 from scailink_mcp.models import RemoteServer, utcnow
 from scailink_mcp.remote.discovery import aware
 from scailink_mcp.remote.registry import CredentialDecryptError, Registry
@@ -31,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Probe = Callable[[UpstreamTarget], Awaitable[None]]
 CONCURRENCY = 16
+HEALTH_LEASE_INTERVALS = 2.0
 
 
 class HealthChecker:
@@ -41,11 +54,13 @@ class HealthChecker:
         *,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.rng = rng or random.Random()
         self.sleep = sleep
+        self.lease = lease or Lease()
 
     async def probe(self, target: UpstreamTarget) -> None:
         """One bounded check over a fresh connection; raises on any failure."""
@@ -115,13 +130,21 @@ class HealthChecker:
         session.commit()
         return flipped, server
 
+    @property
+    def lease_ttl_s(self) -> float:
+        return HEALTH_LEASE_INTERVALS * self.settings.health_interval_s
+
     async def run_once(self) -> dict[str, str | None]:
-        """Check every registered server (bounded concurrency); returns id -> status."""
+        """Check every registered server this replica holds the lease of (bounded concurrency);
+        returns id -> status, without the servers another replica checks this interval."""
         ids = await self.registry.db.run(lambda s: list(s.exec(select(RemoteServer.id)).all()))
         results: dict[str, str | None] = {}
         limiter = anyio.CapacityLimiter(CONCURRENCY)
 
         async def _one(server_id: str) -> None:
+            # Taken before waiting for a check slot: the holder renews at the start of each round.
+            if not await self.lease.acquire(f"health:{server_id}", self.lease_ttl_s):
+                return
             async with limiter:
                 try:
                     results[server_id] = await self.check(server_id)
@@ -157,11 +180,13 @@ class Rediscovery:
         *,
         clock: Callable[[], datetime] = utcnow,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.clock = clock
         self.sleep = sleep
+        self.lease = lease or Lease()
         self._triggered: set[str] = set()
         self._wake = anyio.Event()
 
@@ -181,23 +206,45 @@ class Rediscovery:
                 except Exception:
                     logger.exception("triggered re-discovery failed", extra={"server_id": server_id})
 
+    @property
+    def period_s(self) -> float:
+        # Due servers are looked for a few times per interval, so a server is never late by a whole one.
+        return max(1.0, self.settings.discovery_interval_s / 10)
+
+    def _is_due(self, server: RemoteServer, cutoff: datetime) -> bool:
+        return server.last_discovery_at is None or aware(server.last_discovery_at) <= cutoff
+
     def due(self, session: Session) -> list[str]:
         cutoff = self.clock() - timedelta(seconds=self.settings.discovery_interval_s)
         rows = session.exec(select(RemoteServer).where(col(RemoteServer.status) == "active")).all()
-        return [r.id for r in rows if r.last_discovery_at is None or aware(r.last_discovery_at) <= cutoff]
+        return [r.id for r in rows if self._is_due(r, cutoff)]
+
+    def still_due(self, session: Session, server_id: str) -> bool:
+        cutoff = self.clock() - timedelta(seconds=self.settings.discovery_interval_s)
+        server = session.get(RemoteServer, server_id)
+        return server is not None and server.status == "active" and self._is_due(server, cutoff)
 
     async def run_once(self) -> list[str]:
-        ids = await self.registry.db.run(self.due)
-        for server_id in ids:
+        """Re-discover the due servers this replica holds the lease of; returns the ids it ran."""
+        ran: list[str] = []
+        # Held for a period plus one discovery: a failed discovery is retried once per period in the
+        # cluster (by this replica, which renews), never by every replica.
+        ttl = self.period_s + self.settings.discovery_connect_timeout_s + self.settings.discovery_timeout_s
+        for server_id in await self.registry.db.run(self.due):
             try:
+                if not await self.lease.acquire(f"discovery:{server_id}", ttl):
+                    continue
+                # The list above may be stale by a whole round: a peer may have re-discovered it since.
+                if not await self.registry.db.run(partial(self.still_due, server_id=server_id)):
+                    continue
+                ran.append(server_id)
                 await self.registry.run_discovery(server_id)
             except Exception:  # one server's trouble never ends the round
                 logger.exception("re-discovery failed", extra={"server_id": server_id})
-        return ids
+        return ran
 
     async def run(self) -> None:
-        # Check for due servers a few times per interval so a server is never late by a whole interval.
-        period = max(1.0, self.settings.discovery_interval_s / 10)
+        period = self.period_s
         while True:
             await self.sleep(period)
             try:
