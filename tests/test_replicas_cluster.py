@@ -6,23 +6,15 @@ a real upstream MCP server, and SIGKILL of a replica while calls run through the
 Skipped only when Redis (or, for the load-balancer tests, haproxy) is missing and
 SCAILINK_TEST_REQUIRE_REDIS (SCAILINK_TEST_REQUIRE_HAPROXY) is unset; `.ci/run` sets both.
 
-TODO, for features not built yet (SPEC section 10); each becomes a test here when it lands:
-- Desktop sessions across replicas: a device whose WebSocket (through the load balancer) is held by
-  replica A is listed by `GET /sessions`, `/sessions/{id}` and `/capabilities` on B; its tools, prompts
-  and resources are callable through B (MCP and REST invoke), consent and cancellation travel;
-  `DELETE /sessions/{id}` on B closes the socket on A; 4010 and `resume_session_id` when the new
-  connection lands on another replica; the per-user cap (5) across replicas; SIGKILL of A makes B
-  answer `SCAILINK_DEVICE_OFFLINE` within 1 s (MCP `isError` with `_meta["scailink/error"]`, REST 404).
-- Handshake-era MCP sessions with no stickiness: `initialize` on A, every later request of the
-  session (and its GET stream) on any replica, the principal checked on each (another one gets 404);
-  the session of a replica that died answers 404 at once, never a hang.
-- 2026-07-28 MRTR `requestState` sealed with the cluster secret: a retry that lands on another replica.
-- `list_changed` through the load balancer to the downstream sessions each replica holds (both eras).
-- The per-user REST rate limit counted across replicas; health checks and re-discovery run once per
-  interval per cluster (a lease) and a status flip is published once.
-- Redis restarted under a running cluster: `/readyz` 503 naming Redis meanwhile, remote calls keep
-  working, each replica re-subscribes and re-publishes its desktop sessions without a restart.
-- Custom-role changes through Redis (today a 30 s reload from the database).
+Built since, and tested with in-process replicas (real uvicorn each, real Redis) rather than
+`scailink serve` processes behind HAProxy: desktops across replicas (test_replicas_desktop.py),
+handshake-era sessions spread round robin (test_replicas_sessions.py), the shared rate limit
+(test_replicas_ratelimit.py), leases (test_replicas_leases.py), Redis restarted
+(test_replicas_faults.py), custom-role changes (test_replicas_events.py).
+
+TODO here, through the load balancer: a desktop on A called through B and C; a handshake session's
+requests and GET stream spread by HAProxy; SIGKILL of the replica holding a desktop, the device
+reconnecting to a survivor with its tools back; `list_changed` in both eras through the balancer.
 """
 
 from __future__ import annotations
