@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Protocol
 
 import mcp_types as types
@@ -361,6 +362,14 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         )
     # Registered directly: the handler returns the upstream's result dict, passed through unchanged.
     server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
+
+    async def initialized(ctx: Ctx, params: types.NotificationParams) -> None:
+        """Tracked from the handshake on: a session that has not listed anything yet still hears of
+        catalog changes (an agent may connect to an empty catalog and wait for one)."""
+        with suppress(MCPError):
+            scope_of(ctx)
+
+    server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
     return server
 
 
