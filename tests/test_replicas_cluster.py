@@ -6,15 +6,11 @@ a real upstream MCP server, and SIGKILL of a replica while calls run through the
 Skipped only when Redis (or, for the load-balancer tests, haproxy) is missing and
 SCAILINK_TEST_REQUIRE_REDIS (SCAILINK_TEST_REQUIRE_HAPROXY) is unset; `.ci/run` sets both.
 
-Built since, and tested with in-process replicas (real uvicorn each, real Redis) rather than
-`scailink serve` processes behind HAProxy: desktops across replicas (test_replicas_desktop.py),
-handshake-era sessions spread round robin (test_replicas_sessions.py), the shared rate limit
-(test_replicas_ratelimit.py), leases (test_replicas_leases.py), Redis restarted
-(test_replicas_faults.py), custom-role changes (test_replicas_events.py).
-
-TODO here, through the load balancer: a desktop on A called through B and C; a handshake session's
-requests and GET stream spread by HAProxy; SIGKILL of the replica holding a desktop, the device
-reconnecting to a survivor with its tools back; `list_changed` in both eras through the balancer.
+The same scenarios with in-process replicas (a real uvicorn each, real Redis), where a test picks
+the replica of each request: test_replicas_desktop.py, test_replicas_sessions.py,
+test_replicas_events.py, test_replicas_ratelimit.py, test_replicas_leases.py, test_replicas_faults.py
+(Redis killed and restarted). Desktops, MCP sessions of both eras and SIGKILL of a desktop's replica
+through HAProxy: test_replicas_lb.py.
 """
 
 from __future__ import annotations
@@ -62,6 +58,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 REG = "/v1/modules/scailink/remote-servers"
 CAPABILITIES = "/v1/modules/scailink/capabilities?limit=200"
 PROPAGATION_S = 1.0  # SPEC section 10: every replica answers the same within 1 s of a change
+SPREAD_S = 5.0  # until the kernel has handed connections to both workers of one port
 CALL_TIMEOUT_S = 5.0  # every call of these tests is bounded: a hang fails as a timeout
 
 
@@ -311,11 +308,14 @@ async def test_workers_share_one_port_and_each_others_changes(
         server = await register(node.base_url, tok, name="workers", endpoint_url=upstream.url)
         registered = time.monotonic()
         echo = f"remote.u1.{server['slug']}.echo"
-        # Within 1 s both workers call it: the one that did not register it heard of it through Redis
-        # (until then it may answer unknown tool, never anything else).
+        # Soon both workers call it: the one that did not register it heard of it through Redis (until
+        # then it may answer unknown tool, never anything else). The bound is wider than SPEC's 1 s:
+        # which worker accepts a new connection is the kernel's choice, and on a loaded 2-core machine
+        # one worker may take every connection for a while; the 1 s itself is asserted where the test
+        # picks the replica (test_replicas_events.py, test_replicas_lb.py).
         answered: set[int] = set()
-        for i in range(200):
-            assert time.monotonic() - registered < PROPAGATION_S, f"only {answered} of {pids} call it"
+        for i in range(400):
+            assert time.monotonic() - registered < SPREAD_S, f"only {answered} of {pids} call it"
             resp, pid = await call_on_a_new_connection(node, tok, echo, f"early {i}", pids)
             if resp.status_code == 200:
                 assert text_of(resp) == f"early {i}"
@@ -463,7 +463,7 @@ async def test_each_worker_drains_on_sigterm(
             """Connect one client at a time (a burst of connections is accepted by one worker) until
             each worker holds `least` more connections than before; how many were connected."""
             before = await anyio.to_thread.run_sync(established, node.port, pids)
-            for n in range(1, 17):
+            for n in range(1, 33):
                 connected = anyio.Event()
                 tg.start_soon(start, n, connected)
                 await connected.wait()
@@ -472,7 +472,7 @@ async def test_each_worker_drains_on_sigterm(
                     return n
             raise AssertionError(f"the workers did not both take connections: {before} -> {now}")
 
-        with anyio.fail_after(40):
+        with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 devices = await until_both_hold(desktop, 1)
                 calls = await until_both_hold(lambda _, connected: slow_call(connected), 2)

@@ -278,7 +278,7 @@ async def test_subscriber_reconnects_and_is_not_ready_meanwhile(
     tok = token("u1", "t1", ("tenant_user",))
     async with two_replicas(redis_settings()) as (a, b):
         b_bus = bus(b)
-        b_bus.backoff_min_s = 1.5  # a reconnection slow enough to observe B's not-ready window
+        b_bus.backoff_min_s = 3.0  # a reconnection slow enough to observe B's not-ready window, loaded too
         admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
         try:
             name = f"{b_bus.client_name_prefix}:sub:{b_bus.worker_id}"
@@ -287,10 +287,10 @@ async def test_subscriber_reconnects_and_is_not_ready_meanwhile(
             admin.execute_command("CLIENT", "KILL", "ID", ids[0])
 
             async with httpx.AsyncClient(base_url=b.base_url) as c:
-                await eventually(lambda: _status(c, 503), timeout=2)
+                await eventually(lambda: _status(c, 503), timeout=3)
                 down = (await c.get("/readyz")).json()["checks"]
                 assert down["redis"] == "ok" and down["redis_events"].startswith("reconnecting")
-                await eventually(lambda: _status(c, 200), timeout=5)
+                await eventually(lambda: _status(c, 200), timeout=10)
             assert b_bus.subscriptions == 2 and b_bus.ready
             admin.publish(b_bus.channel, b"not json")  # ignored: the subscription stays up
         finally:
