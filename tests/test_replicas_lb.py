@@ -23,6 +23,7 @@ import anyio.to_thread
 import httpx
 import httpx2
 import pytest
+import redis.asyncio as aioredis
 from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
@@ -407,3 +408,72 @@ async def test_registration_on_a_notifies_sessions_on_b_in_both_eras_and_deletio
                 for node in (a, b):
                     await by(deadline, f"{echo} gone on {node.name}", lambda n=node: _lacks(n, tok, echo))
                 assert echo not in {t.name for t in await list_all_tools(old_era)}
+
+
+# --- work done once per cluster ----------------------------------------------------------------------
+
+
+def health_checks_counted(node: Replica) -> float:
+    """The replica's own count of the health checks it ran (`scailink_health_checks_total`)."""
+    text = httpx.get(f"{node.base_url}/metrics", timeout=CALL_TIMEOUT_S).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("scailink_health_checks_total{")
+    )
+
+
+async def test_three_replicas_check_a_server_once_per_interval_and_flip_it_once(
+    make_env: Callable[..., ClusterEnv], token: TokenFactory, upstream: UpstreamServer
+) -> None:
+    """Health checks every 0.5 s on three `scailink serve` replicas: the upstream sees one check per
+    interval (not three), run by one replica; stopped, the server flips to `error` once (one
+    `status_changed` on the cluster's event channel, read off Redis by the test) and every replica
+    shows it."""
+    interval = 0.5
+    tok = token("u1", "t1", ("tenant_user",))
+    env = make_env(HEALTH_INTERVAL_S=str(interval), HEALTH_FAILURE_THRESHOLD="1", HEALTH_TIMEOUT_S="1")
+    migrate(env.database_url)
+    watcher = aioredis.Redis(host="127.0.0.1", port=6379)
+    pubsub = watcher.pubsub()
+    try:
+        await pubsub.subscribe(f"{env.redis_prefix}:events")
+        with replicas(env, 3) as nodes:
+            server = await register(nodes[0].base_url, tok, name="checked", endpoint_url=upstream.url)
+            await anyio.sleep(interval)  # the registration's own discovery is over
+            before = upstream.initialize_count
+            window = 3.0
+            await anyio.sleep(window)
+            checks = upstream.initialize_count - before
+            # One replica's rounds: window / interval (± 10 % jitter) handshakes; three would be ~18.
+            assert window / interval / 2 <= checks <= window / interval * 1.1 + 2, checks
+            counted = [await anyio.to_thread.run_sync(health_checks_counted, n) for n in nodes]
+            assert sum(1 for c in counted if c > 0) == 1, counted
+
+            upstream.stop()
+
+            async def in_error(node: Replica) -> bool:
+                async with httpx.AsyncClient(base_url=node.base_url, timeout=CALL_TIMEOUT_S) as c:
+                    resp = await c.get(f"{REG}/{server['id']}", headers=auth_headers(tok))
+                return bool(resp.json()["data"]["status"] == "error")
+
+            deadline = time.monotonic() + interval * 1.1 + 1 + PROPAGATION_S + 1  # a round, its timeout
+            for node in nodes:
+                await by(deadline, f"error on {node.name}", lambda n=node: in_error(n))
+            await anyio.sleep(interval * 4)  # further failing rounds flip nothing more
+        flips, kinds = [], []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:  # read until the channel has been quiet 0.5 s
+            message = await pubsub.get_message(timeout=0.1)
+            if message is None or message["type"] != "message":
+                continue
+            quiet_since = time.monotonic()
+            event = json.loads(message["data"].decode().partition(".")[2])["event"]
+            kinds.append(event.get("kind"))
+            if event.get("kind") == "status_changed" and event.get("server_id") == server["id"]:
+                flips.append(event)
+        assert "server_created" in kinds, kinds
+        assert len(flips) == 1, flips
+    finally:
+        await pubsub.aclose()
+        await watcher.aclose()

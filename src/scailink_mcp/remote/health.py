@@ -55,12 +55,14 @@ class HealthChecker:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         lease: Lease | None = None,
+        counted: Callable[[str], None] = lambda result: None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.lease = lease or Lease()
+        self.counted = counted  # each check's result, `ok` or `failed` (the metrics)
 
     async def probe(self, target: UpstreamTarget) -> None:
         """One bounded check over a fresh connection; raises on any failure."""
@@ -95,6 +97,7 @@ class HealthChecker:
                 await self.probe(target)
             except Exception as exc:
                 error = error_class_name(exc)
+        self.counted("ok" if error is None else "failed")
         flipped, server = await self.registry.db.run(lambda s: self._record(s, server_id, error, lasting))
         if flipped and server is not None:
             await self.registry.publish(ServerEventKind.STATUS_CHANGED, server)
