@@ -29,7 +29,7 @@ from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.events import ServerEvent, ServerEventKind
 from scailink_mcp.models import RemoteServer, same_named
-from scailink_mcp.naming import compat_names, namespaced_name, remote_namespace
+from scailink_mcp.naming import Qualified, compat_names, namespaced_name, remote_namespace
 from scailink_mcp.remote.discovery import visible_capabilities
 from scailink_mcp.targets import DesktopTarget, RemoteTarget, Target
 
@@ -53,6 +53,7 @@ class ServerSnapshot:
     status: str
     consent_tier: str
     credential_version: int
+    auth_type: str = "none"  # `oauth2`: each call needs the caller's current token (remote/oauth.py)
     tools: tuple[dict[str, Any], ...] = ()
     prompts: tuple[dict[str, Any], ...] = ()
     resources: tuple[dict[str, Any], ...] = ()
@@ -224,13 +225,14 @@ def build_view(
     desktops: list[DesktopSession] | None = None,
 ) -> CatalogView:
     view = CatalogView(version=version)
-    tools: list[tuple[str, dict[str, Any], ServerSnapshot | DesktopSession]] = []
-    prompts: list[tuple[str, dict[str, Any], ServerSnapshot | DesktopSession]] = []
+    # (namespace, own name): the dotted name is both joined; the compat profile shortens the namespace.
+    tools: list[tuple[Qualified, dict[str, Any], ServerSnapshot | DesktopSession]] = []
+    prompts: list[tuple[Qualified, dict[str, Any], ServerSnapshot | DesktopSession]] = []
     for session in desktops or []:
         ns = session.namespace
         view.namespaces[ns] = session
-        tools += [(namespaced_name(ns, name), t, session) for name, t in session.tools.items()]
-        prompts += [(namespaced_name(ns, p["name"]), p, session) for p in session.prompts]
+        tools += [((ns, name), t, session) for name, t in session.tools.items()]
+        prompts += [((ns, p["name"]), p, session) for p in session.prompts]
         for res in session.resources:
             view.resources.append(
                 types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
@@ -240,8 +242,8 @@ def build_view(
             continue
         ns = server.namespace
         view.namespaces[ns] = server
-        tools += [(namespaced_name(ns, t["name"]), t, server) for t in server.tools]
-        prompts += [(namespaced_name(ns, p["name"]), p, server) for p in server.prompts]
+        tools += [((ns, t["name"]), t, server) for t in server.tools]
+        prompts += [((ns, p["name"]), p, server) for p in server.prompts]
         for res in server.resources:
             view.resources.append(
                 types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
@@ -251,10 +253,14 @@ def build_view(
             view.resource_templates.append(
                 types.ResourceTemplate.model_validate(_with_name(tpl, "uriTemplate", public))
             )
-    names = compat_names([n for n, _, _ in tools] + [n for n, _, _ in prompts]) if style == "compat" else {}
+    names = compat_names([q for q, _, _ in tools] + [q for q, _, _ in prompts]) if style == "compat" else {}
+
+    def public_name(qualified: Qualified) -> str:
+        return names.get(qualified) or namespaced_name(*qualified)
+
     payloads: list[dict[str, Any]] = []
-    for dotted, payload, owner in sorted(tools, key=lambda t: t[0]):
-        public = names.get(dotted, dotted)
+    for qualified, payload, owner in sorted(tools, key=lambda t: namespaced_name(*t[0])):
+        public = public_name(qualified)
         payloads.append(_with_name(payload, "name", public))
         if isinstance(owner, ServerSnapshot):
             view.tool_targets[public] = RemoteTarget("tool", payload["name"], owner)
@@ -262,8 +268,8 @@ def build_view(
             view.tool_targets[public] = DesktopTarget("tool", payload["name"], owner)
     view.tools = [types.Tool.model_validate(p) for p in payloads]
     view.tool_pages = paginate(payloads)
-    for dotted, payload, owner in sorted(prompts, key=lambda t: t[0]):
-        public = names.get(dotted, dotted)
+    for qualified, payload, owner in sorted(prompts, key=lambda t: namespaced_name(*t[0])):
+        public = public_name(qualified)
         view.prompts.append(types.Prompt.model_validate(_with_name(payload, "name", public)))
         if isinstance(owner, ServerSnapshot):
             view.prompt_targets[public] = RemoteTarget("prompt", payload["name"], owner)

@@ -35,7 +35,7 @@ from scailink_mcp.desktop.sessions import (
 )
 from scailink_mcp.errors import DeviceOffline, ToolNotFound, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import DesktopCatalogChanged, EventBus
-from scailink_mcp.naming import slugify
+from scailink_mcp.naming import device_slug
 
 if TYPE_CHECKING:
     from scailink_mcp.desktop.cluster import DesktopCluster
@@ -177,8 +177,8 @@ class DesktopRegistry:
             tenant_id=tenant_id,
             device_id=device_id,
             device_name=init.device_name,
-            device_slug=slugify(
-                init.device_name, tenant_id=tenant_id, owner_user_id=user_id, server_id=device_id
+            device_slug=device_slug(
+                init.device_name, tenant_id=tenant_id, user_id=user_id, device_id=device_id
             ),
             platform=init.platform.model_dump(exclude_none=True),
             client_version=init.client_version,

@@ -1,0 +1,123 @@
+"""Protocol fidelity through `/mcp` (issue 15): what an agent gets through ScaiLink equals what it gets
+from the upstream directly, in both eras: the handshake era (2025-11-25, `initialize`) and the
+per-request era (2026-07-28, `server/discover`). Real ScaiLink on 127.0.0.1 (`LiveApp`), real
+upstream MCP servers (`tests/upstream.py`), the real SDK client over Streamable HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import anyio
+import httpx2
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import LiveApp, TokenFactory, auth_headers
+from tests.test_desktop_bridge import ECHO, device, serve_tools
+from tests.test_mcp_gateway import list_all_tools, register
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.anyio
+
+Era = Literal["2025-11-25", "2026-07-28"]
+ERAS: tuple[Era, ...] = ("2025-11-25", "2026-07-28")
+COMPAT = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamServer]:
+    with UpstreamServer() as server:
+        yield server
+
+
+@pytest.fixture(params=ERAS)
+def era(request: pytest.FixtureRequest) -> Era:
+    value: Era = request.param
+    return value
+
+
+@asynccontextmanager
+async def client(
+    url: str, tok: str, era: Era, *, query: str = "", on_message: Any = None, **options: Any
+) -> AsyncIterator[ClientSession]:
+    """An SDK client of `url` in `era`: `initialize()` (2025-11-25) or `discover()` (2026-07-28)."""
+    with anyio.fail_after(60):
+        async with (
+            httpx2.AsyncClient(headers=auth_headers(tok), timeout=httpx2.Timeout(30, read=60)) as http,
+            streamable_http_client(url + query, http_client=http) as (read, write),
+            ClientSession(read, write, message_handler=on_message, **options) as session,
+        ):
+            if era == "2026-07-28":
+                await session.discover()
+            else:
+                await session.initialize()
+            assert session.protocol_version == era
+            yield session
+
+
+# --- 1. compat names ------------------------------------------------------------------------------
+
+LONG_OWN_NAME = "create_review_comment_reply"  # fits alone, not after the long prefix
+TOO_LONG_OWN_NAME = "a_tool_with_a_quite_long_name_that_pushes_the_total_over_the_limit"  # 67 chars
+
+
+async def test_compat_names_keep_the_tools_own_name(
+    live: LiveApp, token: TokenFactory, upstream: UpstreamServer, era: Era
+) -> None:
+    """A compat name over 64 chars gives up part of its namespace (an 8-char hash stands for it), never
+    the tool's own name unless that alone is too long; every name is callable, and stable."""
+    tok = token("u1", "t1", ("tenant_user",))
+    upstream.add_tool(LONG_OWN_NAME)
+    upstream.add_tool(TOO_LONG_OWN_NAME)
+    server = await register(live, tok, name="a server with a rather long name", endpoint_url=upstream.url)
+    prefix = f"remote__u1__{server['slug']}__"
+    assert len(prefix) + len(LONG_OWN_NAME) > 64
+    async with client(live.mcp_url, tok, era, query="?names=compat") as s:
+        tools = {t.name: t for t in await list_all_tools(s)}
+        assert all(COMPAT.match(name) for name in tools), list(tools)
+        assert f"{prefix}echo" in tools
+        long_one = next(name for name in tools if LONG_OWN_NAME in name)
+        assert long_one.endswith(f"__{LONG_OWN_NAME}") and len(long_one) == 64, long_one
+        assert long_one.startswith("remote__u1__a-server-with")
+        hashed = long_one[: -len(LONG_OWN_NAME) - 2].rpartition("_")[2]
+        assert re.fullmatch("[a-z2-7]{8}", hashed), long_one
+        too_long = next(name for name in tools if "quite" in name)
+        assert len(too_long) == 64 and too_long.endswith(TOO_LONG_OWN_NAME[:54])
+        for name in (long_one, too_long):
+            result = await s.call_tool(name, {"text": "t"})
+            assert not result.is_error, result
+            called = json.loads(result.content[0].text)  # type: ignore[union-attr]
+            assert called["tool"] in (LONG_OWN_NAME, TOO_LONG_OWN_NAME)
+    live.parts.catalog._views.clear()  # a rebuilt catalog gives the same names
+    async with client(live.mcp_url, tok, era, query="?names=compat") as s:
+        assert sorted(t.name for t in await list_all_tools(s)) == sorted(tools)
+
+
+async def test_compat_names_of_desktop_tools(live: LiveApp, token: TokenFactory, era: Era) -> None:
+    """A desktop device's prefix is short (its slug's readable part is at most 16 chars), so an
+    ordinary tool name stays plain: `desktop__u1__ada-s-laptop-xxxxxx__read_multiple_files`."""
+    tok = token("u1", "t1", ("tenant_user",))
+    tool = {**ECHO, "name": "read_multiple_files_at_once"}
+    results: dict[str, Any] = {}
+    async with (
+        device(live, tok, device_name="Ada's Laptop Computer (work)", capabilities={"tools": [tool]}) as (
+            ws,
+            ack,
+        ),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(serve_tools, ws, results)
+        assert re.fullmatch(r"desktop\.u1\.ada-s-laptop-[0-9a-f]{6}", ack["namespace"]), ack["namespace"]
+        async with client(live.mcp_url, tok, era, query="?names=compat") as s:
+            names = [t.name for t in await list_all_tools(s)]
+            plain = ack["namespace"].replace(".", "__") + "__read_multiple_files_at_once"
+            assert names == [plain] and len(plain) < 64
+            result = await s.call_tool(plain, {"text": "from a desktop"})
+            assert not result.is_error and results["calls"] == ["read_multiple_files_at_once"]
+        tg.cancel_scope.cancel()
