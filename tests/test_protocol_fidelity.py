@@ -18,6 +18,7 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from scailink_mcp import __version__
 from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.test_desktop_bridge import ECHO, device, serve_tools
 from tests.test_mcp_gateway import list_all_tools, register
@@ -121,3 +122,21 @@ async def test_compat_names_of_desktop_tools(live: LiveApp, token: TokenFactory,
             result = await s.call_tool(plain, {"text": "from a desktop"})
             assert not result.is_error and results["calls"] == ["read_multiple_files_at_once"]
         tg.cancel_scope.cancel()
+
+
+# --- 3. one server name -----------------------------------------------------------------------------
+
+
+async def test_both_endpoints_name_themselves_scailink(
+    live: LiveApp, token: TokenFactory, upstream: UpstreamServer, era: Era
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="named", endpoint_url=upstream.url)
+    infos = []
+    for url in (live.mcp_url, f"{live.base_url}/v1/modules/scailink/remote-servers/{server['id']}/mcp"):
+        async with client(url, tok, era) as s:
+            assert s.server_info is not None
+            infos.append(s.server_info)
+    assert [i.name for i in infos] == ["scailink", "scailink"]
+    assert [i.version for i in infos] == [__version__, __version__]
+    assert infos[0].title != infos[1].title

@@ -28,6 +28,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from scailink_mcp import __version__
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
@@ -42,6 +43,12 @@ from scailink_mcp.targets import Forwarding, RemoteTarget, Result, Target
 
 Ctx = ServerRequestContext[Any, Any]
 INSTRUCTIONS = "ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced."
+# Both endpoints are one product and name themselves alike (`serverInfo.name`, the package version):
+# clients and federating gateways that key settings or telemetry on the name see one ScaiLink. The
+# title tells the endpoints apart for people.
+SERVER_NAME = "scailink"
+AGGREGATE_TITLE = "ScaiLink"
+SINGLE_TITLE = "ScaiLink (one registered server, upstream names)"
 
 
 class McpScope(Protocol):
@@ -348,14 +355,17 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         "on_unsubscribe_resource": unsubscribe,
     }
     if single:
-        server = _Server("scailink-server", version="0.1.0", on_completion=complete, **handlers)
+        server = _Server(
+            SERVER_NAME, version=__version__, title=SINGLE_TITLE, on_completion=complete, **handlers
+        )
         # Registered directly: the constructor argument warns that logging is deprecated as of
         # 2026-07-28, but clients of the handshake era still send it and the upstream may honour it.
         server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
     else:
         server = _Server(
-            "scailink",
-            version="0.1.0",
+            SERVER_NAME,
+            version=__version__,
+            title=AGGREGATE_TITLE,
             instructions=INSTRUCTIONS,
             on_subscriptions_listen=listen,
             **handlers,
