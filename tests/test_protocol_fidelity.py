@@ -14,14 +14,17 @@ from typing import Any, Literal
 
 import anyio
 import httpx2
+import mcp_types as types
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from scailink_mcp import __version__
 from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.test_desktop_bridge import ECHO, device, serve_tools
 from tests.test_mcp_gateway import list_all_tools, register
+from tests.test_single_server_handlers import CompletingUpstream, set_level
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.anyio
@@ -140,3 +143,56 @@ async def test_both_endpoints_name_themselves_scailink(
     assert [i.name for i in infos] == ["scailink", "scailink"]
     assert [i.version for i in infos] == [__version__, __version__]
     assert infos[0].title != infos[1].title
+
+
+# --- 4. completions and logging on /mcp -------------------------------------------------------------
+
+ARG_A = {"name": "name", "value": "A"}
+ARG_G = {"name": "name", "value": "G"}
+
+
+@pytest.fixture
+def completing() -> Iterator[CompletingUpstream]:
+    with CompletingUpstream() as server:
+        yield server
+
+
+async def test_completion_and_log_level_through_mcp(
+    live: LiveApp, token: TokenFactory, completing: CompletingUpstream, era: Era
+) -> None:
+    """`/mcp` advertises both; a completion is routed by the namespaced prompt name or the scailink://
+    template URI and reaches the upstream with its own name/URI; a log level reaches the caller's
+    upstreams and is set again on a session the pool reopens."""
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="completing", endpoint_url=completing.url)
+    ns = f"remote.u1.{server['slug']}"
+    async with client(live.mcp_url, tok, era) as s:
+        caps = s.server_capabilities
+        assert caps is not None and caps.completions is not None and caps.logging is not None
+        prompt_ref = types.PromptReference(name=f"{ns}.greet")
+        answer = await s.complete(prompt_ref, ARG_A)
+        assert answer.completion.values == ["Ada", "Alan"] and answer.completion.has_more
+        template = next(t for t in (await s.list_resource_templates()).resource_templates if t.name == "note")
+        assert template.uri_template.startswith(f"scailink://{ns}/")
+        answer = await s.complete(types.ResourceTemplateReference(uri=template.uri_template), ARG_G)
+        assert answer.completion.values == ["Grace"]
+        with completing.seen.lock:
+            refs = [c.ref for c in completing.seen.completions]
+        assert refs == [
+            types.PromptReference(name="greet"),
+            types.ResourceTemplateReference(uri="file:///notes/{name}"),
+        ]
+        with pytest.raises(MCPError) as unknown:
+            await s.complete(types.PromptReference(name="remote.u1.nope-000000.greet"), ARG_A)
+        assert unknown.value.error.code == -32602
+
+        if era == "2026-07-28":  # no such method in this era (a request carries its own log level)
+            with pytest.raises(MCPError) as gone:
+                await set_level(s, "debug")
+            assert gone.value.error.code == -32601 and completing.seen.levels == []
+            return
+        await set_level(s, "debug")
+        assert completing.seen.levels == ["debug"]
+        assert await live.parts.pool.close_server(server["id"]) == 1
+        await s.complete(prompt_ref, ARG_A)  # a new pooled session, told the level again
+        assert completing.seen.levels == ["debug", "debug"]

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scailink_mcp import __version__
+from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
@@ -256,7 +257,7 @@ class _Server(Server[Any]):
 
 
 def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
-    """One handler set; `single` is the per-server endpoint (upstream names, completion, logging)."""
+    """One handler set; `single` is the per-server endpoint (upstream names)."""
     scope_of: ScopeOf = surface.server_scope if single else surface.aggregate_scope
     invoker = surface.invoker
 
@@ -328,6 +329,16 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
             raise mcp_error(err) from None
 
     async def complete(ctx: Ctx, params: types.CompleteRequestParams) -> types.CompleteResult:
+        if not single:  # routed by the namespaced prompt name or the scailink:// URI
+            principal, view = surface.aggregate_scope(ctx)
+            try:
+                target = forwarding.completion_target(view, params.ref)
+            except ToolNotFound as err:
+                raise MCPError(INVALID_PARAMS, err.message) from None
+            try:
+                return await forwarding.complete(invoker, principal, target, params)
+            except ScaiLinkError as err:
+                raise mcp_error(err) from None
         request = types.CompleteRequest(params=params)
         result: types.CompleteResult = await on_server(
             ctx, lambda s: s.send_request(request, types.CompleteResult)
@@ -335,7 +346,13 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         return result
 
     async def set_level(ctx: Ctx, params: types.SetLevelRequestParams) -> types.EmptyResult:
-        await on_server(ctx, lambda s: s.set_logging_level(params.level))
+        if not single:
+            principal, view = surface.aggregate_scope(ctx)
+            await forwarding.set_level(invoker, surface.subscriptions, principal, view, params.level)
+            return types.EmptyResult()
+        await on_server(
+            ctx, lambda s: s.send_request(forwarding.set_level_request(params.level), types.EmptyResult)
+        )
         return types.EmptyResult()
 
     async def listen(
@@ -358,9 +375,6 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         server = _Server(
             SERVER_NAME, version=__version__, title=SINGLE_TITLE, on_completion=complete, **handlers
         )
-        # Registered directly: the constructor argument warns that logging is deprecated as of
-        # 2026-07-28, but clients of the handshake era still send it and the upstream may honour it.
-        server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
     else:
         server = _Server(
             SERVER_NAME,
@@ -368,8 +382,12 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
             title=AGGREGATE_TITLE,
             instructions=INSTRUCTIONS,
             on_subscriptions_listen=listen,
+            on_completion=complete,
             **handlers,
         )
+    # Registered directly: the constructor argument warns that logging is deprecated as of 2026-07-28,
+    # but clients of the handshake era still send it and upstreams may honour it.
+    server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
     # Registered directly: the handler returns the upstream's result dict, passed through unchanged.
     server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
 

@@ -5,6 +5,9 @@ session to the upstream URI (once per upstream session, however many downstream 
 again whenever the pool reopens that session);
 the upstream's `notifications/resources/updated` is sent to each subscribed downstream connection
 under the public URI. Connections are held weakly: a closed MCP session drops out by itself.
+
+It also keeps the other thing a reopened upstream session must be told again: the log level a
+downstream `logging/setLevel` asked for, per (server, user) (the last one asked wins).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 
+import mcp_types as types
 from mcp.server.connection import Connection
 
 from scailink_mcp.remote.pool import PoolKey
@@ -24,6 +28,14 @@ Key = tuple[str, str, str]  # (server id, user id, upstream uri)
 class Subscriptions:
     def __init__(self) -> None:
         self._subs: dict[Key, weakref.WeakKeyDictionary[Connection, str]] = {}
+        self._levels: dict[tuple[str, str], types.LoggingLevel] = {}
+
+    def set_level(self, server_id: str, user_id: str, level: types.LoggingLevel) -> None:
+        self._levels[(server_id, user_id)] = level
+
+    def level_for(self, pool_key: PoolKey) -> types.LoggingLevel | None:
+        """The log level to set on a (re)opened session of this (server, user), if one was asked."""
+        return self._levels.get((pool_key.server_id, pool_key.user_id))
 
     @staticmethod
     def key(pool_key: PoolKey, upstream_uri: str) -> Key:

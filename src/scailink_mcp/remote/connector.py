@@ -14,11 +14,12 @@ nor be on a warm call's path.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
 import mcp_types as types
 from mcp.client.session import ClientSession, IncomingMessage, MessageHandlerFnT
+from mcp.shared.exceptions import MCPError
 
 from scailink_mcp.config import Settings
 from scailink_mcp.errors import UpstreamError
@@ -85,6 +86,11 @@ class Connector:
             # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions.
             for uri in self.subscriptions.uris_for(key):
                 await session.subscribe_resource(uri)
+            level = self.subscriptions.level_for(key)
+            if level is not None:  # and the log level asked for (an upstream without logging refuses it)
+                request = types.SetLevelRequest(params=types.SetLevelRequestParams(level=level))
+                with suppress(MCPError):
+                    await session.send_request(request, types.EmptyResult)
             yield session
 
     def message_handler(self, key: PoolKey) -> MessageHandlerFnT:
