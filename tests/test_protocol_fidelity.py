@@ -25,7 +25,7 @@ from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.test_desktop_bridge import ECHO, device, serve_tools
 from tests.test_mcp_gateway import list_all_tools, register
 from tests.test_single_server_handlers import CompletingUpstream, set_level
-from tests.upstream import UpstreamServer
+from tests.upstream import ToolCall, UpstreamServer
 
 pytestmark = pytest.mark.anyio
 
@@ -196,3 +196,54 @@ async def test_completion_and_log_level_through_mcp(
         assert await live.parts.pool.close_server(server["id"]) == 1
         await s.complete(prompt_ref, ARG_A)  # a new pooled session, told the level again
         assert completing.seen.levels == ["debug", "debug"]
+
+
+# --- 5. resource URIs both ways ---------------------------------------------------------------------
+
+
+def _linking_tool(upstream: UpstreamServer) -> None:
+    async def links(call: ToolCall) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[
+                types.TextContent(text="two notes"),
+                types.ResourceLink(name="readme", uri="file:///notes/readme.md", mime_type="text/markdown"),
+                types.EmbeddedResource(
+                    resource=types.TextResourceContents(uri="file:///notes/todo.md", text="inline copy")
+                ),
+            ]
+        )
+
+    upstream.add_tool(
+        types.Tool(name="links", description="links", input_schema={"type": "object", "properties": {}}),
+        links,
+    )
+
+
+async def test_every_resource_uri_reads_back_through_mcp(
+    live: LiveApp, token: TokenFactory, upstream: UpstreamServer, era: Era
+) -> None:
+    """resources/read answers with the scailink:// URI asked; resource links and embedded resources of
+    a tool result carry scailink:// URIs that read back through /mcp to the upstream's content."""
+    _linking_tool(upstream)
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="linking", endpoint_url=upstream.url)
+    ns = f"remote.u1.{server['slug']}"
+    async with client(live.mcp_url, tok, era) as s:
+        listed = {str(r.uri) for r in (await s.list_resources()).resources}
+        readme = next(uri for uri in listed if uri.endswith("readme.md"))
+        read = await s.read_resource(readme)
+        assert [str(c.uri) for c in read.contents] == [readme]
+        result = await s.call_tool(f"{ns}.links", {})
+        link, embedded = result.content[1], result.content[2]
+        assert isinstance(link, types.ResourceLink) and isinstance(embedded, types.EmbeddedResource)
+        assert str(link.uri) == readme
+        assert str(embedded.resource.uri) in listed and str(embedded.resource.uri).startswith("scailink://")
+        todo = await s.read_resource(str(embedded.resource.uri))
+        assert [str(c.uri) for c in todo.contents] == [str(embedded.resource.uri)]
+        assert todo.contents[0].text.startswith("- [ ] write tests")  # type: ignore[union-attr]
+    per_server = f"{live.base_url}/v1/modules/scailink/remote-servers/{server['id']}/mcp"
+    async with client(per_server, tok, era) as s:  # upstream URIs unchanged there
+        result = await s.call_tool("links", {})
+        assert str(result.content[1].uri) == "file:///notes/readme.md"  # type: ignore[union-attr]
+        read = await s.read_resource("file:///notes/readme.md")
+        assert [str(c.uri) for c in read.contents] == ["file:///notes/readme.md"]

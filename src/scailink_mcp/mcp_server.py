@@ -28,7 +28,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from scailink_mcp import __version__
+from scailink_mcp import __version__, resource_uris
 from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
@@ -175,6 +175,8 @@ class McpSurface:
                 timeout=self.invoker.timeout(meta.get("scailink/timeout_ms")),
                 caller=self.caller(ctx, meta),
             )
+            if isinstance(scope, CatalogView):  # every URI an agent gets through /mcp reads back there
+                result = resource_uris.tool_result(result, target)
         except ScaiLinkError as err:
             result = tool_error_result(err)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
@@ -306,9 +308,10 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}") from None
         try:
-            return await invoker.read(principal, target)
+            result = await invoker.read(principal, target)
         except ScaiLinkError as err:
             raise mcp_error(err) from None
+        return result if single else resource_uris.read_result(result, target, str(params.uri))
 
     async def subscribe(ctx: Ctx, params: types.SubscribeRequestParams) -> types.EmptyResult:
         await surface.subscription(ctx, scope_of, str(params.uri), subscribe=True)
