@@ -133,8 +133,7 @@ class SessionStore:
                 lambda: self._subscribe_once(receiver),
                 what="MCP session",
                 on_lost=lost,
-                backoff_min_s=0.1,
-                backoff_max_s=5.0,
+                backoff_s=lambda: (0.1, 5.0),
             )
         finally:
             self._ready, self._state = False, "stopped"

@@ -213,8 +213,7 @@ class RedisEventBus(EventBus):
             lambda: self._subscribe_once(client),
             what="event",
             on_lost=lost,
-            backoff_min_s=self.backoff_min_s,
-            backoff_max_s=self.backoff_max_s,
+            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
         )
 
     async def _subscribe_once(self, client: Redis) -> None:

@@ -110,22 +110,24 @@ async def keep_subscribed(
     *,
     what: str,
     on_lost: Callable[[Exception], bool],
-    backoff_min_s: float,
-    backoff_max_s: float,
+    backoff_s: Callable[[], tuple[float, float]],
 ) -> None:
     """Run `subscribe_once` again after every failure. `on_lost(error)` marks the caller not ready
-    and returns whether it had been ready (which restarts the backoff from its minimum)."""
-    backoff = backoff_min_s
+    and returns whether it had been ready (which restarts the backoff from its minimum). `backoff_s`
+    gives (minimum, maximum) and is read at every loss, so the owner's current values apply."""
+    backoff = backoff_s()[0]
     while True:
         try:
             await subscribe_once()
             raise ConnectionError("the subscription ended")
         except Exception as exc:
+            least, most = backoff_s()
             if on_lost(exc):
-                backoff = backoff_min_s
+                backoff = least
+            backoff = min(max(backoff, least), most)
             logger.warning(
                 f"Redis {what} subscription lost, reconnecting",
                 extra={"error": type(exc).__name__, "retry_in_s": backoff},
             )
         await anyio.sleep(backoff)  # the backoff between attempts, not a synchronisation
-        backoff = min(backoff * 2, backoff_max_s)
+        backoff = min(backoff * 2, backoff_s()[1])
