@@ -18,14 +18,16 @@ import mcp_types as types
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
 
 from scailink_mcp import __version__
 from tests.conftest import LiveApp, TokenFactory, auth_headers
+from tests.servers import ThreadedServer
 from tests.test_desktop_bridge import ECHO, device, serve_tools
 from tests.test_mcp_gateway import list_all_tools, register
 from tests.test_single_server_handlers import CompletingUpstream, set_level
-from tests.upstream import ToolCall, UpstreamServer
+from tests.upstream import HttpPolicy, RequestLog, ToolCall, UpstreamServer, build_app
 
 pytestmark = pytest.mark.anyio
 
@@ -247,3 +249,61 @@ async def test_every_resource_uri_reads_back_through_mcp(
         assert str(result.content[1].uri) == "file:///notes/readme.md"  # type: ignore[union-attr]
         read = await s.read_resource("file:///notes/readme.md")
         assert [str(c.uri) for c in read.contents] == ["file:///notes/readme.md"]
+
+
+# --- 6. the client capabilities ScaiLink declares upstream --------------------------------------------
+
+
+class GatedUpstream(ThreadedServer):
+    """Offers `always` to everyone and `needs_<capability>` only to clients declaring that capability
+    (as `@modelcontextprotocol/server-everything` does); calling a tool not offered is "Unknown tool"."""
+
+    GATES = ("sampling", "elicitation", "roots")
+
+    def __init__(self) -> None:
+        server: Server[Any] = Server("gated", on_list_tools=self._list, on_call_tool=self._call)
+        super().__init__(build_app(server, RequestLog(), HttpPolicy(), json_response=False, stateless=False))
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/mcp"
+
+    def offered(self, ctx: Any) -> list[types.Tool]:
+        caps = ctx.session.client_capabilities
+        names = ["always"] + [f"needs_{g}" for g in self.GATES if caps is not None and getattr(caps, g)]
+        return [types.Tool(name=n, input_schema={"type": "object", "properties": {}}) for n in names]
+
+    async def _list(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=self.offered(ctx))
+
+    async def _call(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        if params.name not in {t.name for t in self.offered(ctx)}:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        return types.CallToolResult(content=[types.TextContent(text=f"called {params.name}")])
+
+
+async def _never(*args: Any) -> Any:
+    raise AssertionError("not asked")
+
+
+async def test_discovery_lists_what_a_capable_client_is_offered(
+    live: LiveApp, token: TokenFactory, era: Era
+) -> None:
+    """Discovery and pooled sessions declare sampling, elicitation and roots: ScaiLink lists exactly
+    the tools the upstream offers a client declaring the same, and each of them is callable."""
+    tok = token("u1", "t1", ("tenant_user",))
+    with GatedUpstream() as gated:
+        capable = {"sampling_callback": _never, "elicitation_callback": _never, "list_roots_callback": _never}
+        async with client(gated.url, tok, "2025-11-25", **capable) as direct:
+            offered = sorted(t.name for t in (await direct.list_tools()).tools)
+        async with client(gated.url, tok, "2025-11-25") as bare:
+            assert [t.name for t in (await bare.list_tools()).tools] == ["always"]  # the gate is real
+        assert offered == ["always", "needs_elicitation", "needs_roots", "needs_sampling"]
+        server = await register(live, tok, name="gated", endpoint_url=gated.url)
+        ns = f"remote.u1.{server['slug']}"
+        async with client(live.mcp_url, tok, era) as s:
+            through = sorted(t.name for t in await list_all_tools(s))
+            assert through == [f"{ns}.{name}" for name in offered]
+            for name in offered:
+                result = await s.call_tool(f"{ns}.{name}", {})
+                assert not result.is_error and result.content[0].text == f"called {name}"  # type: ignore[union-attr]

@@ -7,6 +7,11 @@ MCP session whose call is in flight on that pooled upstream session, and sends t
 The SDK does not tell a client which of its requests a server-initiated request relates to, so when
 several downstream calls share one pooled session (same user, same server) the most recent in-flight
 call receives it. Pooled sessions are per user, so this never crosses users.
+
+Having these callbacks is also what makes an SDK client declare `sampling`, `elicitation` and `roots`,
+and servers may offer some tools only to clients that declare them. So discovery's session declares
+exactly the same (`unrelayed_options`, whose callbacks answer that nobody is there to ask): what
+discovery lists is what a pooled session may call.
 """
 
 from __future__ import annotations
@@ -102,3 +107,22 @@ class Relay:
             "list_roots_callback": roots,
             "logging_callback": log,
         }
+
+
+def unrelayed_options() -> dict[str, Any]:
+    """The callbacks of a session with no downstream caller (discovery): the same capabilities are
+    declared as on a pooled session, and a server-to-client request is answered -32601."""
+
+    def refuse(capability: str) -> types.ErrorData:
+        return types.ErrorData(code=METHOD_NOT_FOUND, message=f"no downstream call to relay {capability} to")
+
+    async def sampling(context: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
+        return refuse("sampling")
+
+    async def elicitation(context: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
+        return refuse("elicitation")
+
+    async def roots(context: ClientRequestContext) -> Any:
+        return refuse("roots")
+
+    return {"sampling_callback": sampling, "elicitation_callback": elicitation, "list_roots_callback": roots}

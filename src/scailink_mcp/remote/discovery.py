@@ -20,6 +20,7 @@ from mcp.types import PaginatedRequestParams
 from sqlmodel import Session, col, delete, select
 
 from scailink_mcp.models import Capability, RemoteServer
+from scailink_mcp.relay import unrelayed_options
 from scailink_mcp.remote.upstream import Network, UpstreamTarget, open_session
 
 KINDS = ("tool", "resource", "resource_template", "prompt")
@@ -116,6 +117,7 @@ async def discover(
             connect_timeout=connect_timeout,
             read_timeout=total_timeout,
             max_event_bytes=max_answer_bytes,
+            session_options=unrelayed_options(),  # the capabilities a pooled session declares
         ) as session:
             return await list_capabilities(session)
 
