@@ -66,9 +66,10 @@ async def test_register_streamable_http_with_bearer(
         "id", "name", "slug", "description", "endpoint_url", "transport", "auth_type", "consent_tier",
         "is_tenant_shared", "owner_user_id", "tenant_id", "status", "consecutive_failures",
         "last_health_status", "last_health_at", "last_discovery_at", "capabilities", "credential_fields",
-        "credential_oldest_days", "created_at", "updated_at",
+        "credential_oldest_days", "created_at", "updated_at", "oauth",
     }  # fmt: skip
     assert set(data) == expected_keys
+    assert data["oauth"] is None  # only an `auth_type: oauth2` server has OAuth settings
     assert re.fullmatch(r"my-tools-[0-9a-f]{6}", data["slug"])
     assert data["status"] == "active" and data["last_health_status"] == "ok"
     assert data["credential_fields"] == ["authorization"]

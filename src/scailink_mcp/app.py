@@ -27,6 +27,7 @@ from scailink_mcp import dashboard, mcp_server
 from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import iam as iam_api
+from scailink_mcp.api import oauth as oauth_api
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
     RequestIdMiddleware,
@@ -111,9 +112,10 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         else EventBus()
     )
     keyring = Keyring.from_settings(settings)
-    registry = Registry(settings, db, keyring, events)
     # Several replicas: work done once per cluster takes a Redis lease, limits count in Redis.
     lease = RedisLease(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else Lease()
+    audit = AuditLog(db, queue_size=settings.audit_queue_size, lease=lease)
+    registry = Registry(settings, db, keyring, events, lease=lease, audit=audit)
     limiter = (
         RedisRateLimiter(
             settings.redis_url,
@@ -138,7 +140,6 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
     subscriptions = Subscriptions()
-    audit = AuditLog(db, queue_size=settings.audit_queue_size, lease=lease)
 
     def audit_registry_change(event: ServerEvent) -> None:
         # Changes made by a person (system flips live in the server's health fields), audited once: by
@@ -172,13 +173,14 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
+    events.subscribe(registry.oauth.on_event)
     # After the directory (subscribed first) has applied the change: re-check that tenant's sessions.
     events.subscribe(lambda e: notifier.tenant_changed(e.tenant_id), ServerEvent)
     events.subscribe(lambda e: notifier.tenant_changed(e.tenant_id), DesktopCatalogChanged)
     metrics = Metrics()
     invoker = Invoker(
         settings,
-        Backends(pool=pool, desktop=desktop, request_timeout_s=settings.call_timeout_s),
+        Backends(pool=pool, desktop=desktop, request_timeout_s=settings.call_timeout_s, oauth=registry.oauth),
         consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
         metrics=metrics,
         audit=audit,
@@ -360,6 +362,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
         routes=[
             *operations.routes,
             *remote_servers.routes,
+            *oauth_api.routes,
             *desktop_api.routes,
             *audit_api.routes,
             *iam_api.routes,

@@ -154,11 +154,23 @@ class Settings(BaseSettings):
     # --- background tasks
     background_tasks: bool = True
 
+    # --- upstream OAuth (SPEC section 12)
+    # How long an authorization `state` and an authorize ticket stay valid (each works once).
+    oauth_state_ttl_s: float = 600.0
+    # Issuers (exact, as their metadata names them) ScaiLink may register itself with (RFC 7591)
+    # when a server is registered without a client id; comma-separated. Empty: never.
+    oauth_dcr_allowed_issuers: CommaList = Field(default_factory=list)
+    # An access token is refreshed once less than this is left (at most half its lifetime).
+    oauth_refresh_skew_s: float = 60.0
+    # Bound of each request to an authorization server (metadata, token, registration).
+    oauth_http_timeout_s: float = 10.0
+
     _split = field_validator(
         "jwt_algorithms",
         "allowed_private_networks",
         "mcp_allowed_hosts",
         "mcp_allowed_origins",
+        "oauth_dcr_allowed_issuers",
         mode="before",
     )(_split_commas)
 

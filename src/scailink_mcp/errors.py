@@ -13,6 +13,7 @@
     ├── ToolNotFound                  SCAILINK_TOOL_NOT_FOUND    404
     ├── DeviceOffline                 SCAILINK_DEVICE_OFFLINE    404
     ├── ConsentDenied                 SCAILINK_CONSENT_DENIED    403
+    ├── UpstreamAuthRequired          SCAILINK_UPSTREAM_AUTH_REQUIRED 403
     ├── UpstreamError                 SCAILINK_UPSTREAM_ERROR    502
     │   └── ResultTooLarge            SCAILINK_RESULT_TOO_LARGE  502
     ├── UpstreamTimeout               SCAILINK_UPSTREAM_TIMEOUT  504
@@ -139,6 +140,21 @@ class ConsentDenied(ScaiLinkError):
     default_message = "the user did not approve this invocation"
 
 
+class UpstreamAuthRequired(ScaiLinkError):
+    """The caller has not authorized ScaiLink for an OAuth upstream, or its refresh failed (SPEC
+    section 12). 403, never 401: the caller's own token is fine. `authorize_url` (absolute, with a
+    one-time ticket) is where a browser authorizes; it is in `details` and in the tool result's `_meta`.
+    """
+
+    code = "SCAILINK_UPSTREAM_AUTH_REQUIRED"
+    status = 403
+    default_message = "authorize ScaiLink for this server first: open authorize_url in a browser"
+
+    def __init__(self, message: str | None = None, *, authorize_url: str) -> None:
+        super().__init__(message, details={"authorize_url": authorize_url})
+        self.authorize_url = authorize_url
+
+
 class UpstreamError(ScaiLinkError):
     code = "SCAILINK_UPSTREAM_ERROR"
     status = 502
@@ -177,6 +193,7 @@ ERROR_TABLE: tuple[type[ScaiLinkError], ...] = (
     RateLimited,
     ToolNotFound,
     ConsentDenied,
+    UpstreamAuthRequired,
     ResultTooLarge,
     UpstreamError,
     UpstreamTimeout,
@@ -231,8 +248,13 @@ def mcp_error(err: ScaiLinkError) -> MCPError:
 
 def tool_error_result(err: ScaiLinkError) -> dict[str, Any]:
     """A failed `tools/call` as MCP wants it: `isError` with a text, and the code in `_meta`."""
+    error: dict[str, Any] = {"code": err.code, "message": err.message}
+    text = f"{err.code}: {err.message}"
+    if isinstance(err, UpstreamAuthRequired):
+        error["authorize_url"] = err.authorize_url
+        text = f"{text} ({err.authorize_url})"
     return {
-        "content": [{"type": "text", "text": f"{err.code}: {err.message}"}],
+        "content": [{"type": "text", "text": text}],
         "isError": True,
-        "_meta": {"scailink/error": {"code": err.code, "message": err.message}},
+        "_meta": {"scailink/error": error},
     }

@@ -147,3 +147,64 @@ class CustomRole(SQLModel, table=True):
     permissions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+
+
+class OAuthClient(SQLModel, table=True):
+    """The OAuth client identity ScaiLink uses for one `auth_type: oauth2` server (SPEC section 12).
+
+    `client_id` is the one given at registration, or the one a dynamic registration returned (its
+    secret, like a given one, is the server's `Credential` field `client_secret`). `issuer` is pinned
+    by the first discovery of the authorization server: a later one naming another issuer is refused.
+    """
+
+    __tablename__ = "oauth_client"
+
+    server_id: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), primary_key=True, nullable=False
+        )
+    )
+    tenant_id: str = Field(max_length=128)
+    grant: str = Field(max_length=32)  # authorization_code | client_credentials
+    client_id: str | None = Field(default=None, max_length=512)
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    issuer: str | None = Field(default=None, max_length=2048)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+
+
+class OAuthToken(SQLModel, table=True):
+    """The tokens of one (server, user): sealed like a credential, with the user in the associated
+    data (`oauth_tokens.py`). `user_id` is empty for a `client_credentials` server's one token.
+    `version` moves on every new token: part of the upstream pool's key."""
+
+    __tablename__ = "oauth_token"
+    __table_args__ = (UniqueConstraint("server_id", "user_id", name="uq_oauth_token_user"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    server_id: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), index=True, nullable=False
+        )
+    )
+    tenant_id: str = Field(max_length=128)
+    user_id: str = Field(max_length=128)
+    version: int = Field(default=1)
+    expires_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    dek_id: str = Field(max_length=32)
+    kek_id: str = Field(max_length=32, index=True)
+    wrapped_dek: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    nonce: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+
+
+class OAuthNonce(SQLModel, table=True):
+    """A used one-time value (an authorization `state` or an authorize ticket), by its hash: a second
+    use fails on the primary key, on every replica. Rows past `expires_at` are useless and pruned."""
+
+    __tablename__ = "oauth_nonce"
+
+    id: str = Field(primary_key=True, max_length=64)
+    expires_at: datetime = Field(sa_type=Timestamp, index=True)

@@ -28,6 +28,7 @@ from scailink_mcp.errors import (
     RemoteLimitExceeded,
     ScaiLinkError,
     Unauthorized,
+    UpstreamError,
     ValidationFailed,
 )
 from scailink_mcp.remote.schemas import (
@@ -92,7 +93,68 @@ def _schemas() -> dict[str, Any]:
             "required": ["items", "next_cursor"],
         }
     )
+    schemas["OAuthConnectedEnvelope"] = _ok(
+        {
+            "type": "object",
+            "properties": {"server_id": {"type": "string"}, "connected": {"const": True}},
+            "required": ["server_id", "connected"],
+        }
+    )
     return schemas
+
+
+def _oauth_paths(one: str, server_id: dict[str, Any]) -> dict[str, Any]:
+    """Upstream OAuth (SPEC section 12): start, callback, disconnect."""
+    redirect = {
+        "description": "to the upstream's authorization server (PKCE S256, one-time `state`, `resource`)",
+        "headers": {"X-Request-ID": _header("RequestId"), "Location": {"schema": {"type": "string"}}},
+    }
+    authorize = _op(
+        "authorizeServer",
+        "Start authorizing ScaiLink for an OAuth upstream (a browser redirect)",
+        "scailink:remote.use, or the one-time `ticket` of a SCAILINK_UPSTREAM_AUTH_REQUIRED answer",
+        {"302": redirect},
+        (NotFound, ValidationFailed, UpstreamError),
+    )
+    authorize["security"] = [{"bearer": []}, {}]
+    authorize["parameters"] = [
+        {
+            "name": "ticket",
+            "in": "query",
+            "description": "One-time, valid 10 minutes, bound to (tenant, user, server); replaces the token",
+            "schema": {"type": "string", "maxLength": 4096},
+        }
+    ]
+    callback = {
+        "operationId": "oauthCallback",
+        "summary": "The authorization server's redirect back (public: the one-time `state` is the proof)",
+        "security": [],
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": name == "state",
+                "schema": {"type": "string", "minLength": 1 if name == "state" else 0, "maxLength": 4096},
+            }
+            for name in ("state", "code", "iss", "error")
+        ],
+        "responses": {
+            "200": _success("the caller is connected", "OAuthConnectedEnvelope"),
+            **_errors(RateLimited, RegistryDisabled, NotFound, ValidationFailed, UpstreamError),
+        },
+    }
+    disconnect = _op(
+        "disconnectServer",
+        "Forget the caller's token (revoked at the authorization server when it can be)",
+        "scailink:remote.use (a client-credentials server's token: scailink:remote.manage_tenant)",
+        {"204": _success("disconnected", None)},
+        (NotFound,),
+    )
+    return {
+        one + "/oauth/authorize": {"parameters": [server_id], "get": authorize},
+        one + "/oauth/token": {"parameters": [server_id], "delete": disconnect},
+        f"{BASE}/oauth/callback": {"get": callback},
+    }
 
 
 def _headers() -> dict[str, Any]:
@@ -291,6 +353,7 @@ def build_openapi() -> dict[str, Any]:
                     (NotFound,),
                 ),
             },
+            **_oauth_paths(one, server_id),
         },
     }
 

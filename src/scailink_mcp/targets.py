@@ -11,7 +11,7 @@ kind of target: the call path asks the target.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import mcp_types as types
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from scailink_mcp.auth import Principal
     from scailink_mcp.catalog import ServerSnapshot
     from scailink_mcp.relay import DownstreamCall
+    from scailink_mcp.remote.oauth import OAuth
 
 Kind = Literal["tool", "prompt", "resource"]
 # A result in its wire form (camelCase keys), passed through from the upstream or device unchanged.
@@ -41,6 +42,7 @@ class Backends:
     pool: UpstreamPool
     desktop: DesktopRegistry
     request_timeout_s: float  # resource reads and prompt gets
+    oauth: OAuth | None = None  # OAuth upstreams' tokens (SPEC section 12)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,14 @@ class RemoteTarget:
     def pool_key(self, principal: Principal) -> PoolKey:
         return PoolKey(self.server.id, self.server.credential_version, principal.user_id)
 
+    async def key(self, b: Backends, principal: Principal) -> PoolKey:
+        """The pool key; for an OAuth upstream with the caller's current token version (from memory
+        on a warm call; `UpstreamAuthRequired` when the caller has not authorized)."""
+        key = self.pool_key(principal)
+        if self.server.auth_type != "oauth2" or b.oauth is None:
+            return key
+        return replace(key, token_version=await b.oauth.version(self.server.id, principal.user_id))
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "session_id": None, "server_id": self.server.id}
 
@@ -82,19 +92,25 @@ class RemoteTarget:
         return self.server.consent_tier
 
     async def call(self, b: Backends, call: ToolCall) -> Result:
-        return await b.pool.call_tool(
-            self.pool_key(call.principal),
-            self.upstream_name,
-            call.arguments,
-            timeout=call.timeout,
-            progress_callback=call.forwarding.progress,
-            relay=call.forwarding.relay,
-        )
+        key = await self.key(b, call.principal)
+        try:
+            return await b.pool.call_tool(
+                key,
+                self.upstream_name,
+                call.arguments,
+                timeout=call.timeout,
+                progress_callback=call.forwarding.progress,
+                relay=call.forwarding.relay,
+            )
+        except UpstreamError:
+            if key.token_version:  # the token may have been refused since: then the caller must authorize
+                await self.key(b, call.principal)
+            raise
 
     async def use(
         self, b: Backends, principal: Principal, fn: Callable[[ClientSession], Awaitable[Any]]
     ) -> Any:
-        return await b.pool.use(self.pool_key(principal), fn, timeout=b.request_timeout_s)
+        return await b.pool.use(await self.key(b, principal), fn, timeout=b.request_timeout_s)
 
     async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
         result: types.ReadResourceResult = await self.use(

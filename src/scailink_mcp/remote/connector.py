@@ -71,7 +71,7 @@ class Connector:
         if self._relay is None:
             raise RuntimeError("Connector.bind_relay was not called before the pool opened a session")
         registry, settings = self.registry, self.settings
-        target = await registry.db.run(lambda s: registry.target_by_id(s, key.server_id))
+        target = await registry.db.run(lambda s: registry.target_by_id(s, key.server_id, key.user_id))
         if target is None:
             raise UpstreamError("the server no longer exists")
         async with open_session(

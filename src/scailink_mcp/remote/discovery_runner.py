@@ -26,6 +26,7 @@ from scailink_mcp.events import ServerEventKind
 from scailink_mcp.models import RemoteServer, utcnow
 from scailink_mcp.remote.credentials import CredentialDecryptError
 from scailink_mcp.remote.discovery import DiscoveryResult, discover, store_discovery
+from scailink_mcp.remote.oauth_tokens import AuthorizationMissing, BearerAuth
 from scailink_mcp.remote.upstream import Network, UpstreamTarget, error_class_name
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class DiscoveryRunner:
 
     async def _discover(self, target: UpstreamTarget) -> Outcome:
         try:
+            if isinstance(target.auth, BearerAuth):  # an OAuth upstream: its owner must have authorized
+                await target.auth.ensure()
             return await discover(
                 target,
                 self.allowed,
@@ -108,8 +111,16 @@ def record_outcome(
     server = session.get(RemoteServer, server_id)
     if server is None:
         return False, False, None, False
-    was_error = server.status == "error"
+    was_error = server.status != "active"  # `error`, or `pending_authorization` until a first discovery
     server.last_health_at = now
+    if isinstance(outcome, AuthorizationMissing) and server.last_discovery_at is None:
+        # An OAuth server nobody may discover yet: it waits for its owner's authorization (no error).
+        flipped = server.status != "pending_authorization"
+        server.status = "pending_authorization"
+        server.last_health_status = error_class_name(outcome)
+        session.add(server)
+        session.commit()
+        return False, False, server, flipped
     if isinstance(outcome, BaseException):
         server.last_health_status = error_class_name(outcome)
         server.consecutive_failures += 1
@@ -134,7 +145,7 @@ def record_outcome(
 def mark_error(session: Session, server_id: str) -> RemoteServer | None:
     """`status: error` for a server whose first discovery failed; the server if it changed."""
     server = session.get(RemoteServer, server_id)
-    if server is None or server.last_discovery_at is not None or server.status == "error":
+    if server is None or server.last_discovery_at is not None or server.status != "active":
         return None
     server.status = "error"
     session.add(server)

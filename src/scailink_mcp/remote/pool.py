@@ -46,6 +46,9 @@ class PoolKey:
     server_id: str
     credential_version: int
     user_id: str
+    # An OAuth upstream's token version (`oauth_tokens.Held.version`): a refreshed token gets a new
+    # session, never a stale one opened with the token before it.
+    token_version: int = 0
 
 
 # Opens the session of a key (cold path): `remote/connector.py` in the app, anything yielding a

@@ -16,7 +16,7 @@ without publishing its `ServerEvent`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import tuple_
@@ -24,13 +24,23 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from scailink_mcp import auth
+from scailink_mcp.audit import AuditLog
 from scailink_mcp.auth import Principal
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
 from scailink_mcp.errors import Conflict, RegistryDisabled, ValidationFailed
 from scailink_mcp.events import EventBus, ServerEvent, ServerEventKind
-from scailink_mcp.models import Capability, Credential, RemoteServer, new_id, utcnow
+from scailink_mcp.leases import Lease
+from scailink_mcp.models import (
+    Capability,
+    Credential,
+    OAuthClient,
+    OAuthToken,
+    RemoteServer,
+    new_id,
+    utcnow,
+)
 from scailink_mcp.naming import slugify
 from scailink_mcp.remote import credentials
 from scailink_mcp.remote.access import (
@@ -45,6 +55,7 @@ from scailink_mcp.remote.credentials import CredentialDecryptError, credential_r
 from scailink_mcp.remote.discovery import aware
 from scailink_mcp.remote.discovery_runner import DiscoveryRunner
 from scailink_mcp.remote.netguard import validate_endpoint_url
+from scailink_mcp.remote.oauth import OAuth
 from scailink_mcp.remote.quota import release_slot, take_slot
 from scailink_mcp.remote.schemas import RegisterServer, ServerDetail, UpdateServer
 from scailink_mcp.remote.server_detail import server_detail
@@ -72,7 +83,16 @@ class Page:
 class Registry:
     """One per app; holds no per-request state."""
 
-    def __init__(self, settings: Settings, db: Database, keyring: Keyring | None, events: EventBus) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        keyring: Keyring | None,
+        events: EventBus,
+        *,
+        lease: Lease | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.keyring = keyring
@@ -81,6 +101,9 @@ class Registry:
         self.discovery = DiscoveryRunner(
             settings, db, self.allowed, target=self.target_by_id, publish=self.publish
         )
+        # Upstream OAuth (SPEC section 12): an owner's first authorization lets discovery run.
+        self.oauth = OAuth(settings, db, keyring, self.allowed, lease=lease, audit=audit)
+        self.oauth.on_connected = self.discovery.run_first
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -92,8 +115,8 @@ class Registry:
     def ensure_enabled(self) -> None:
         self._keyring()
 
-    def detail(self, session: Session, server: RemoteServer) -> ServerDetail:
-        return server_detail(session, server)
+    def detail(self, session: Session, server: RemoteServer, viewer: str | None = None) -> ServerDetail:
+        return server_detail(session, server, viewer)
 
     async def publish(self, kind: ServerEventKind, server: RemoteServer, actor: str = "") -> None:
         """Tell the subscribers (catalog, pool, audit) that this server changed."""
@@ -108,14 +131,23 @@ class Registry:
             )
         )
 
-    def target(self, session: Session, server: RemoteServer) -> UpstreamTarget:
-        """Decrypt the server's credentials into outbound headers (only for opening a connection)."""
-        return decrypt_target(self._keyring(), session, server)
+    def target(self, session: Session, server: RemoteServer, user_id: str | None = None) -> UpstreamTarget:
+        """Decrypt the server's credentials into outbound headers (only for opening a connection).
 
-    def target_by_id(self, session: Session, server_id: str) -> UpstreamTarget | None:
+        An oauth2 server's requests carry the token of `user_id` (default: the owner, whose
+        authorization discovery and health checks use).
+        """
+        target = decrypt_target(self._keyring(), session, server)
+        if server.auth_type == "oauth2":
+            target = replace(target, auth=self.oauth.bearer(server.id, user_id or server.owner_user_id))
+        return target
+
+    def target_by_id(
+        self, session: Session, server_id: str, user_id: str | None = None
+    ) -> UpstreamTarget | None:
         """The connection target of a server, or None once it is deleted (cold path only)."""
         server = session.get(RemoteServer, server_id)
-        return None if server is None else self.target(session, server)
+        return None if server is None else self.target(session, server, user_id)
 
     async def run_discovery(self, server_id: str) -> tuple[bool, bool]:
         """Discover and record the outcome; returns (succeeded, visible capabilities changed)."""
@@ -158,6 +190,16 @@ class Registry:
                 session.flush()
                 for field_name, secret in body.credentials.items():
                     session.add(credential_row(keyring, server, field_name, secret.get_secret_value()))
+                if body.oauth is not None:
+                    session.add(
+                        OAuthClient(
+                            server_id=server.id,
+                            tenant_id=server.tenant_id,
+                            grant=body.oauth.grant,
+                            client_id=body.oauth.client_id,
+                            scopes=list(body.oauth.scopes),
+                        )
+                    )
                 session.commit()
             except IntegrityError:
                 session.rollback()
@@ -184,7 +226,7 @@ class Registry:
             rows = session.exec(
                 query.order_by(col(RemoteServer.created_at), col(RemoteServer.id)).limit(limit + 1)
             ).all()
-            items = [server_detail(session, row) for row in rows[:limit]]
+            items = [server_detail(session, row, principal.user_id) for row in rows[:limit]]
             more = len(rows) > limit
             last = rows[limit - 1] if more else None
             return Page(items, (aware(last.created_at).isoformat(), last.id) if last else None)
@@ -197,7 +239,9 @@ class Registry:
         self._keyring()
         if check_permission:
             principal.require(auth.REMOTE_USE)
-        return await self.db.run(lambda s: server_detail(s, load_visible(s, principal, server_id)))
+        return await self.db.run(
+            lambda s: server_detail(s, load_visible(s, principal, server_id), principal.user_id)
+        )
 
     async def update(self, principal: Principal, server_id: str, body: UpdateServer) -> ServerDetail:
         self._keyring()
@@ -237,8 +281,8 @@ class Registry:
         def _delete(session: Session) -> RemoteServer:
             server = load_for_manage(session, principal, server_id)
             # Explicit child deletes: SQLite only cascades with foreign_keys=ON, MariaDB/PG always do.
-            session.execute(_delete_rows(Capability, server.id))
-            session.execute(_delete_rows(Credential, server.id))
+            for table in (Capability, Credential, OAuthToken, OAuthClient):
+                session.execute(_delete_rows(table, server.id))
             session.delete(server)
             release_slot(session, server.tenant_id)
             session.commit()
@@ -299,5 +343,7 @@ class Registry:
         await self.publish(ServerEventKind.CREDENTIALS_CHANGED, server, principal.user_id)
 
 
-def _delete_rows(model: type[Capability] | type[Credential], server_id: str):  # type: ignore[no-untyped-def]
+def _delete_rows(  # type: ignore[no-untyped-def]
+    model: type[Capability] | type[Credential] | type[OAuthToken] | type[OAuthClient], server_id: str
+):
     return delete(model).where(col(model.server_id) == server_id)

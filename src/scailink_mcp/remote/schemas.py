@@ -20,7 +20,8 @@ from pydantic import (
 )
 
 Transport = Literal["streamable_http", "sse"]
-AuthType = Literal["none", "bearer", "api_key_header"]
+AuthType = Literal["none", "bearer", "api_key_header", "oauth2"]
+OAuthGrant = Literal["authorization_code", "client_credentials"]
 ConsentTier = Literal["auto", "confirm", "locked"]
 
 # Every pattern below is written once and used twice: pydantic enforces it (its Rust regex engine, whose
@@ -94,6 +95,8 @@ def check_credential_field(auth_type: str, field: str) -> str | None:
         return (
             None if field == "authorization" else "auth_type 'bearer' uses the single field 'authorization'"
         )
+    if auth_type == "oauth2":
+        return None if field == "client_secret" else "auth_type 'oauth2' takes only the field 'client_secret'"
     if not _HEADER_TOKEN.fullmatch(field):  # (`$` of re.match also matches before a final "\n")
         return "must be a lower-case HTTP header name"
     if field in RESERVED_HEADERS:
@@ -160,6 +163,35 @@ def _credentials_contract(schema: dict[str, Any]) -> None:
             },
         },
         {
+            "if": {"properties": {"auth_type": {"const": "oauth2"}}, "required": ["auth_type"]},
+            "then": {
+                "required": ["oauth"],
+                "properties": {
+                    "oauth": {"type": "object"},
+                    "credentials": {"propertyNames": {"const": "client_secret"}},
+                },
+            },
+        },
+        {
+            "if": {"required": ["oauth"]},
+            "then": {"required": ["auth_type"], "properties": {"auth_type": {"const": "oauth2"}}},
+        },
+        {
+            "if": {
+                "required": ["oauth"],
+                "properties": {
+                    "oauth": {"required": ["grant"], "properties": {"grant": {"const": "client_credentials"}}}
+                },
+            },
+            "then": {
+                "required": ["credentials"],
+                "properties": {
+                    "oauth": {"required": ["client_id"], "properties": {"client_id": {"type": "string"}}},
+                    "credentials": {"required": ["client_secret"]},
+                },
+            },
+        },
+        {
             "if": {
                 "anyOf": [
                     {"not": {"required": ["auth_type"]}},
@@ -175,6 +207,19 @@ def _credentials_contract(schema: dict[str, Any]) -> None:
 _BODY = ConfigDict(extra="forbid", strict=True)
 
 
+SCOPE_PATTERN = r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$"  # RFC 6749 section 3.3 scope-token
+
+
+class OAuthSettings(BaseModel):
+    """`oauth` of an `auth_type: oauth2` server (SPEC section 12); the secret goes in `credentials`."""
+
+    model_config = _BODY
+
+    grant: OAuthGrant
+    client_id: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^[\x21-\x7e]+$")
+    scopes: list[Annotated[str, Field(pattern=SCOPE_PATTERN)]] = Field(default_factory=list, max_length=32)
+
+
 class RegisterServer(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_credentials_contract)
 
@@ -186,11 +231,21 @@ class RegisterServer(BaseModel):
     credentials: dict[str, Secret] = Field(default_factory=dict, max_length=MAX_CREDENTIAL_FIELDS)
     is_tenant_shared: StrictBool = False
     consent_tier: ConsentTier = "auto"
+    oauth: OAuthSettings | None = None
 
     _url = field_validator("endpoint_url")(check_endpoint_url)
 
     @model_validator(mode="after")
     def _credentials_match_auth_type(self) -> RegisterServer:
+        if (self.auth_type == "oauth2") != (self.oauth is not None):
+            raise ValueError("auth_type 'oauth2' needs `oauth`, and `oauth` needs auth_type 'oauth2'")
+        oauth = self.oauth
+        if (
+            oauth is not None
+            and oauth.grant == "client_credentials"
+            and (oauth.client_id is None or "client_secret" not in self.credentials)
+        ):
+            raise ValueError("grant 'client_credentials' needs oauth.client_id and credentials.client_secret")
         if self.auth_type == "bearer" and set(self.credentials) != {"authorization"}:
             raise ValueError("auth_type 'bearer' needs exactly the credential field 'authorization'")
         if self.auth_type == "api_key_header" and not self.credentials:
@@ -251,7 +306,7 @@ class ServerDetail(BaseModel):
     is_tenant_shared: bool
     owner_user_id: str
     tenant_id: str
-    status: Literal["active", "error"]
+    status: Literal["active", "error", "pending_authorization"]
     consecutive_failures: int
     last_health_status: str | None
     last_health_at: datetime | None
@@ -261,3 +316,17 @@ class ServerDetail(BaseModel):
     credential_oldest_days: int | None
     created_at: datetime
     updated_at: datetime
+    oauth: OAuthView | None = None
+
+
+class OAuthView(BaseModel):
+    """An oauth2 server's client settings and whether the caller is connected (never a token)."""
+
+    grant: OAuthGrant
+    client_id: str | None
+    scopes: list[str]
+    issuer: str | None
+    connected: bool
+
+
+ServerDetail.model_rebuild()

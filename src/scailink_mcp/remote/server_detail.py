@@ -13,13 +13,14 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from scailink_mcp.models import Credential, RemoteServer, same_named, utcnow
+from scailink_mcp.models import Credential, OAuthClient, OAuthToken, RemoteServer, same_named, utcnow
 from scailink_mcp.naming import namespaced_name, namespaced_uri, remote_namespace
 from scailink_mcp.remote.discovery import KINDS, aware, visible_capabilities
-from scailink_mcp.remote.schemas import Capabilities, CapabilityOut, ServerDetail
+from scailink_mcp.remote.schemas import Capabilities, CapabilityOut, OAuthView, ServerDetail
 
 
-def server_detail(session: Session, server: RemoteServer) -> ServerDetail:
+def server_detail(session: Session, server: RemoteServer, viewer: str | None = None) -> ServerDetail:
+    """`viewer`: whose connection an oauth2 server's `oauth.connected` tells (the caller's)."""
     groups = _capabilities(session, server)
     creds = session.exec(select(Credential).where(Credential.server_id == server.id)).all()
     oldest = min((aware(c.updated_at) for c in creds), default=None)
@@ -39,7 +40,25 @@ def server_detail(session: Session, server: RemoteServer) -> ServerDetail:
             credential_oldest_days=(utcnow() - oldest).days if oldest else None,
             created_at=aware(server.created_at),
             updated_at=aware(server.updated_at),
+            oauth=_oauth_view(session, server, viewer),
         )
+    )
+
+
+def _oauth_view(session: Session, server: RemoteServer, viewer: str | None) -> OAuthView | None:
+    row = session.get(OAuthClient, server.id) if server.auth_type == "oauth2" else None
+    if row is None:
+        return None
+    user_key = "" if row.grant == "client_credentials" else (viewer or "")
+    token = session.exec(
+        select(OAuthToken.id).where(OAuthToken.server_id == server.id, OAuthToken.user_id == user_key)
+    ).first()
+    return OAuthView(
+        grant=row.grant,
+        client_id=row.client_id,
+        scopes=list(row.scopes),
+        issuer=row.issuer,
+        connected=token is not None and (viewer is not None or row.grant == "client_credentials"),
     )
 
 

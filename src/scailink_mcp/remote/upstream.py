@@ -50,12 +50,16 @@ SSE_BACKSTOP_FACTOR = 4
 
 @dataclass(frozen=True)
 class UpstreamTarget:
-    """Everything needed to connect to one upstream. `headers` hold secrets: repr hides them."""
+    """Everything needed to connect to one upstream. `headers` hold secrets: repr hides them.
+
+    `auth` (an OAuth upstream's, `oauth_tokens.BearerAuth`) adds the current token to each request.
+    """
 
     server_id: str
     endpoint_url: str
     transport: str
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    auth: httpx2.Auth | None = field(default=None, repr=False, compare=False)
 
 
 def upstream_headers(auth_type: str, credentials: Mapping[str, str]) -> dict[str, str]:
@@ -306,11 +310,12 @@ async def open_session(
                         timeout=connect_timeout,
                         sse_read_timeout=read_timeout,
                         httpx_client_factory=_limited_sse_factory(allowed, limit),
+                        auth=target.auth,
                     )
                 )
             else:
                 http_client = await stack.enter_async_context(
-                    limited_http_client(allowed, limit, headers=headers, timeout=timeout)
+                    limited_http_client(allowed, limit, headers=headers, timeout=timeout, auth=target.auth)
                 )
                 transport_read, write = await stack.enter_async_context(
                     streamable_http_client(

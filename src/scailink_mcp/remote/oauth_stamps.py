@@ -1,0 +1,128 @@
+"""One-time, expiring values bound to (tenant, user, server): authorization `state`s and authorize tickets.
+
+A stamp is `<claims>.<mac>`: the claims (kind, tenant, user, server, expiry, a random nonce, and for
+a state the redirect base) in base64url JSON, and an HMAC-SHA256 over them with a key derived from
+the primary KEK (HKDF, its own `info`), so every replica can check a stamp another one made and
+nothing needs storing when one is made (an auth-required answer writes nothing). Using one
+inserts the hash of its nonce into `oauth_nonce`: the primary key refuses a second use, on every
+replica. The PKCE verifier of a state is derived from the state with the same key, so it is never
+stored either.
+
+Must not: accept a stamp of another kind, an expired one, or one whose MAC does not verify; nor
+log a stamp (a state in the hands of another is half an authorization).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete
+
+from scailink_mcp.crypto import Keyring
+from scailink_mcp.errors import ValidationFailed
+from scailink_mcp.models import OAuthNonce
+
+STATE = "state"
+TICKET = "ticket"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class Stamp:
+    kind: str
+    tenant_id: str
+    user_id: str
+    server_id: str
+    expires_at: float
+    nonce: str
+    base: str = ""  # a state's redirect base (the callback must use the same redirect URI)
+
+
+def refused(field: str, reason: str) -> ValidationFailed:
+    return ValidationFailed(f"invalid {field}", details=[{"field": field, "reason": reason}])
+
+
+class Stamps:
+    def __init__(self, keyring: Keyring, *, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        kek = keyring.key(keyring.primary_id)
+        self._key = HKDF(algorithm=SHA256(), length=32, salt=None, info=b"scailink/oauth-stamps/v1").derive(
+            kek
+        )
+        self.ttl_s = ttl_s
+        self.clock = clock
+
+    def _mac(self, text: str) -> str:
+        return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
+
+    def mint(self, kind: str, *, tenant_id: str, user_id: str, server_id: str, base: str = "") -> str:
+        claims = {
+            "k": kind,
+            "t": tenant_id,
+            "u": user_id,
+            "s": server_id,
+            "e": round(self.clock() + self.ttl_s, 3),
+            "n": secrets.token_urlsafe(16),
+            "b": base,
+        }
+        text = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{text}.{self._mac(text)}"
+
+    def check(self, kind: str, value: str) -> Stamp:
+        """The stamp's claims; `ValidationFailed` (field = kind) when forged, of another kind or expired."""
+        text, dot, mac = value.partition(".")
+        if not dot or len(value) > 4096 or not hmac.compare_digest(mac.encode(), self._mac(text).encode()):
+            raise refused(kind, "not issued by this gateway")
+        try:
+            claims = json.loads(_unb64(text))
+            stamp = Stamp(
+                kind=str(claims["k"]),
+                tenant_id=str(claims["t"]),
+                user_id=str(claims["u"]),
+                server_id=str(claims["s"]),
+                expires_at=float(claims["e"]),
+                nonce=str(claims["n"]),
+                base=str(claims.get("b", "")),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise refused(kind, "not issued by this gateway") from None
+        if stamp.kind != kind:
+            raise refused(kind, f"not a {kind}")
+        if stamp.expires_at <= self.clock():
+            raise refused(kind, "expired")
+        return stamp
+
+    def consume(self, session: Session, stamp: Stamp) -> None:
+        """Record the stamp as used (commits); `ValidationFailed` when it was used before."""
+        digest = hashlib.sha256(f"{stamp.kind}:{stamp.nonce}".encode()).hexdigest()
+        session.execute(
+            delete(OAuthNonce).where(col(OAuthNonce.expires_at) < datetime.now(UTC)),
+            execution_options={"synchronize_session": False},
+        )
+        session.add(OAuthNonce(id=digest, expires_at=datetime.fromtimestamp(stamp.expires_at, UTC)))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise refused(stamp.kind, "already used") from None
+
+    def verifier(self, state: str) -> str:
+        """The PKCE code verifier of a state (RFC 7636: 43 characters of base64url)."""
+        return _b64(hmac.new(self._key, f"pkce:{state}".encode(), hashlib.sha256).digest())
