@@ -222,9 +222,9 @@ def _explained_422(case: Case, response: Response) -> bool:
     if operation == "listServers":  # a cursor is opaque: only one this API issued is valid
         return fields == {"cursor"}
     if operation == "authorizeServer":  # a ticket is opaque and one-time; the server may not use OAuth
-        return fields in ({"ticket"}, {"auth_type"})
+        return fields in ({"ticket"}, {"auth_type"}, {"oauth.grant"}, {"oauth.client_id"}, {"endpoint_url"})
     if operation == "oauthCallback":  # so is a state; `error` is the authorization server's refusal
-        return bool(fields) and fields <= {"state", "error"}
+        return bool(fields) and fields <= {"state", "error", "code", "iss"}
     return False
 
 

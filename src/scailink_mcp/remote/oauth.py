@@ -319,7 +319,15 @@ class OAuth:
                 details=[{"field": "oauth.grant", "reason": config.grant}],
             )
         redirect_uri = base + CALLBACK_PATH
-        auth_server = await self.auth_server(config)
+        try:
+            auth_server = await self.auth_server(config)
+        except OAuthFailed as exc:
+            # The registered endpoint leads to no usable authorization server: the owner must fix
+            # `endpoint_url` (or the upstream), like an endpoint that fails discovery.
+            raise ValidationFailed(
+                "no authorization server could be found for this server",
+                details=[{"field": "endpoint_url", "reason": exc.message}],
+            ) from None
         identity = await self.client(config, auth_server, redirect_uri)
         state = stamps.mint(STATE, tenant_id=tenant_id, user_id=user_id, server_id=server_id, base=base)
         params = {

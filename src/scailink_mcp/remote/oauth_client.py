@@ -104,7 +104,7 @@ class OAuthHttp:
         async with self._client() as client:
             try:
                 return await _discover(client, endpoint_url)
-            except httpx2.HTTPError as exc:
+            except (httpx2.HTTPError, OSError) as exc:  # OSError: a host that does not resolve
                 raise OAuthFailed(f"cannot reach the authorization server ({type(exc).__name__})") from None
 
     async def register(self, server: AuthServer, redirect_uri: str, scopes: Sequence[str]) -> ClientIdentity:
@@ -123,7 +123,7 @@ class OAuthHttp:
                 info: OAuthClientInformationFull = await handle_registration_response(
                     await client.send(request)
                 )
-            except (httpx2.HTTPError, OAuthFlowError) as exc:
+            except (httpx2.HTTPError, OSError, OAuthFlowError) as exc:
                 raise OAuthFailed(f"dynamic client registration failed ({type(exc).__name__})") from None
         return ClientIdentity(info.client_id or "", info.client_secret)
 
@@ -143,7 +143,7 @@ class OAuthHttp:
             try:
                 response = await http.post(str(server.metadata.token_endpoint), data=data, auth=auth)
                 body = await _bounded(response)
-            except httpx2.HTTPError as exc:
+            except (httpx2.HTTPError, OSError) as exc:  # OSError: a host that does not resolve
                 raise OAuthFailed(f"the token endpoint is unreachable ({type(exc).__name__})") from None
         if response.status_code != 200:
             code = _error_code(body)
@@ -167,7 +167,7 @@ class OAuthHttp:
         if client.client_secret:
             auth, data = httpx2.BasicAuth(client.client_id, client.client_secret), {"token": token}
         async with self._client() as http:
-            with contextlib.suppress(httpx2.HTTPError):
+            with contextlib.suppress(httpx2.HTTPError, OSError):
                 await http.post(str(endpoint), data=data, auth=auth)
 
 
