@@ -114,6 +114,24 @@ def first_text(result: types.CallToolResult) -> str:
     return content.text
 
 
+class ToolsChanged:
+    """A client's message handler recording when each `notifications/tools/list_changed` arrived."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    async def __call__(self, message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            self.times.append(time.monotonic())
+
+    async def more_than(self, count: int, within: float) -> float:
+        """Wait (bounded) until more than `count` have arrived; when the first of those did."""
+        with anyio.fail_after(within):
+            while len(self.times) <= count:  # noqa: ASYNC110  (the client's message handler)
+                await anyio.sleep(0.02)
+        return self.times[count]
+
+
 # --- a desktop on B ----------------------------------------------------------------------------------
 
 
@@ -287,11 +305,7 @@ async def test_a_handshake_session_spread_by_the_lb_and_another_principal_refuse
     tok = token("u1", "t1", ("tenant_user",))
     env = make_env()
     migrate(env.database_url)
-    changed: list[float] = []
-
-    async def on_message(message: Any) -> None:
-        if isinstance(message, types.ToolListChangedNotification):
-            changed.append(time.monotonic())
+    changed = ToolsChanged()
 
     with replicas(env, 3) as nodes, load_balancer(nodes, tmp_path) as lb:
         server = await register(lb.base_url, tok, name="spread", endpoint_url=upstream.url)
@@ -314,7 +328,7 @@ async def test_a_handshake_session_spread_by_the_lb_and_another_principal_refuse
                 event_hooks={"response": [remember]},
             ) as http,
             streamable_http_client(f"{lb.base_url}/mcp", http_client=http) as (read, write),
-            ClientSession(read, write, message_handler=on_message) as session,
+            ClientSession(read, write, message_handler=changed) as session,
         ):
             await session.initialize()
             for i in range(9):
@@ -347,10 +361,7 @@ async def test_a_handshake_session_spread_by_the_lb_and_another_principal_refuse
             # replica HAProxy opened it.
             registered = time.monotonic()
             await register(lb.base_url, tok, name="spread-two", endpoint_url=upstream.url)
-            with anyio.fail_after(NOTIFIED_S):
-                while not changed:  # noqa: ASYNC110  (the client's message handler)
-                    await anyio.sleep(0.02)
-            assert changed[0] - registered < NOTIFIED_S
+            assert await changed.more_than(0, within=NOTIFIED_S) - registered < NOTIFIED_S
 
 
 async def test_registration_on_a_notifies_sessions_on_b_in_both_eras_and_deletion_on_c(
@@ -362,15 +373,11 @@ async def test_registration_on_a_notifies_sessions_on_b_in_both_eras_and_deletio
     tok = token("u1", "t1", ("tenant_user",))
     env = make_env()
     migrate(env.database_url)
-    changed: list[float] = []
-
-    async def on_message(message: Any) -> None:
-        if isinstance(message, types.ToolListChangedNotification):
-            changed.append(time.monotonic())
+    changed = ToolsChanged()
 
     with replicas(env, 3) as (a, b, c):
         async with (
-            mcp_client(f"{b.base_url}/mcp", tok, on_message=on_message) as old_era,
+            mcp_client(f"{b.base_url}/mcp", tok, on_message=changed) as old_era,
             httpx2.AsyncClient(headers=auth_headers(tok), timeout=httpx2.Timeout(30, read=60)) as http,
             streamable_http_client(f"{b.base_url}/mcp", http_client=http) as (read, write),
             ClientSession(read, write) as new_era,
@@ -385,25 +392,20 @@ async def test_registration_on_a_notifies_sessions_on_b_in_both_eras_and_deletio
                     event = await events.__anext__()
                 assert type(event).__name__ == "ToolsListChanged"
                 assert time.monotonic() - registered < NOTIFIED_S
-                with anyio.fail_after(NOTIFIED_S):
-                    while not changed:  # noqa: ASYNC110  (the client's message handler)
-                        await anyio.sleep(0.02)
-                assert changed[0] - registered < NOTIFIED_S
+                assert await changed.more_than(0, within=NOTIFIED_S) - registered < NOTIFIED_S
                 assert echo in {t.name for t in await list_all_tools(old_era)}
                 assert echo in {t.name for t in await list_all_tools(new_era)}
                 async with mcp_client(f"{c.base_url}/mcp", tok) as on_c:
                     assert first_text(await on_c.call_tool(echo, {"text": "on C"})) == "on C"
 
-                told = len(changed)
+                told = len(changed.times)
                 async with httpx.AsyncClient(base_url=c.base_url, timeout=CALL_TIMEOUT_S) as client:
                     deleted = await client.delete(f"{REG}/{server['id']}", headers=auth_headers(tok))
                 assert deleted.status_code == 204, deleted.text
                 with anyio.fail_after(NOTIFIED_S):
                     event = await events.__anext__()
                 assert type(event).__name__ == "ToolsListChanged"
-                with anyio.fail_after(NOTIFIED_S):
-                    while len(changed) == told:  # noqa: ASYNC110  (the client's message handler)
-                        await anyio.sleep(0.02)
+                await changed.more_than(told, within=NOTIFIED_S)
                 deadline = time.monotonic() + PROPAGATION_S
                 for node in (a, b):
                     await by(deadline, f"{echo} gone on {node.name}", lambda n=node: _lacks(n, tok, echo))
