@@ -155,7 +155,7 @@ async def measure(quick: bool) -> dict[str, Any]:
         )
         migrate = [*SCAILINK, "migrate"]  # once, as a deployment does before starting its replicas
         await anyio.to_thread.run_sync(
-            lambda: subprocess.run(migrate, env=env.environ(), check=True, timeout=120)
+            lambda: subprocess.run(migrate, env=env.environ(), check=True, timeout=120, capture_output=True)
         )
         up_port = free_port()
         upstream = f"http://127.0.0.1:{up_port}/mcp"
