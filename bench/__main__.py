@@ -25,18 +25,11 @@ import anyio
 import httpx
 
 from bench import big_answers
+from bench import replicas as several
+from bench.calls import concurrent, percentiles
 from bench.catalog_flood import catalog_flood
 from bench.mcp_proxy import STOP_SIGNAL, mcp_proxy_bin, mcp_proxy_command
 from bench.procs import client, free_port, process, wait_http
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    return {"p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99)}
 
 
 async def warm_calls(url: str, tool: str, count: int, token: str | None) -> dict[str, float]:
@@ -83,21 +76,6 @@ async def list_tools(url: str, count: int, token: str | None) -> dict[str, float
                     break
             samples.append(time.perf_counter() - t0)
     return {"median_ms": statistics.median(samples) * 1000, "tools": float(n)}
-
-
-async def concurrent(
-    url: str, tool: str, clients: int, per_client: int, token: str | None
-) -> dict[str, float]:
-    async def one() -> None:
-        async with client(url, token) as session:
-            for i in range(per_client):
-                await session.call_tool(tool, {"text": str(i)})
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for _ in range(clients):
-            tg.start_soon(one)
-    return {"calls_per_s": clients * per_client / (time.perf_counter() - start)}
 
 
 def rss_kib(pid: int) -> int:
@@ -318,9 +296,13 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
     results["big_answers"] = await big_answers.measure(quick)
     results["ratios"] = ratios(results)
     results["targets"] = targets(results["ratios"])
-    results["not_measured"] = {
-        "workers": "1 vs 2 uvicorn workers: multi-worker coordination (Redis) is not built yet",
-    }
+    print("several replicas (issue 13):", flush=True)
+    results["replicas"] = await several.measure(quick)
+    results["not_measured"] = {}
+    if "skipped" in results["replicas"]:
+        results["not_measured"]["replicas"] = results["replicas"]["skipped"]
+    else:
+        results["ratios"].update(results["replicas"]["ratios"])
     return results
 
 

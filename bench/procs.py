@@ -17,6 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 
 def free_port() -> int:
+    """A port nobody listens on now (the process given it binds it a moment later)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

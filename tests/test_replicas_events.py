@@ -24,6 +24,8 @@ import redis
 from mcp.client.session import ClientSession, IncomingMessage
 from mcp.shared.exceptions import MCPError
 
+from bench.cluster import REDIS_HOST, REDIS_PORT
+from bench.cluster import redis_reason as _redis_reason
 from scailink_mcp.app import build_components
 from scailink_mcp.config import Settings
 from scailink_mcp.events import EventBus, ServerEvent
@@ -34,22 +36,9 @@ from tests.upstream import UpstreamServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REG = "/v1/modules/scailink/remote-servers"
 AUDIT = "/v1/modules/scailink/audit"
 PROPAGATION_S = 1.0  # SPEC section 10: every replica sees a change within 1 s
-
-
-def _redis_reason() -> str | None:
-    try:
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-        return None
-    except Exception as exc:
-        return f"Redis not reachable at {REDIS_HOST}:{REDIS_PORT} ({type(exc).__name__})"
 
 
 @pytest.fixture(scope="module")
