@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Scope
 
-from scailink_mcp import dashboard, mcp_server
+from scailink_mcp import dashboard, mcp_server, mcp_transports
 from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import iam as iam_api
@@ -260,9 +260,9 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     base = resource.removesuffix("/mcp")
     metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
     aggregate_server = mcp_server.build_server(parts.mcp, single=False)
-    aggregate = mcp_server.session_manager(aggregate_server, settings)
-    sse = mcp_server.LegacySse(aggregate_server, settings)
-    single = mcp_server.session_manager(mcp_server.build_server(parts.mcp, single=True), settings)
+    aggregate = mcp_transports.session_manager(aggregate_server, settings)
+    sse = mcp_transports.LegacySse(aggregate_server, settings)
+    single = mcp_transports.session_manager(mcp_server.build_server(parts.mcp, single=True), settings)
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
 
     def guarded(manager: StreamableHTTPSessionManager | None) -> Callable[[ASGIApp], ASGIApp]:
@@ -284,7 +284,7 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
         return protect_mcp(app, verifier, metadata, guarded(manager))
 
     def served(manager: StreamableHTTPSessionManager, *, single: bool) -> ASGIApp:
-        app = mcp_server.asgi(manager)
+        app = mcp_transports.asgi(manager)
         if parts.mcp_sessions is None:
             return app
         endpoint = "single" if single else "aggregate"

@@ -17,16 +17,13 @@ from typing import Any, Protocol
 import mcp_types as types
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel.server import NotificationOptions, Server
-from mcp.server.models import InitializationOptions
-from mcp.server.sse import SseServerTransport
-from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.lowlevel.server import Server
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from scailink_mcp import __version__, resource_uris
 from scailink_mcp import mcp_forwarding as forwarding
@@ -35,7 +32,8 @@ from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
 from scailink_mcp.errors import ScaiLinkError, ToolNotFound, mcp_error, tool_error_result
 from scailink_mcp.invocation import Caller, Invoker
-from scailink_mcp.mcp_auth import current_principal, security_settings
+from scailink_mcp.mcp_auth import current_principal
+from scailink_mcp.mcp_transports import ListChangedServer
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.sdk_sessions import connection_of
@@ -233,31 +231,6 @@ class McpSurface:
         return ask
 
 
-class _Server(Server[Any]):
-    """The SDK's session manager builds init options without notification options; announce listChanged.
-
-    The SDK's default OpenTelemetry middleware is dropped: it wraps every message on the hot path and
-    ScaiLink exports Prometheus metrics instead.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.middleware = []
-
-    def create_initialization_options(
-        self,
-        notification_options: NotificationOptions | None = None,
-        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
-        extensions: dict[str, dict[str, Any]] | None = None,
-    ) -> InitializationOptions:
-        return super().create_initialization_options(
-            notification_options
-            or NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True),
-            experimental_capabilities,
-            extensions,
-        )
-
-
 def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
     """One handler set; `single` is the per-server endpoint (upstream names)."""
     scope_of: ScopeOf = surface.server_scope if single else surface.aggregate_scope
@@ -375,11 +348,11 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         "on_unsubscribe_resource": unsubscribe,
     }
     if single:
-        server = _Server(
+        server = ListChangedServer(
             SERVER_NAME, version=__version__, title=SINGLE_TITLE, on_completion=complete, **handlers
         )
     else:
-        server = _Server(
+        server = ListChangedServer(
             SERVER_NAME,
             version=__version__,
             title=AGGREGATE_TITLE,
@@ -402,35 +375,3 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
 
     server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
     return server
-
-
-def session_manager(server: Server[Any], settings: Settings) -> StreamableHTTPSessionManager:
-    return StreamableHTTPSessionManager(
-        app=server,
-        security_settings=security_settings(settings),
-        session_idle_timeout=settings.mcp_session_idle_s,
-        max_sessions=settings.mcp_max_sessions,
-        max_request_body_size=settings.max_body_bytes,
-    )
-
-
-def asgi(manager: StreamableHTTPSessionManager) -> ASGIApp:
-    return StreamableHTTPASGIApp(manager)
-
-
-class LegacySse:
-    """The 2024-11-05 HTTP+SSE transport: `GET /sse` opens the stream, `POST /messages/` feeds it."""
-
-    def __init__(self, server: Server[Any], settings: Settings) -> None:
-        self.server = server
-        self.transport = SseServerTransport("/messages/", security_settings=security_settings(settings))
-
-    async def connect(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with self.transport.connect_sse(scope, receive, send) as (read, write):
-                await self.server.run(read, write, self.server.create_initialization_options())
-        except ValueError:
-            return  # a forged Host/Origin: the transport already answered 403/421
-
-    async def post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.transport.handle_post_message(scope, receive, send)
