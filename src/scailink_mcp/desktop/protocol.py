@@ -8,6 +8,7 @@ nests deeper than the configured depth is refused before it is parsed (`json.loa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Annotated, Any, Literal
 
@@ -70,29 +71,25 @@ class BinaryFrame(FrameError):
         super().__init__("binary frames are not supported: send JSON-RPC text frames")
 
 
-def check_tools(value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
-    """Every item must be an MCP tool in wire shape; the error names the first bad index."""
-    for index, item in enumerate(value):
-        try:
-            types.Tool.model_validate(item)
-        except ValidationError:
-            raise ValueError(f"{info.field_name}[{index}] is not an MCP tool") from None
-    return value
+def wire_items(model: type[BaseModel], what: str) -> Callable[[list[dict[str, Any]], ValidationInfo], Any]:
+    """A validator: every item must be `model` in MCP wire shape; the error names the first bad index."""
+
+    def check(value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        for index, item in enumerate(value):
+            try:
+                model.model_validate(item)
+            except ValidationError:
+                raise ValueError(f"{info.field_name}[{index}] is not an MCP {what}") from None
+        return value
+
+    return check
 
 
-def check_templates(value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
-    """Every item must be an MCP resource template in wire shape; the error names the first bad index."""
-    for index, item in enumerate(value):
-        try:
-            types.ResourceTemplate.model_validate(item)
-        except ValidationError:
-            raise ValueError(f"{info.field_name}[{index}] is not an MCP resource template") from None
-    return value
-
-
-# A list of MCP tools in wire shape (each checked, the frame's dicts kept as sent).
-ToolList = Annotated[list[dict[str, Any]], AfterValidator(check_tools)]
-TemplateList = Annotated[list[dict[str, Any]], AfterValidator(check_templates)]
+# Lists of MCP items in wire shape (each checked, the frame's dicts kept as sent).
+ToolList = Annotated[list[dict[str, Any]], AfterValidator(wire_items(types.Tool, "tool"))]
+TemplateList = Annotated[
+    list[dict[str, Any]], AfterValidator(wire_items(types.ResourceTemplate, "resource template"))
+]
 
 
 class Platform(BaseModel):
