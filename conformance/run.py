@@ -32,6 +32,9 @@ NODE = HERE / "node_modules" / "node" / "bin" / "node"
 SUITE = HERE / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
 BASELINE = HERE / "expected-failures.txt"
 RESULT = re.compile(r"^[✓✗]\s+([\w-]+):\s+(\d+) passed,\s+(\d+) failed", re.MULTILINE)
+UNSCORED = re.compile(r"^\s+[✓✗]\s+([\w-]+) \(", re.MULTILINE)
+# The two requirement sets of the suite: each spec revision's scenarios, frozen at its release.
+REQUIREMENTS = ("2025-11-25", "2026-07-28")
 
 
 def free_port() -> int:
@@ -88,14 +91,27 @@ def ensure_npm() -> None:
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE, check=True)
 
 
+def scored(output: str) -> dict[str, bool]:
+    """The scenarios the requirement set scores (those under "Not scored for ..." are left out)."""
+    head, _, tail = output.partition("Not scored for")
+    unscored = set(UNSCORED.findall(tail))
+    return {m.group(1): int(m.group(3)) == 0 for m in RESULT.finditer(head) if m.group(1) not in unscored}
+
+
 def run_suite(url: str) -> dict[str, bool]:
-    proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url], capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    output = proc.stdout + proc.stderr
-    (HERE / "last-run.log").write_text(output)
-    results = {m.group(1): int(m.group(3)) == 0 for m in RESULT.finditer(output)}
-    if not results:
-        raise RuntimeError(f"the conformance suite printed no results:\n{output[-3000:]}")
+    """Both requirement sets (`--requirements`), each scenario as `{revision}:{scenario}`."""
+    results: dict[str, bool] = {}
+    logs: list[str] = []
+    for revision in REQUIREMENTS:
+        proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url, "--requirements", revision],
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        output = proc.stdout + proc.stderr
+        logs.append(f"==== --requirements {revision}\n{output}")
+        found = scored(output)
+        if not found:
+            raise RuntimeError(f"the conformance suite printed no results:\n{output[-3000:]}")
+        results |= {f"{revision}:{name}": ok for name, ok in found.items()}
+    (HERE / "last-run.log").write_text("\n".join(logs))
     return results
 
 

@@ -3,7 +3,8 @@
 Built on the SDK's lowlevel `Server` so its listings are paginated (`--page-size`, 2 by default), which
 makes the client follow `nextCursor`. Tools: `echo(text)`, `add(a, b)`, `whoami()` (`pid N (marker)`:
 proof the call ran in this process), `slow(ms)`, `toggle_extra()` (adds or removes the tool `extra`
-and sends `notifications/tools/list_changed`). One resource `note://{marker}/hello`, one prompt `greet`.
+and sends `notifications/tools/list_changed`), `count(n)` (n progress notifications). One resource
+`note://{marker}/hello`, one template `note://{marker}/{name}` (reads any name), one prompt `greet`.
 
 Must not: import ScaiLink. The client reaches it only over stdio, like any local MCP server.
 """
@@ -38,6 +39,7 @@ BASE_TOOLS = [
     _tool("whoami", "The process id and marker of this local server.", {}),
     _tool("slow", "Sleep `ms` milliseconds, then answer.", {"ms": {"type": "integer"}}, ["ms"]),
     _tool("toggle_extra", "Add or remove the tool `extra` (announced with list_changed).", {}),
+    _tool("count", "Report progress `n` times (i of n, 'step i'), then answer.", {"n": {"type": "integer"}}),
 ]
 EXTRA = _tool("extra", "Exists only after toggle_extra.", {})
 
@@ -86,6 +88,10 @@ def build(marker: str, page_size: int) -> Server[Any]:
                 state["extra"] = not state["extra"]
                 await ctx.session.send_tool_list_changed()
                 return _text(f"extra {'on' if state['extra'] else 'off'}")
+            if params.name == "count":
+                for step in range(1, int(args["n"]) + 1):
+                    await ctx.session.report_progress(step, int(args["n"]), f"step {step}")
+                return _text(f"counted to {int(args['n'])}")
             if params.name == "extra" and state["extra"]:
                 return _text("extra")
         except (KeyError, ValueError) as exc:
@@ -99,12 +105,22 @@ def build(marker: str, page_size: int) -> Server[Any]:
     ) -> types.ListResourcesResult:
         return types.ListResourcesResult(resources=[note])
 
+    prefix = f"note://{marker}/"
+    notes = types.ResourceTemplate(uri_template=prefix + "{name}", name="notes", mime_type="text/plain")
+
+    async def list_templates(
+        ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=[notes])
+
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
-        if str(params.uri) != str(note.uri):
+        uri = str(params.uri)
+        name = uri[len(prefix) :]
+        if not uri.startswith(prefix) or not name or "/" in name:
             raise MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {params.uri}")
-        text = f"hello from {marker}"
+        text = f"hello from {marker}" if name == "hello" else f"note {name} from {marker}"
         return types.ReadResourceResult(
-            contents=[types.TextResourceContents(uri=str(note.uri), mime_type="text/plain", text=text)]
+            contents=[types.TextResourceContents(uri=uri, mime_type="text/plain", text=text)]
         )
 
     greet = types.Prompt(
@@ -130,6 +146,7 @@ def build(marker: str, page_size: int) -> Server[Any]:
         on_call_tool=call_tool,
         on_list_resources=list_resources,
         on_read_resource=read_resource,
+        on_list_resource_templates=list_templates,
         on_list_prompts=list_prompts,
         on_get_prompt=get_prompt,
     )

@@ -127,6 +127,7 @@ async def test_bad_tokens_close_4001(fast: LiveApp, token: TokenFactory, case: s
         init_frame(device_name=""),
         init_frame(platform={"arch": "x86_64"}),
         init_frame(capabilities={"tools": [{"no": "name"}]}),
+        init_frame(capabilities={"tools": [], "resource_templates": [{"name": "no uriTemplate"}]}),
         init_frame(protocol_version="scailink/9"),
         "not json",
     ],
@@ -158,6 +159,39 @@ async def test_protocol_violations_4003(fast: LiveApp, token: TokenFactory) -> N
     async with device(fast, token()) as (ws, _):
         await ws.send(json.dumps({"jsonrpc": "2.0", "id": "nope", "result": {}}))
         assert await closed_with(ws) == 4003
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"progress": 1}, "invocation_id"),
+        ({"invocation_id": "x", "progress": "much"}, "progress"),
+        ({"invocation_id": "x", "progress": 1, "total": "Infinity"}, "total"),
+    ],
+)
+async def test_malformed_progress_closes_4003_naming_the_field(
+    fast: LiveApp, token: TokenFactory, params: dict[str, Any], field: str
+) -> None:
+    from tests.test_desktop_security import close_of
+
+    async with device(fast, token()) as (ws, _):
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "scailink/progress", "params": params}))
+        code, reason = await close_of(ws)
+    assert code == 4003 and reason.startswith(field), reason
+
+
+async def test_progress_for_no_waiting_call_is_dropped(fast: LiveApp, token: TokenFactory) -> None:
+    """A progress frame can cross its call's answer on the wire: ignored, never a 4003."""
+    tok = token()
+    async with device(fast, tok) as (ws, ack), anyio.create_task_group() as tg:
+        frame = {"invocation_id": "gone", "progress": 1, "total": 2, "message": "late"}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "scailink/progress", "params": frame}))
+        results: dict[str, Any] = {}
+        tg.start_soon(serve_tools, ws, results)
+        async with mcp_client(fast.mcp_url, tok) as s:  # the socket is still served
+            result = await s.call_tool(f"{ack['namespace']}.echo", {"text": "still here"})
+            assert not result.is_error and results["calls"] == ["echo"]
+        tg.cancel_scope.cancel()
 
 
 async def test_sixth_connection_4009_and_same_device_4010(fast: LiveApp, token: TokenFactory) -> None:

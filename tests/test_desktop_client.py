@@ -48,7 +48,7 @@ pytestmark = pytest.mark.anyio
 STDIO_SERVER = str(Path(__file__).with_name("stdio_server.py"))
 FAST = Backoff(initial=0.05, maximum=0.2)
 SESSION = "slink_" + "A" * 22
-BASE_TOOLS = {"echo", "add", "whoami", "slow", "toggle_extra"}
+BASE_TOOLS = {"echo", "add", "whoami", "slow", "toggle_extra", "count"}
 
 
 def local(marker: str = "local") -> ServerSpec:

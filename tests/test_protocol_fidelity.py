@@ -307,3 +307,46 @@ async def test_discovery_lists_what_a_capable_client_is_offered(
             for name in offered:
                 result = await s.call_tool(f"{ns}.{name}", {})
                 assert not result.is_error and result.content[0].text == f"called {name}"  # type: ignore[union-attr]
+
+
+# --- 7. desktop progress and resource templates -------------------------------------------------------
+
+
+async def test_desktop_progress_and_templates(live: LiveApp, token: TokenFactory, era: Era) -> None:
+    """The reference desktop client over a real WebSocket, with a real stdio server: a tool's progress
+    reaches the caller's progressToken (`scailink/progress` frames), and the device's resource
+    templates are listed under scailink:// URIs that expand and read back through the device."""
+    from scailink_mcp.desktop.client import DesktopClient
+    from tests.test_desktop_client import live_ws_url, local, running
+
+    tok = token("u1", "t1", ("tenant_user",))
+    device_client = DesktopClient(
+        live_ws_url(live), tok, {"local": local()}, device_name="Ada", device_id=f"dev-progress-{era}"
+    )
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with running(device_client) as run:
+        with anyio.fail_after(30):
+            await device_client.connected.wait()
+        ns = device_client.namespace
+        async with client(live.mcp_url, tok, era) as s:
+            result = await s.call_tool(f"{ns}.count", {"n": 3}, progress_callback=on_progress)
+            assert not result.is_error and result.content[0].text == "counted to 3"  # type: ignore[union-attr]
+            assert seen == [(1.0, 3.0, "step 1"), (2.0, 3.0, "step 2"), (3.0, 3.0, "step 3")]
+            plain = await s.call_tool(f"{ns}.count", {"n": 2})  # no token: no progress asked
+            assert not plain.is_error and len(seen) == 3
+
+            templates = (await s.list_resource_templates()).resource_templates
+            assert [t.uri_template for t in templates] == [f"scailink://{ns}/note%3A%2F%2Flocal%2F{{name}}"]
+            assert templates[0].name == "notes" and templates[0].mime_type == "text/plain"
+            uri = templates[0].uri_template.replace("{name}", "ideas")
+            read = await s.read_resource(uri)
+            assert [str(c.uri) for c in read.contents] == [uri]
+            assert read.contents[0].text == "note ideas from local"  # type: ignore[union-attr]
+            with pytest.raises(MCPError):  # the device's server refuses what no template or resource has
+                await s.read_resource(f"scailink://{ns}/other%3A%2F%2Fx")
+        await device_client.stop()
+    assert run.error is None

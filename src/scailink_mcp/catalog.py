@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import quote, unquote
@@ -218,6 +219,21 @@ class CatalogView(Listing):
         return DesktopTarget("resource", parts[1], owner)
 
 
+def _list_resources(
+    view: CatalogView, ns: str, resources: Iterable[dict[str, Any]], templates: Iterable[dict[str, Any]]
+) -> None:
+    """A server's or a device's resources and templates under `scailink://{ns}/...` URIs."""
+    for res in resources:
+        view.resources.append(
+            types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
+        )
+    for tpl in templates:
+        public = public_uri(ns, tpl["uriTemplate"], template=True)
+        view.resource_templates.append(
+            types.ResourceTemplate.model_validate(_with_name(tpl, "uriTemplate", public))
+        )
+
+
 def build_view(
     servers: list[ServerSnapshot],
     version: Any,
@@ -233,10 +249,7 @@ def build_view(
         view.namespaces[ns] = session
         tools += [((ns, name), t, session) for name, t in session.tools.items()]
         prompts += [((ns, p["name"]), p, session) for p in session.prompts]
-        for res in session.resources:
-            view.resources.append(
-                types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
-            )
+        _list_resources(view, ns, session.resources, session.resource_templates)
     for server in servers:
         if not server.listed:
             continue
@@ -244,15 +257,7 @@ def build_view(
         view.namespaces[ns] = server
         tools += [((ns, t["name"]), t, server) for t in server.tools]
         prompts += [((ns, p["name"]), p, server) for p in server.prompts]
-        for res in server.resources:
-            view.resources.append(
-                types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
-            )
-        for tpl in server.resource_templates:
-            public = public_uri(ns, tpl["uriTemplate"], template=True)
-            view.resource_templates.append(
-                types.ResourceTemplate.model_validate(_with_name(tpl, "uriTemplate", public))
-            )
+        _list_resources(view, ns, server.resources, server.resource_templates)
     names = compat_names([q for q, _, _ in tools] + [q for q, _, _ in prompts]) if style == "compat" else {}
 
     def public_name(qualified: Qualified) -> str:

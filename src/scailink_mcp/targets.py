@@ -154,7 +154,9 @@ class DesktopTarget:
             "arguments": call.arguments or {},
             "caller": {"user_id": call.principal.user_id},
         }
-        raw = await b.desktop.invoke(self.session, TOOL_INVOKE, params, timeout=call.timeout)
+        raw = await b.desktop.invoke(
+            self.session, TOOL_INVOKE, params, timeout=call.timeout, progress=call.forwarding.progress
+        )
         try:
             result = types.CallToolResult.model_validate(raw)
         except ValidationError:

@@ -192,6 +192,7 @@ class Bridge:
                 "tools": len(init.capabilities.tools),
                 "resources": len(init.capabilities.resources),
                 "prompts": len(init.capabilities.prompts),
+                "resource_templates": len(init.capabilities.resource_templates),
             },
             "rejected": [],
             "server_version": SERVER_VERSION,
@@ -286,6 +287,8 @@ class Bridge:
                     await self.registry.changed(session)
             elif method == protocol.CONSENT_RESPONSE:
                 self.registry.consent_answered(session, protocol.ConsentResponse.model_validate(params))
+            elif method == protocol.PROGRESS:
+                await session.relay_progress(protocol.Progress.model_validate(params))
             else:
                 raise FrameError(f"unknown notification {str(method)[:60]!r}")
         except ValidationError as exc:

@@ -4,7 +4,8 @@ Owns: the client-side shapes of the server's frames (`session_init_ack`, `tool_i
 `resource_read`, `prompt_get`, `consent_request`; unknown fields ignored), and `FrameResponder`,
 which answers one frame: a call within a deadline a little under its `timeout_ms`, as a JSON-RPC
 result or error (an answer over the frame limit becomes an error), a consent request through the
-`ConsentPrompter` within its `expires_ms`.
+`ConsentPrompter` within its `expires_ms`. A `tool_invoke` with `progress: true` relays the local
+server's progress notifications as `scailink/progress` frames until the answer.
 
 Must not: hold the connection (it is handed a `send`), or log tool arguments or answers.
 """
@@ -78,6 +79,7 @@ class _Call(_Params):
 class ToolInvoke(_Call):
     tool: str
     arguments: dict[str, Any] | None = None
+    progress: bool = False  # the caller wants progress: `scailink/progress` frames while it runs
 
 
 class ResourceRead(_Call):
@@ -126,7 +128,7 @@ class FrameResponder:
         if method is None:
             return  # a response: this client sends no requests after session_init
         if method == protocol.TOOL_INVOKE:
-            reply = await self._answer(request_id, ToolInvoke, params, self._call_tool)
+            reply = await self._answer(request_id, ToolInvoke, params, lambda r: self._call_tool(r, send))
         elif method == protocol.RESOURCE_READ:
             reply = await self._answer(request_id, ResourceRead, params, self._read_resource)
         elif method == protocol.PROMPT_GET:
@@ -165,8 +167,16 @@ class FrameResponder:
             return protocol.error(request_id, TOOL_FAILED, f"the local server failed ({type(exc).__name__})")
         return protocol.result(request_id, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
 
-    async def _call_tool(self, request: ToolInvoke) -> BaseModel:
-        return await self.local.call_tool(request.tool, request.arguments)
+    async def _call_tool(self, request: ToolInvoke, send: Send) -> BaseModel:
+        invocation_id = request.invocation_id
+        if not request.progress or invocation_id is None:
+            return await self.local.call_tool(request.tool, request.arguments)
+
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            frame = {"invocation_id": invocation_id, "progress": progress, "total": total, "message": message}
+            await send(protocol.notification(protocol.PROGRESS, frame))
+
+        return await self.local.call_tool(request.tool, request.arguments, progress=relay)
 
     async def _read_resource(self, request: ResourceRead) -> BaseModel:
         return await self.local.read_resource(request.uri)

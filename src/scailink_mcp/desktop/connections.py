@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from mcp.shared.dispatcher import ProgressFnT
 
 from scailink_mcp.desktop import consent, protocol
 from scailink_mcp.desktop.consent import CONSENT_META_KEY, DesktopConsentGate, consent_denied, needs_consent
@@ -32,6 +33,7 @@ from scailink_mcp.desktop.sessions import (
     Pending,
     Send,
     new_session_id,
+    offers,
 )
 from scailink_mcp.errors import DeviceOffline, ToolNotFound, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import DesktopCatalogChanged, EventBus
@@ -166,9 +168,8 @@ class DesktopRegistry:
         if old is not None and old.owner:  # resumed here after a socket on another replica
             old = self._take_over(old)
         if old is not None:
-            old.tools = {t["name"]: t for t in init.capabilities.tools}
-            old.resources = [r for r in init.capabilities.resources if isinstance(r.get("uri"), str)]
-            old.prompts = [p for p in init.capabilities.prompts if isinstance(p.get("name"), str)]
+            for name, items in offers(init.capabilities).items():
+                setattr(old, name, items)
             return old, True
         device_id = init.device_id or uuid.uuid4().hex
         session = DesktopSession(
@@ -183,9 +184,7 @@ class DesktopRegistry:
             platform=init.platform.model_dump(exclude_none=True),
             client_version=init.client_version,
             audit_detail_level=init.audit_detail_level,
-            tools={t["name"]: t for t in init.capabilities.tools},
-            resources=[r for r in init.capabilities.resources if isinstance(r.get("uri"), str)],
-            prompts=[p for p in init.capabilities.prompts if isinstance(p.get("name"), str)],
+            **offers(init.capabilities),
         )
         self.sessions[session.session_id] = session
         return session, False
@@ -254,12 +253,14 @@ class DesktopRegistry:
         params: dict[str, Any],
         *,
         timeout: float,
+        progress: ProgressFnT | None = None,
     ) -> dict[str, Any]:
         """Send a request to the device and wait for its answer, at most `timeout` seconds.
 
         A disconnected session is waited for (resume) within the same timeout; then the call fails
         `SCAILINK_TOOL_NOT_FOUND` (device offline). At most 32 calls are in flight per session; more
-        wait within their timeout.
+        wait within their timeout. With `progress` the frame says `progress: true` and the device's
+        `scailink/progress` frames reach it (not for a device on another replica: dropped there).
         """
         if session.owner:
             answer: dict[str, Any] = await self._forward(
@@ -267,7 +268,7 @@ class DesktopRegistry:
             )
             return answer
         invocation_id = uuid.uuid4().hex
-        pending = Pending()
+        pending = Pending(progress=progress)
         try:
             with anyio.fail_after(timeout):
                 await session.connected.wait()
@@ -277,6 +278,8 @@ class DesktopRegistry:
                         raise UpstreamError("the desktop device disconnected")
                     session.pending[invocation_id] = pending
                     body = {**params, "invocation_id": invocation_id, "timeout_ms": int(timeout * 1000)}
+                    if progress is not None:
+                        body["progress"] = True
                     await send(protocol.request(invocation_id, method, body))
                     await pending.done.wait()
         except TimeoutError:

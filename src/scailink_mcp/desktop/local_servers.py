@@ -1,8 +1,10 @@
 """The desktop client's local side: the `mcpServers` config and the stdio MCP servers it starts.
 
 Owns: parsing the config (the shape desktop MCP hosts use); running each server through the SDK's
-stdio client; listing its tools, prompts and resources (following `nextCursor`); the names ScaiLink
-sees and the way back from them; re-listing a server's tools after its `tools/list_changed`.
+stdio client; listing its tools, prompts, resources and resource templates (following
+`nextCursor`); the names ScaiLink sees and the way back from them (a resource URI that no server
+lists goes to the first server with a template matching it); re-listing a server's tools after its
+`tools/list_changed`.
 
 Names: with one local server its tool and prompt names are kept as they are; with several, each is
 `{server}__{name}` (`server` is the config key reduced to `[A-Za-z0-9_-]`), so two servers' `search`
@@ -28,6 +30,8 @@ import anyio
 import mcp_types as types
 from mcp.client.session import ClientSession, IncomingMessage, MessageHandlerFnT
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scailink_mcp import __version__
@@ -91,6 +95,13 @@ def public_name(server: str, name: str, *, prefixed: bool) -> str:
     if not prefixed:
         return name
     return f"{_UNSAFE.sub('-', server).strip('-') or 'server'}__{name}"
+
+
+def _matches(template: str, uri: str) -> bool:
+    try:
+        return UriTemplate.parse(template).match(uri) is not None
+    except InvalidUriTemplate:
+        return False
 
 
 class UnknownItem(LookupError):
@@ -169,6 +180,7 @@ class LocalServers:
         self.errlog = errlog or sys.stderr
         self.prefixed = len(self.specs) > 1
         self.tools, self.prompts, self.resources = Offers("tool"), Offers("prompt"), Offers("resource")
+        self.templates = Offers("resource template")  # keyed by uriTemplate
         self.sessions: dict[str, ClientSession] = {}  # the servers that started
         self._stale: set[str] = set()  # servers that announced tools/list_changed
         self._stale_event = anyio.Event()
@@ -179,6 +191,7 @@ class LocalServers:
             "tools": list(self.tools.wire.values()),
             "resources": list(self.resources.wire.values()),
             "prompts": list(self.prompts.wire.values()),
+            "resource_templates": list(self.templates.wire.values()),
         }
 
     async def start(self, stack: AsyncExitStack) -> None:
@@ -220,6 +233,16 @@ class LocalServers:
             self.resources.replace(
                 server, session, [(str(r.uri), str(r.uri), _wire(r, "uri", str(r.uri))) for r in resources]
             )
+            pages = await _all_pages(session.list_resource_templates)
+            templates = [t for page in pages for t in page.resource_templates]
+            self.templates.replace(
+                server,
+                session,
+                [
+                    (t.uri_template, t.uri_template, _wire(t, "uriTemplate", t.uri_template))
+                    for t in templates
+                ],
+            )
 
     def _named(self, server: str, own: str, item: BaseModel) -> tuple[str, str, dict[str, Any]]:
         public = public_name(server, own, prefixed=self.prefixed)
@@ -254,11 +277,18 @@ class LocalServers:
 
     # ---- calls, by public name --------------------------------------------------------------------
 
-    async def call_tool(self, name: str, arguments: dict[str, Any] | None) -> types.CallToolResult:
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any] | None, progress: ProgressFnT | None = None
+    ) -> types.CallToolResult:
         route = self.tools.route(name)
-        return await route.session.call_tool(route.name, arguments or {})
+        return await route.session.call_tool(route.name, arguments or {}, progress_callback=progress)
 
     async def read_resource(self, uri: str) -> types.ReadResourceResult:
+        """A listed resource, else the first server with a template that matches `uri`."""
+        if uri not in self.resources.routes:
+            for template, route in self.templates.routes.items():
+                if _matches(template, uri):
+                    return await route.session.read_resource(uri)
         route = self.resources.route(uri)
         return await route.session.read_resource(route.name)
 

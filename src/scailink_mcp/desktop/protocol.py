@@ -8,6 +8,7 @@ nests deeper than the configured depth is refused before it is parsed (`json.loa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Annotated, Any, Literal
 
@@ -32,12 +33,13 @@ HEARTBEAT = "scailink/heartbeat"
 CATALOG_UPDATE = "scailink/catalog_update"
 CONSENT_RESPONSE = "scailink/consent_response"
 TERMINATE = "scailink/session_terminate"
+PROGRESS = "scailink/progress"
 TOOL_INVOKE = "scailink/tool_invoke"
 RESOURCE_READ = "scailink/resource_read"
 PROMPT_GET = "scailink/prompt_get"
 CONSENT_REQUEST = "scailink/consent_request"
 POLICY_UPDATE = "scailink/policy_update"
-CLIENT_NOTIFICATIONS = frozenset({HEARTBEAT, CATALOG_UPDATE, CONSENT_RESPONSE, TERMINATE})
+CLIENT_NOTIFICATIONS = frozenset({HEARTBEAT, CATALOG_UPDATE, CONSENT_RESPONSE, TERMINATE, PROGRESS})
 MAX_ITEMS = "max_items"  # validation-context key bounding `CatalogUpdate` lists
 
 
@@ -69,18 +71,25 @@ class BinaryFrame(FrameError):
         super().__init__("binary frames are not supported: send JSON-RPC text frames")
 
 
-def check_tools(value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
-    """Every item must be an MCP tool in wire shape; the error names the first bad index."""
-    for index, item in enumerate(value):
-        try:
-            types.Tool.model_validate(item)
-        except ValidationError:
-            raise ValueError(f"{info.field_name}[{index}] is not an MCP tool") from None
-    return value
+def wire_items(model: type[BaseModel], what: str) -> Callable[[list[dict[str, Any]], ValidationInfo], Any]:
+    """A validator: every item must be `model` in MCP wire shape; the error names the first bad index."""
+
+    def check(value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        for index, item in enumerate(value):
+            try:
+                model.model_validate(item)
+            except ValidationError:
+                raise ValueError(f"{info.field_name}[{index}] is not an MCP {what}") from None
+        return value
+
+    return check
 
 
-# A list of MCP tools in wire shape (each checked, the frame's dicts kept as sent).
-ToolList = Annotated[list[dict[str, Any]], AfterValidator(check_tools)]
+# Lists of MCP items in wire shape (each checked, the frame's dicts kept as sent).
+ToolList = Annotated[list[dict[str, Any]], AfterValidator(wire_items(types.Tool, "tool"))]
+TemplateList = Annotated[
+    list[dict[str, Any]], AfterValidator(wire_items(types.ResourceTemplate, "resource template"))
+]
 
 
 class Platform(BaseModel):
@@ -95,6 +104,7 @@ class Capabilities(BaseModel):
     tools: ToolList = Field(default_factory=list, max_length=2000)
     resources: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
     prompts: list[dict[str, Any]] = Field(default_factory=list, max_length=2000)
+    resource_templates: TemplateList = Field(default_factory=list, max_length=2000)
 
 
 class SessionInit(BaseModel):
@@ -136,6 +146,17 @@ class ConsentResponse(BaseModel):
     consent_id: str
     decision: Literal["approved", "denied"]
     remember: Literal["once", "session"] = "once"
+
+
+class Progress(BaseModel):
+    """`scailink/progress`: the device's progress on one `tool_invoke` that asked for it
+    (`progress: true`), relayed to the caller's `progressToken`. A progress for an invocation that is
+    over (or never asked) is dropped: it can cross the answer on the wire."""
+
+    invocation_id: str = Field(min_length=1, max_length=64)
+    progress: float = Field(allow_inf_nan=False)
+    total: float | None = Field(default=None, allow_inf_nan=False)
+    message: str | None = Field(default=None, max_length=1000)
 
 
 def first_error_field(exc: ValidationError) -> str:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from mcp.shared.dispatcher import ProgressFnT
 
+from scailink_mcp.desktop.protocol import Capabilities, Progress
 from scailink_mcp.errors import UpstreamError
 
 Send = Callable[[str], Awaitable[None]]
@@ -31,13 +33,25 @@ def new_session_id() -> str:
     return "slink_" + secrets.token_urlsafe(16)[:22]
 
 
+def offers(caps: Capabilities) -> dict[str, Any]:
+    """A session's catalog fields from `session_init` (items without a usable key are left out)."""
+    return {
+        "tools": {t["name"]: t for t in caps.tools},
+        "resources": [r for r in caps.resources if isinstance(r.get("uri"), str)],
+        "prompts": [p for p in caps.prompts if isinstance(p.get("name"), str)],
+        "resource_templates": caps.resource_templates,
+    }
+
+
 @dataclass(eq=False)
 class Pending:
-    """An answer the device owes one waiter: settled once, with a result or an error."""
+    """An answer the device owes one waiter: settled once, with a result or an error. `progress`
+    relays the device's `scailink/progress` frames to the caller while it waits."""
 
     done: anyio.Event = field(default_factory=anyio.Event)
     result: dict[str, Any] | None = None
     error: Exception | None = None
+    progress: ProgressFnT | None = None
 
     def settle(self, result: dict[str, Any] | None = None, error: Exception | None = None) -> None:
         if not self.done.is_set():
@@ -59,6 +73,7 @@ class DesktopSession:
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
     resources: list[dict[str, Any]] = field(default_factory=list)
     prompts: list[dict[str, Any]] = field(default_factory=list)
+    resource_templates: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     disconnected_at: float | None = None
     send: Send | None = None
@@ -112,6 +127,16 @@ class DesktopSession:
         for waiter in list(self.consents.values()):
             waiter.settle(result={"decision": "denied"})
 
+    async def relay_progress(self, frame: Progress, timeout_s: float = 1.0) -> None:
+        """A `scailink/progress` frame to the caller of its invocation, if it is still waiting and
+        asked for progress. Bounded: a slow caller never holds up the device's receive loop (a
+        progress update may be lost, the call is not)."""
+        pending = self.pending.get(frame.invocation_id)
+        if pending is None or pending.progress is None or pending.done.is_set():
+            return
+        with anyio.move_on_after(timeout_s):
+            await pending.progress(frame.progress, frame.total, frame.message)
+
     def describe(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
@@ -136,6 +161,7 @@ class DesktopSession:
             "tool_items": list(self.tools.values()),
             "resources": self.resources,
             "prompts": self.prompts,
+            "resource_templates": self.resource_templates,
         }
 
     @classmethod
@@ -154,6 +180,7 @@ class DesktopSession:
             tools={t["name"]: t for t in record.get("tool_items", []) if isinstance(t, dict) and "name" in t},
             resources=list(record.get("resources", [])),
             prompts=list(record.get("prompts", [])),
+            resource_templates=list(record.get("resource_templates", [])),
             created_at=float(record.get("created_at", 0.0)),
             owner=owner,
             epoch=epoch,
