@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio
 from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, OAuth2Payload, OAuth2Request, grants
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
@@ -298,6 +299,7 @@ class AuthServer(ThreadedServer):
         self.registered: list[dict[str, Any]] = []  # the RFC 7591 request bodies, in order
         self.grant_requests: Counter[str] = Counter()  # token requests by grant_type
         self.token_failure: int | None = None  # answer every token request with this status
+        self.token_delay_s = 0.0  # how long each token request takes (a slow authorization server)
         self.send_iss = True
         self._lock = threading.Lock()
         self._as = _Server(self)
@@ -381,6 +383,8 @@ class AuthServer(ThreadedServer):
     async def _token(self, request: Request) -> Response:
         req = _Request(request, await request.body())
         self.grant_requests[req.form.get("grant_type", "")] += 1
+        if self.token_delay_s:
+            await anyio.sleep(self.token_delay_s)
         if self.token_failure is not None:
             return JSONResponse({"error": "temporarily_unavailable"}, status_code=self.token_failure)
         with self._lock:
