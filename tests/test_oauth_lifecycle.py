@@ -1,7 +1,7 @@
 """The life of an upstream OAuth client and its tokens (SPEC section 12), over real HTTP on 127.0.0.1:
 dynamic client registration (RFC 7591) for an allowed issuer and its refusal for another, a 401 on
 a revoked access token answered by one refresh and a retry, and refresh failures answered with the
-documented errors (never a 500).
+documented errors (never a 500), and `scailink kek rotate` re-wrapping the sealed tokens.
 
 Real parts: ScaiLink under uvicorn, the authlib authorization server and the SDK resource-server
 upstream of `tests/oauth_server.py`; the browser is an httpx client following redirects.
@@ -14,9 +14,12 @@ from typing import Any
 
 import anyio
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import text
 
 from scailink_mcp.config import Settings
+from scailink_mcp.crypto import Keyring, generate_kek, rotate_credentials
+from scailink_mcp.remote.oauth_tokens import rotate_tokens
 from tests import oauth_harness
 from tests.conftest import TokenFactory, auth_headers
 from tests.oauth_harness import (
@@ -246,3 +249,33 @@ async def test_an_authorization_server_down_at_refresh_is_an_upstream_error_and_
     status, body = await invoke(gateway, alice, "alice", name)
     assert status == 200 and body["data"].get("isError") is not True, body
     assert body["data"]["content"][0]["text"] == "alice"
+
+
+# ---- KEK rotation ------------------------------------------------------------------------------------
+
+
+async def test_kek_rotate_rewraps_the_sealed_tokens(
+    settings_factory: Callable[..., Settings],
+    world: AuthServer,
+    upstream: ProtectedUpstream,
+    token: TokenFactory,
+) -> None:
+    old, new = generate_kek(), generate_kek()
+    alice = token("alice", groups=("tenant_admin",))
+    with Gateway(settings_factory, encryption_local_kek=SecretStr(old)) as gw:
+        server_id, name = await authorized(gw, world, upstream, alice)
+        db = gw.db
+    old_id = Keyring(old).primary_id
+    with db.engine.connect() as conn:
+        assert {r[0] for r in conn.execute(text("SELECT kek_id FROM oauth_token"))} == {old_id}
+    # The operator's rotation (new KEK primary, the old one still known), as `scailink kek rotate` runs it.
+    keyring = Keyring(new, [old])
+    assert rotate_credentials(db, keyring) + rotate_tokens(db, keyring) == 2  # client_secret and one token
+    with db.engine.connect() as conn:
+        assert {r[0] for r in conn.execute(text("SELECT kek_id FROM oauth_token"))} == {keyring.primary_id}
+    assert rotate_tokens(db, keyring) == 0  # resumable: nothing left
+    # The old KEK removed: the stored token still opens and a call works without a new authorization.
+    with Gateway(settings_factory, encryption_local_kek=SecretStr(new)) as gw2:
+        assert (await detail(gw2, alice, server_id))["oauth"]["connected"] is True
+        assert text_of(await call_whoami(gw2, alice, name)) == "alice"
+    assert world.grant_requests["authorization_code"] == 1 and world.grant_requests["refresh_token"] == 0
