@@ -9,16 +9,22 @@ upstream of `tests/oauth_server.py`; the browser is an httpx client following re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlmodel import select
 
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring, generate_kek, rotate_credentials
+from scailink_mcp.db import Database
+from scailink_mcp.models import OAuthNonce
+from scailink_mcp.remote.oauth_stamps import STATE, Stamps
 from scailink_mcp.remote.oauth_tokens import rotate_tokens
 from tests import oauth_harness
 from tests.conftest import TokenFactory, auth_headers
@@ -279,3 +285,47 @@ async def test_kek_rotate_rewraps_the_sealed_tokens(
         assert (await detail(gw2, alice, server_id))["oauth"]["connected"] is True
         assert text_of(await call_whoami(gw2, alice, name)) == "alice"
     assert world.grant_requests["authorization_code"] == 1 and world.grant_requests["refresh_token"] == 0
+
+
+# ---- the hot path and housekeeping -----------------------------------------------------------------
+
+
+async def test_a_warm_call_through_an_oauth_server_queries_no_database(
+    gateway: Gateway, world: AuthServer, upstream: ProtectedUpstream, token: TokenFactory
+) -> None:
+    alice = token("alice", groups=("tenant_admin",))
+    _, name = await authorized(gateway, world, upstream, alice)
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # The audit writer's batched inserts run in their own background task, off the call path.
+        if not statement.lstrip().upper().startswith(("INSERT INTO AUDIT_EVENT", "BEGIN", "COMMIT")):
+            statements.append(statement)
+
+    async with mcp(gateway.mcp_url, alice) as session:
+        assert text_of(await session.call_tool(name, {})) == "alice"  # warm-up: token and session
+        event.listen(gateway.db.engine, "before_cursor_execute", count)
+        try:
+            for _ in range(20):
+                assert text_of(await session.call_tool(name, {})) == "alice"
+        finally:
+            event.remove(gateway.db.engine, "before_cursor_execute", count)
+    assert statements == [], "a warm call must not query the database"
+
+
+def test_using_a_stamp_prunes_the_expired_used_ones(sqlite_url: str) -> None:
+    """`oauth_nonce` holds used states and tickets until they expire; each new use deletes the expired
+    rows (done on write: no background task), so the table stays as small as the last TTL's uses."""
+    db = Database(sqlite_url)
+    db.migrate()
+    now = time.time()
+    stamps = Stamps(Keyring(generate_kek()), ttl_s=600)
+    with db.session() as session:
+        session.add(OAuthNonce(id="old" * 8, expires_at=datetime.fromtimestamp(now - 1, UTC)))
+        session.add(OAuthNonce(id="live" * 8, expires_at=datetime.fromtimestamp(now + 300, UTC)))
+        session.commit()
+        stamp = stamps.check(STATE, stamps.mint(STATE, tenant_id="t1", user_id="u1", server_id="s1"))
+        stamps.consume(session, stamp)
+        ids = set(session.exec(select(OAuthNonce.id)).all())
+    assert "old" * 8 not in ids and "live" * 8 in ids
+    assert len(ids) == 2  # the live one and the stamp just used
