@@ -329,3 +329,16 @@ def test_using_a_stamp_prunes_the_expired_used_ones(sqlite_url: str) -> None:
         ids = set(session.exec(select(OAuthNonce.id)).all())
     assert "old" * 8 not in ids and "live" * 8 in ids
     assert len(ids) == 2  # the live one and the stamp just used
+
+
+async def test_a_health_check_of_a_per_user_server_sends_no_users_token(
+    gateway: Gateway, world: AuthServer, upstream: ProtectedUpstream, token: TokenFactory
+) -> None:
+    """The upstream's Bearer 401 to a request without a token counts as reachable (README)."""
+    alice = token("alice", groups=("tenant_admin",))
+    server_id, _ = await authorized(gateway, world, upstream, alice)
+    seen = len(upstream.verifier.seen)
+    assert await gateway.parts.health.check(server_id) == "ok"
+    assert upstream.verifier.seen[seen:] == [], "the health check sent a user's token"
+    upstream.__exit__(None, None, None)  # the upstream goes away: the check fails
+    assert await gateway.parts.health.check(server_id) != "ok"

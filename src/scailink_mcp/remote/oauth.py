@@ -282,6 +282,11 @@ class OAuth:
 
         return BearerAuth(current, stale)
 
+    async def per_user(self, server_id: str) -> bool:
+        """Whether the server is an oauth2 one whose tokens are each user's (`authorization_code`)."""
+        found = await self.db.run(lambda s: s.get(OAuthClient, server_id))
+        return found is not None and found.grant == AUTHORIZATION_CODE
+
     async def connected(self, server: RemoteServer, user_id: str) -> bool:
         grant = (await self.config(server.id)).grant
         key = "" if grant == CLIENT_CREDENTIALS else user_id
