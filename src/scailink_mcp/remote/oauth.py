@@ -22,7 +22,6 @@ from urllib.parse import urlencode
 from mcp.client.auth.exceptions import OAuthFlowError
 from mcp.client.auth.utils import validate_authorization_response_iss
 from mcp.shared.auth import OAuthToken
-from sqlmodel import Session
 
 from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import Principal
@@ -38,6 +37,7 @@ from scailink_mcp.errors import (
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.leases import Lease
 from scailink_mcp.models import OAuthClient, RemoteServer
+from scailink_mcp.remote.access import load_visible_to
 from scailink_mcp.remote.oauth_client import AuthServer, ClientIdentity, OAuthFailed, OAuthHttp
 from scailink_mcp.remote.oauth_config import (
     AUTHORIZATION_CODE,
@@ -56,10 +56,6 @@ logger = logging.getLogger(__name__)
 
 CALLBACK_PATH = "/v1/modules/scailink/oauth/callback"
 AUTHORIZE_PATH = "/v1/modules/scailink/remote-servers/{server_id}/oauth/authorize"
-
-
-def _visible(server: RemoteServer, tenant_id: str, user_id: str) -> bool:
-    return server.tenant_id == tenant_id and (server.is_tenant_shared or server.owner_user_id == user_id)
 
 
 class OAuth:
@@ -227,12 +223,6 @@ class OAuth:
 
     # ---- the authorization flow --------------------------------------------------------------------
 
-    def _load(self, session: Session, server_id: str, tenant_id: str, user_id: str) -> RemoteServer:
-        server = session.get(RemoteServer, server_id)
-        if server is None or not _visible(server, tenant_id, user_id):
-            raise NotFound("server not found")
-        return server
-
     async def start(
         self, server_id: str, *, base: str, principal: Principal | None = None, ticket: str | None = None
     ) -> str:
@@ -247,7 +237,7 @@ class OAuth:
             tenant_id, user_id = stamp.tenant_id, stamp.user_id
         else:  # pragma: no cover  (the route passes one of them)
             raise refused(TICKET, "missing")
-        await self.db.run(lambda s: self._load(s, server_id, tenant_id, user_id))
+        await self.db.run(lambda s: load_visible_to(s, server_id, tenant_id=tenant_id, user_id=user_id))
         if ticket is not None:
             await self.db.run(lambda s: stamps.consume(s, stamp))
         config = await self.config(server_id)
@@ -286,7 +276,9 @@ class OAuth:
         stamps = self._stamps()
         stamp = stamps.check(STATE, state)
         await self.db.run(lambda s: stamps.consume(s, stamp))
-        server = await self.db.run(lambda s: self._load(s, stamp.server_id, stamp.tenant_id, stamp.user_id))
+        server = await self.db.run(
+            lambda s: load_visible_to(s, stamp.server_id, tenant_id=stamp.tenant_id, user_id=stamp.user_id)
+        )
         config = await self.config(server.id)
         if error is not None or not code:
             self._audit(
@@ -323,7 +315,9 @@ class OAuth:
         """Forget the caller's token (a client-credentials server's one token needs the manage right).
 
         Idempotent: a caller who is not connected (or a server without OAuth) gets the same 204."""
-        server = await self.db.run(lambda s: self._load(s, server_id, principal.tenant_id, principal.user_id))
+        server = await self.db.run(
+            lambda s: load_visible_to(s, server_id, tenant_id=principal.tenant_id, user_id=principal.user_id)
+        )
         if server.auth_type != "oauth2":
             return
         config = await self.config(server.id)
