@@ -3,7 +3,8 @@
 `AuthServer`: authlib's `AuthorizationServer` (RFC 6749 grants: authorization code with PKCE S256,
 refresh token with rotation, client credentials; RFC 9207 `iss` on every authorization response)
 behind a small Starlette adapter, served by uvicorn on 127.0.0.1. It publishes RFC 8414 metadata,
-takes dynamic client registrations (RFC 7591, minimal) and revocations (RFC 7009). The "browser"
+takes dynamic client registrations (RFC 7591, minimal: any client metadata is accepted and a
+client id and secret issued) and revocations (RFC 7009). The "browser"
 step is automatic: `/authorize` approves the user named by the `as_user` cookie, as a signed-in
 browser session would, and refuses when there is none. Every access token records the `resource`
 (RFC 8707) it was issued for; `access_ttl_s` sets the lifetime of the next tokens.
@@ -21,11 +22,12 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio
 from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, OAuth2Payload, OAuth2Request, grants
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
@@ -294,6 +296,10 @@ class AuthServer(ThreadedServer):
         self.access_ttl_s = 3600
         self.refreshes = 0
         self.registrations = 0
+        self.registered: list[dict[str, Any]] = []  # the RFC 7591 request bodies, in order
+        self.grant_requests: Counter[str] = Counter()  # token requests by grant_type
+        self.token_failure: int | None = None  # answer every token request with this status
+        self.token_delay_s = 0.0  # how long each token request takes (a slow authorization server)
         self.send_iss = True
         self._lock = threading.Lock()
         self._as = _Server(self)
@@ -329,6 +335,14 @@ class AuthServer(ThreadedServer):
         for token in doomed:
             token.revoked = True
         return len(doomed)
+
+    def expire_access_tokens(self, subject: str) -> int:
+        """The access tokens of `subject` stop working now (as a revocation or a clock skew would);
+        its refresh tokens still work."""
+        live = [t for t in self.tokens.values() if t.subject == subject and t.expires_at > time.time()]
+        for item in live:
+            item.expires_at = time.time() - 1
+        return len(live)
 
     def valid(self, access_token: str) -> Token | None:
         token = self.tokens.get(access_token)
@@ -368,12 +382,18 @@ class AuthServer(ThreadedServer):
 
     async def _token(self, request: Request) -> Response:
         req = _Request(request, await request.body())
+        self.grant_requests[req.form.get("grant_type", "")] += 1
+        if self.token_delay_s:
+            await anyio.sleep(self.token_delay_s)
+        if self.token_failure is not None:
+            return JSONResponse({"error": "temporarily_unavailable"}, status_code=self.token_failure)
         with self._lock:
             return self._as.create_token_response(req)  # type: ignore[no-any-return]
 
     async def _register(self, request: Request) -> Response:
         body = await request.json()
         self.registrations += 1
+        self.registered.append(body)
         client = Client(
             client_id=f"dyn-{secrets.token_hex(4)}",
             client_secret=secrets.token_urlsafe(24),

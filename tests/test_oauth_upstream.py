@@ -10,138 +10,35 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx
-import httpx2
 import pytest
-from mcp.client.session import ClientSession
-from mcp.client.streamable_http import streamable_http_client
 from sqlalchemy import text
 
-from scailink_mcp.app import build_components, create_app
-from scailink_mcp.config import Settings
-from scailink_mcp.db import Database
 from scailink_mcp.remote.oauth_stamps import STATE
+from tests import oauth_harness
 from tests.conftest import TokenFactory, auth_headers
+from tests.oauth_harness import (
+    CALLBACK,
+    REG,
+    Gateway,
+    browser,
+    call_whoami,
+    code_server,
+    detail,
+    mcp,
+    register,
+    rest,
+    stop_at_callback,
+    text_of,
+)
 from tests.oauth_server import AuthServer, ProtectedUpstream
-from tests.servers import ThreadedServer
 
 pytestmark = pytest.mark.anyio
-
-REG = "/v1/modules/scailink/remote-servers"
-CALLBACK = "/v1/modules/scailink/oauth/callback"
-
-
-class Gateway(ThreadedServer):
-    """ScaiLink on a port known before its settings are (its `public_url` is its own address)."""
-
-    def __init__(self, make_settings: Callable[..., Settings], **overrides: Any) -> None:
-        holder: dict[str, Any] = {}
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            await holder["app"](scope, receive, send)
-
-        super().__init__(app, lifespan="on", timeout_graceful_shutdown=2)
-        self.settings = make_settings(public_url=self.base_url, **overrides)
-        db = Database(self.settings.effective_database_url)
-        db.migrate()
-        self.db = db
-        self.parts = build_components(self.settings, db)
-        holder["app"] = create_app(self.settings, self.parts)
-        self.mcp_url = f"{self.base_url}/mcp"
-
-
-@pytest.fixture
-def world() -> Iterator[AuthServer]:
-    with AuthServer() as server:
-        yield server
-
-
-@pytest.fixture
-def upstream(world: AuthServer) -> Iterator[ProtectedUpstream]:
-    with ProtectedUpstream(world) as server:
-        yield server
-
-
-@pytest.fixture
-def gateway(settings_factory: Callable[..., Settings]) -> Iterator[Gateway]:
-    with Gateway(settings_factory, oauth_refresh_skew_s=2.0) as gw:
-        yield gw
-
-
-@asynccontextmanager
-async def mcp(url: str, tok: str) -> AsyncIterator[ClientSession]:
-    async with (
-        httpx2.AsyncClient(headers=auth_headers(tok), timeout=httpx2.Timeout(30, read=60)) as http,
-        streamable_http_client(url, http_client=http) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-def rest(gw: Gateway) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=gw.base_url, timeout=30)
-
-
-async def register(gw: Gateway, tok: str, **body: Any) -> dict[str, Any]:
-    async with rest(gw) as c:
-        resp = await c.post(REG, json=body, headers=auth_headers(tok))
-    assert resp.status_code == 201, resp.text
-    data: dict[str, Any] = resp.json()["data"]
-    return data
-
-
-async def detail(gw: Gateway, tok: str, server_id: str) -> dict[str, Any]:
-    async with rest(gw) as c:
-        resp = await c.get(f"{REG}/{server_id}", headers=auth_headers(tok))
-    assert resp.status_code == 200, resp.text
-    data: dict[str, Any] = resp.json()["data"]
-    return data
-
-
-async def browser(url: str, as_user: str, *, headers: dict[str, str] | None = None) -> httpx.Response:
-    """A signed-in browser opening `url` and following every redirect (to the AS and back)."""
-    async with httpx.AsyncClient(follow_redirects=True, timeout=30, cookies={"as_user": as_user}) as b:
-        return await b.get(url, headers=headers or {})
-
-
-async def stop_at_callback(url: str, as_user: str, *, headers: dict[str, str] | None = None) -> str:
-    """Follow the redirects up to the callback, without opening it: its URL (code, state, iss)."""
-    async with httpx.AsyncClient(follow_redirects=False, timeout=30, cookies={"as_user": as_user}) as b:
-        for _ in range(5):
-            resp = await b.get(url, headers=headers or {})
-            assert resp.status_code == 302, resp.text
-            url = resp.headers["location"]
-            if CALLBACK in url:
-                return url
-    raise AssertionError("no redirect to the callback")
-
-
-def text_of(result: Any) -> str:
-    return "".join(getattr(block, "text", "") for block in result.content)
-
-
-async def call_whoami(gw: Gateway, tok: str, name: str) -> Any:
-    async with mcp(gw.mcp_url, tok) as session:
-        return await session.call_tool(name, {})
-
-
-def code_server(upstream: ProtectedUpstream, client_id: str, secret: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": "hosted",
-        "endpoint_url": upstream.mcp_url,
-        "auth_type": "oauth2",
-        "oauth": {"grant": "authorization_code", "client_id": client_id, "scopes": ["mcp"]},
-        "credentials": {"client_secret": secret},
-        "is_tenant_shared": True,
-        **extra,
-    }
+# The fixtures this module uses, shared with the other OAuth tests.
+world, upstream, gateway = oauth_harness.world, oauth_harness.upstream, oauth_harness.gateway
 
 
 async def test_client_credentials_for_a_shared_server(

@@ -432,6 +432,7 @@ class RotationLockLost(Exception):
 def cmd_kek_rotate(args: argparse.Namespace) -> int:
     from scailink_mcp.crypto import Keyring, rotate_credentials
     from scailink_mcp.db import Database
+    from scailink_mcp.remote.oauth_tokens import rotate_tokens
 
     settings = _settings(args)
     keyring = Keyring.from_settings(settings)
@@ -442,6 +443,7 @@ def cmd_kek_rotate(args: argparse.Namespace) -> int:
     if settings.redis_url:
         return _kek_rotate_locked(settings, db, keyring, args.batch_size)
     count = rotate_credentials(db, keyring, batch_size=args.batch_size)
+    count += rotate_tokens(db, keyring, batch_size=args.batch_size)
     print(json.dumps({"rewrapped": count, "kek_id": keyring.primary_id}))
     return 0
 
@@ -457,6 +459,7 @@ def _kek_rotate_locked(settings: Settings, db: Database, keyring: Keyring, batch
 
     from scailink_mcp.crypto import rotate_credentials
     from scailink_mcp.leases import RedisLease
+    from scailink_mcp.remote.oauth_tokens import rotate_tokens
 
     url = settings.redis_url
     assert url is not None
@@ -479,7 +482,10 @@ def _kek_rotate_locked(settings: Settings, db: Database, keyring: Keyring, batch
                         raise RotationLockLost("the cluster lock was lost")
 
                 count = await anyio.to_thread.run_sync(
-                    lambda: rotate_credentials(db, keyring, batch_size=batch_size, after_batch=renew)
+                    lambda: (
+                        rotate_credentials(db, keyring, batch_size=batch_size, after_batch=renew)
+                        + rotate_tokens(db, keyring, batch_size=batch_size, after_batch=renew)
+                    )
                 )
             except RotationLockLost as exc:
                 print(f"{exc}: stopped (resumable: run it again)", file=sys.stderr)

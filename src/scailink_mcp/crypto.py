@@ -18,6 +18,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -26,7 +27,10 @@ from sqlmodel import col, select
 
 from scailink_mcp.config import Settings
 from scailink_mcp.db import Database
-from scailink_mcp.models import Credential, same_named
+from scailink_mcp.models import Credential, OAuthToken, same_named
+
+# The tables of sealed rows (the same envelope columns): credential fields and OAuth tokens.
+SealedRow = Credential | OAuthToken
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -146,7 +150,7 @@ def rewrap(keyring: Keyring, sealed: SealedSecret) -> SealedSecret:
     )
 
 
-def sealed_from_row(row: Credential) -> SealedSecret:
+def sealed_from_row(row: SealedRow) -> SealedSecret:
     return SealedSecret(**same_named(row, (f.name for f in dataclasses.fields(SealedSecret))))
 
 
@@ -157,8 +161,9 @@ def rotate_credentials(
     batch_size: int = 100,
     max_batches: int | None = None,
     after_batch: Callable[[int], None] | None = None,
+    table: type[Credential] | type[OAuthToken] = Credential,
 ) -> int:
-    """Re-wrap every DEK not under the primary KEK, one committed batch at a time.
+    """Re-wrap every DEK of `table` not under the primary KEK, one committed batch at a time.
 
     Resumable: an interrupted run leaves every row decryptable (each under its old or the new KEK) and
     a second run continues with what is left. Safe while the service runs, on any number of replicas:
@@ -175,22 +180,26 @@ def rotate_credentials(
     while max_batches is None or batches < max_batches:
         rewrapped = 0
         with db.session() as session:
-            rows = session.exec(
-                select(Credential)
-                .where(col(Credential.kek_id) != keyring.primary_id)
-                .order_by(col(Credential.id))
-                .limit(batch_size)
-            ).all()
+            # A select of either table yields rows of that table (mypy sees only `SQLModel`).
+            rows = cast(
+                "Sequence[SealedRow]",
+                session.exec(
+                    select(table)
+                    .where(col(table.kek_id) != keyring.primary_id)
+                    .order_by(col(table.id))
+                    .limit(batch_size)
+                ).all(),
+            )
             if not rows:
                 break
             for row in rows:
                 fresh = rewrap(keyring, sealed_from_row(row))
                 result = session.execute(
-                    update(Credential)
+                    update(table)
                     .where(
-                        col(Credential.id) == row.id,
-                        col(Credential.kek_id) == row.kek_id,
-                        col(Credential.dek_id) == row.dek_id,
+                        col(table.id) == row.id,
+                        col(table.kek_id) == row.kek_id,
+                        col(table.dek_id) == row.dek_id,
                     )
                     .values(
                         kek_id=fresh.kek_id, wrapped_dek=fresh.wrapped_dek

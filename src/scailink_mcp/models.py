@@ -34,6 +34,17 @@ def same_named(source: object, names: Iterable[str], **values: Any) -> dict[str,
     return {name: getattr(source, name) for name in names if name not in values} | values
 
 
+class Sealed(SQLModel):
+    """The envelope columns of a sealed value (`crypto.SealedSecret`): a credential field or an OAuth
+    token. `sa_type` rather than `sa_column`: each table gets its own columns."""
+
+    dek_id: str = Field(max_length=32)
+    kek_id: str = Field(max_length=32, index=True)
+    wrapped_dek: bytes = Field(sa_type=LargeBinary, nullable=False)
+    nonce: bytes = Field(sa_type=LargeBinary, nullable=False)
+    ciphertext: bytes = Field(sa_type=LargeBinary, nullable=False)
+
+
 class TenantQuota(SQLModel, table=True):
     """One row per tenant holding its server count; the cap is enforced by a conditional UPDATE on it."""
 
@@ -72,7 +83,7 @@ class RemoteServer(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
-class Credential(SQLModel, table=True):
+class Credential(Sealed, table=True):
     """One encrypted credential field of a server (envelope encryption, see `crypto.py`)."""
 
     __tablename__ = "credential"
@@ -86,11 +97,6 @@ class Credential(SQLModel, table=True):
     )
     tenant_id: str = Field(max_length=128)
     field: str = Field(max_length=128)
-    dek_id: str = Field(max_length=32)
-    kek_id: str = Field(max_length=32, index=True)
-    wrapped_dek: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    nonce: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
@@ -173,7 +179,7 @@ class OAuthClient(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
-class OAuthToken(SQLModel, table=True):
+class OAuthToken(Sealed, table=True):
     """The tokens of one (server, user): sealed like a credential, with the user in the associated
     data (`oauth_tokens.py`). `user_id` is empty for a `client_credentials` server's one token.
     `version` moves on every new token: part of the upstream pool's key."""
@@ -191,11 +197,6 @@ class OAuthToken(SQLModel, table=True):
     user_id: str = Field(max_length=128)
     version: int = Field(default=1)
     expires_at: datetime | None = Field(default=None, sa_type=Timestamp)
-    dek_id: str = Field(max_length=32)
-    kek_id: str = Field(max_length=32, index=True)
-    wrapped_dek: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    nonce: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    ciphertext: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 

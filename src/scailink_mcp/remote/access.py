@@ -34,18 +34,25 @@ def register_permission(is_tenant_shared: bool) -> str:
 
 def visible_filter(principal: Principal) -> ColumnElement[bool]:
     """Same tenant and (shared, or personal to the caller)."""
+    return _visible_to(principal.tenant_id, principal.user_id)
+
+
+def _visible_to(tenant_id: str, user_id: str) -> ColumnElement[bool]:
     return and_(
-        col(RemoteServer.tenant_id) == principal.tenant_id,
-        or_(
-            col(RemoteServer.is_tenant_shared).is_(True), col(RemoteServer.owner_user_id) == principal.user_id
-        ),
+        col(RemoteServer.tenant_id) == tenant_id,
+        or_(col(RemoteServer.is_tenant_shared).is_(True), col(RemoteServer.owner_user_id) == user_id),
     )
 
 
 def load_visible(session: Session, principal: Principal, server_id: str) -> RemoteServer:
     """The server if the caller may see it, else `NotFound`."""
+    return load_visible_to(session, server_id, tenant_id=principal.tenant_id, user_id=principal.user_id)
+
+
+def load_visible_to(session: Session, server_id: str, *, tenant_id: str, user_id: str) -> RemoteServer:
+    """`load_visible` for a (tenant, user) known without a token (an OAuth state or ticket)."""
     server = session.exec(
-        select(RemoteServer).where(RemoteServer.id == server_id, visible_filter(principal))
+        select(RemoteServer).where(RemoteServer.id == server_id, _visible_to(tenant_id, user_id))
     ).first()
     if server is None:
         raise NotFound("remote server not found")

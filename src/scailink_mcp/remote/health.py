@@ -7,6 +7,10 @@ successful refresh, or, with `health_auto_recover`, after `health_recover_succes
 A server whose stored credential does not decrypt fails its check (`CredentialDecryptError`) and
 flips at once; one server's failure, of any kind, never ends the round for the others.
 
+A per-user OAuth server (`grant: authorization_code`) is checked without any user's token: an
+unauthenticated request answered 401 with a Bearer challenge counts as reachable (`oauth_client.
+OAuthHttp.challenged`); a `client_credentials` server is checked with its one token, like any other.
+
 Several replicas (SPEC section 10): each server's check and re-discovery run on one replica per
 interval. A round asks for the lease `health:<server id>` (`leases.py`) before checking a server and
 skips the servers another replica holds; the holder renews its leases every round, so a server is
@@ -94,7 +98,11 @@ class HealthChecker:
             if target is None:
                 return None
             try:
-                await self.probe(target)
+                if await self.registry.oauth.per_user(server_id):
+                    # No user's token checks a server for everybody: its Bearer 401 says it is up.
+                    await self.registry.oauth.http.challenged(target.endpoint_url)
+                else:
+                    await self.probe(target)
             except Exception as exc:
                 error = error_class_name(exc)
         self.counted("ok" if error is None else "failed")

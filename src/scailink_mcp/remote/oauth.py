@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from cryptography.exceptions import InvalidTag
 from mcp.client.auth.exceptions import OAuthFlowError
 from mcp.client.auth.utils import validate_authorization_response_iss
 from mcp.shared.auth import OAuthToken
-from sqlmodel import Session, select
 
 from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import Principal
 from scailink_mcp.config import Settings
-from scailink_mcp.crypto import DecryptionError, Keyring, open_sealed, sealed_from_row
+from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
 from scailink_mcp.errors import (
     NotFound,
@@ -39,9 +36,18 @@ from scailink_mcp.errors import (
 )
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.leases import Lease
-from scailink_mcp.models import Credential, OAuthClient, RemoteServer
-from scailink_mcp.remote import credentials
+from scailink_mcp.models import OAuthClient, RemoteServer
+from scailink_mcp.remote.access import load_visible_to
 from scailink_mcp.remote.oauth_client import AuthServer, ClientIdentity, OAuthFailed, OAuthHttp
+from scailink_mcp.remote.oauth_config import (
+    AUTHORIZATION_CODE,
+    CLIENT_CREDENTIALS,
+    ClientConfig,
+    client_secret,
+    config_of,
+    pin_issuer,
+    save_client,
+)
 from scailink_mcp.remote.oauth_stamps import STATE, TICKET, Stamp, Stamps, refused
 from scailink_mcp.remote.oauth_tokens import AuthorizationMissing, BearerAuth, Held, TokenOwner, TokenStore
 from scailink_mcp.remote.upstream import Network
@@ -50,30 +56,6 @@ logger = logging.getLogger(__name__)
 
 CALLBACK_PATH = "/v1/modules/scailink/oauth/callback"
 AUTHORIZE_PATH = "/v1/modules/scailink/remote-servers/{server_id}/oauth/authorize"
-AUTHORIZATION_CODE = "authorization_code"
-CLIENT_CREDENTIALS = "client_credentials"
-CLIENT_SECRET = "client_secret"
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """An oauth2 server as the call path needs it (no secret)."""
-
-    server_id: str
-    tenant_id: str
-    owner_user_id: str
-    endpoint_url: str
-    grant: str
-    client_id: str | None
-    scopes: tuple[str, ...]
-    issuer: str | None
-
-    def owner(self, user_id: str) -> TokenOwner:
-        return TokenOwner(self.server_id, self.tenant_id, "" if self.grant == CLIENT_CREDENTIALS else user_id)
-
-
-def _visible(server: RemoteServer, tenant_id: str, user_id: str) -> bool:
-    return server.tenant_id == tenant_id and (server.is_tenant_shared or server.owner_user_id == user_id)
 
 
 class OAuth:
@@ -106,26 +88,10 @@ class OAuth:
             raise RegistryDisabled()
         return self.stamps
 
-    def _config_of(self, session: Session, server_id: str) -> ClientConfig | None:
-        server = session.get(RemoteServer, server_id)
-        row = session.get(OAuthClient, server_id)
-        if server is None or row is None:
-            return None
-        return ClientConfig(
-            server_id=server.id,
-            tenant_id=server.tenant_id,
-            owner_user_id=server.owner_user_id,
-            endpoint_url=server.endpoint_url,
-            grant=row.grant,
-            client_id=row.client_id,
-            scopes=tuple(row.scopes),
-            issuer=row.issuer,
-        )
-
     async def config(self, server_id: str) -> ClientConfig:
         found = self._configs.get(server_id)
         if found is None:
-            found = await self.db.run(lambda s: self._config_of(s, server_id))
+            found = await self.db.run(lambda s: config_of(s, server_id))
             if found is None:  # the caller checked the server exists: it is not an oauth2 one
                 raise ValidationFailed(
                     "this server does not use OAuth",
@@ -150,37 +116,10 @@ class OAuth:
         if config.issuer is not None and found.issuer != config.issuer:
             raise OAuthFailed("the upstream now names another authorization server than at first use")
         if config.issuer is None:
-            await self.db.run(lambda s: self._pin_issuer(s, config.server_id, found.issuer))
+            await self.db.run(lambda s: pin_issuer(s, config.server_id, found.issuer))
             self._configs.pop(config.server_id, None)
         self._servers[config.server_id] = found
         return found
-
-    def _pin_issuer(self, session: Session, server_id: str, issuer: str) -> None:
-        row = session.get(OAuthClient, server_id)
-        if row is not None and row.issuer is None:
-            row.issuer = issuer
-            session.add(row)
-            session.commit()
-
-    def _secret(self, session: Session, server: RemoteServer) -> str | None:
-        row = session.exec(
-            select(Credential).where(Credential.server_id == server.id, Credential.field == CLIENT_SECRET)
-        ).first()
-        if row is None or self.keyring is None:
-            return None
-        try:
-            return open_sealed(
-                self.keyring,
-                tenant_id=server.tenant_id,
-                server_id=server.id,
-                field=CLIENT_SECRET,
-                sealed=sealed_from_row(row),
-            )
-        except (DecryptionError, InvalidTag, ValueError):
-            raise ValidationFailed(
-                "the stored client secret does not decrypt; set it again",
-                details=[{"field": "credentials.client_secret", "reason": "does not decrypt; PUT it again"}],
-            ) from None
 
     async def client(
         self, config: ClientConfig, auth_server: AuthServer, redirect_uri: str
@@ -188,7 +127,7 @@ class OAuth:
         """The client identity: the registered one, else a dynamic registration if the issuer is allowed."""
         server_id = config.server_id
         if config.client_id is not None:
-            secret = await self.db.run(lambda s: self._secret(s, s.get(RemoteServer, server_id)))  # type: ignore[arg-type]
+            secret = await self.db.run(lambda s: client_secret(s, self.keyring, server_id))
             return ClientIdentity(config.client_id, secret)
         if auth_server.issuer not in self.settings.oauth_dcr_allowed_issuers:
             raise ValidationFailed(
@@ -201,19 +140,9 @@ class OAuth:
                 ],
             )
         identity = await self.http.register(auth_server, redirect_uri, config.scopes)
-        await self.db.run(lambda s: self._save_client(s, server_id, identity))
+        await self.db.run(lambda s: save_client(s, self.keyring, server_id, identity))
         self._configs.pop(server_id, None)
         return identity
-
-    def _save_client(self, session: Session, server_id: str, identity: ClientIdentity) -> None:
-        row, server = session.get(OAuthClient, server_id), session.get(RemoteServer, server_id)
-        if row is None or server is None or self.keyring is None:
-            return
-        row.client_id = identity.client_id
-        session.add(row)
-        if identity.client_secret:
-            credentials.store(session, self.keyring, server, CLIENT_SECRET, identity.client_secret)
-        session.commit()
 
     # ---- the call path -----------------------------------------------------------------------------
 
@@ -282,18 +211,17 @@ class OAuth:
 
         return BearerAuth(current, stale)
 
+    async def per_user(self, server_id: str) -> bool:
+        """Whether the server is an oauth2 one whose tokens are each user's (`authorization_code`)."""
+        found = await self.db.run(lambda s: s.get(OAuthClient, server_id))
+        return found is not None and found.grant == AUTHORIZATION_CODE
+
     async def connected(self, server: RemoteServer, user_id: str) -> bool:
         grant = (await self.config(server.id)).grant
         key = "" if grant == CLIENT_CREDENTIALS else user_id
         return await self.tokens.connected(TokenOwner(server.id, server.tenant_id, key))
 
     # ---- the authorization flow --------------------------------------------------------------------
-
-    def _load(self, session: Session, server_id: str, tenant_id: str, user_id: str) -> RemoteServer:
-        server = session.get(RemoteServer, server_id)
-        if server is None or not _visible(server, tenant_id, user_id):
-            raise NotFound("server not found")
-        return server
 
     async def start(
         self, server_id: str, *, base: str, principal: Principal | None = None, ticket: str | None = None
@@ -309,7 +237,7 @@ class OAuth:
             tenant_id, user_id = stamp.tenant_id, stamp.user_id
         else:  # pragma: no cover  (the route passes one of them)
             raise refused(TICKET, "missing")
-        await self.db.run(lambda s: self._load(s, server_id, tenant_id, user_id))
+        await self.db.run(lambda s: load_visible_to(s, server_id, tenant_id=tenant_id, user_id=user_id))
         if ticket is not None:
             await self.db.run(lambda s: stamps.consume(s, stamp))
         config = await self.config(server_id)
@@ -348,7 +276,9 @@ class OAuth:
         stamps = self._stamps()
         stamp = stamps.check(STATE, state)
         await self.db.run(lambda s: stamps.consume(s, stamp))
-        server = await self.db.run(lambda s: self._load(s, stamp.server_id, stamp.tenant_id, stamp.user_id))
+        server = await self.db.run(
+            lambda s: load_visible_to(s, stamp.server_id, tenant_id=stamp.tenant_id, user_id=stamp.user_id)
+        )
         config = await self.config(server.id)
         if error is not None or not code:
             self._audit(
@@ -385,7 +315,9 @@ class OAuth:
         """Forget the caller's token (a client-credentials server's one token needs the manage right).
 
         Idempotent: a caller who is not connected (or a server without OAuth) gets the same 204."""
-        server = await self.db.run(lambda s: self._load(s, server_id, principal.tenant_id, principal.user_id))
+        server = await self.db.run(
+            lambda s: load_visible_to(s, server_id, tenant_id=principal.tenant_id, user_id=principal.user_id)
+        )
         if server.auth_type != "oauth2":
             return
         config = await self.config(server.id)

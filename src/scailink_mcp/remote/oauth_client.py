@@ -107,6 +107,19 @@ class OAuthHttp:
             except (httpx2.HTTPError, OSError) as exc:  # OSError: a host that does not resolve
                 raise OAuthFailed(f"cannot reach the authorization server ({type(exc).__name__})") from None
 
+    async def challenged(self, endpoint_url: str) -> None:
+        """A health check of a per-user server (no user's token is sent): the upstream must answer an
+        unauthenticated request with 401 and a Bearer challenge (RFC 6750; RFC 9728's pointer where
+        given). Anything else raises (`OAuthFailed`, or the transport's error)."""
+        async with self._client() as client:
+            probe = await client.post(
+                endpoint_url, json=_PROBE, headers={"accept": "application/json, text/event-stream"}
+            )
+            await probe.aclose()
+        challenge = probe.headers.get("www-authenticate", "")
+        if probe.status_code != 401 or not challenge.lower().startswith("bearer"):
+            raise OAuthFailed(f"the upstream did not ask for authorization (HTTP {probe.status_code})")
+
     async def register(self, server: AuthServer, redirect_uri: str, scopes: Sequence[str]) -> ClientIdentity:
         """Dynamic client registration (RFC 7591); the caller checked the issuer is allowed."""
         metadata = OAuthClientMetadata(

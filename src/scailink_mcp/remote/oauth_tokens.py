@@ -31,7 +31,14 @@ from mcp.shared.auth import OAuthToken
 from sqlmodel import Session, col, delete, select
 
 from scailink_mcp.config import Settings
-from scailink_mcp.crypto import DecryptionError, Keyring, SealedSecret, open_sealed, seal
+from scailink_mcp.crypto import (
+    DecryptionError,
+    Keyring,
+    open_sealed,
+    rotate_credentials,
+    seal,
+    sealed_from_row,
+)
 from scailink_mcp.db import Database
 from scailink_mcp.leases import Lease
 from scailink_mcp.models import OAuthToken as TokenRow
@@ -136,7 +143,7 @@ class TokenStore:
         return self.keyring
 
     def _open(self, owner: TokenOwner, row: TokenRow) -> Held | None:
-        sealed = SealedSecret(row.dek_id, row.kek_id, row.wrapped_dek, row.nonce, row.ciphertext)
+        sealed = sealed_from_row(row)
         try:
             plain = json.loads(
                 open_sealed(
@@ -296,6 +303,19 @@ class TokenStore:
     def drop_server(self, server_id: str) -> None:
         for owner in [o for o in self._held if o.server_id == server_id]:
             self._held.pop(owner, None)
+
+
+def rotate_tokens(
+    db: Database,
+    keyring: Keyring,
+    *,
+    batch_size: int = 100,
+    after_batch: Callable[[int], None] | None = None,
+) -> int:
+    """`scailink kek rotate` for the sealed `oauth_token` rows: re-wrap every DEK not under the primary
+    KEK (resumable, safe while replicas run: `crypto.rotate_credentials`'s compare-and-update; a token
+    refreshed meanwhile has a new DEK and is left as it is). Returns how many rows were re-wrapped."""
+    return rotate_credentials(db, keyring, batch_size=batch_size, after_batch=after_batch, table=TokenRow)
 
 
 class BearerAuth(httpx2.Auth):
