@@ -255,6 +255,11 @@ class AuditLog:
                     session.commit()
 
                 await self.db.run(insert)
+            except anyio.get_cancelled_exc_class():
+                # Cancelled before a worker thread took the batch (a shutdown while the thread pool
+                # is busy): back at the head of the queue, so the final drain writes it.
+                self._queue.extendleft(reversed(batch))
+                raise
             except Exception as exc:
                 self.failed_writes += len(batch)
                 logger.warning(
