@@ -17,10 +17,10 @@ from pydantic import SecretStr
 
 from scailink_mcp.app import Components, build_components, create_app
 from scailink_mcp.auth import generate_dev_key, mint_token, public_pem_from_private
-from scailink_mcp.cli import uvicorn_config
 from scailink_mcp.config import Settings
 from scailink_mcp.crypto import generate_kek
 from scailink_mcp.db import Database
+from scailink_mcp.serving import uvicorn_config
 from tests.servers import HOST, ThreadedServer
 
 PG_ADMIN_DSN = os.environ.get(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
@@ -60,29 +61,19 @@ def invalid_message(message: Any) -> str | None:
     return None
 
 
+@dataclass(eq=False)
 class McpGuard:
     """Pure ASGI middleware; `principal_key` gives the rate-limit bucket of the authenticated user."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        limiter: RateLimiter,
-        max_body_bytes: int,
-        max_json_depth: int,
-        manager: StreamableHTTPSessionManager | None = None,
-        max_sessions_per_principal: int = 0,
-        principal_key: Callable[[Scope], str | None],
-        in_flight: InFlight | None = None,
-    ) -> None:
-        self.in_flight = in_flight
-        self.app = app
-        self.limiter = limiter
-        self.max_body_bytes = max_body_bytes
-        self.max_json_depth = max_json_depth
-        self.manager = manager
-        self.max_sessions_per_principal = max_sessions_per_principal
-        self.principal_key = principal_key
+    app: ASGIApp
+    _: KW_ONLY
+    limiter: RateLimiter
+    max_body_bytes: int
+    max_json_depth: int
+    principal_key: Callable[[Scope], str | None]
+    manager: StreamableHTTPSessionManager | None = None
+    max_sessions_per_principal: int = 0
+    in_flight: InFlight | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

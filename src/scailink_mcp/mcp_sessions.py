@@ -42,7 +42,7 @@ from scailink_mcp import sdk_sessions
 from scailink_mcp.auth import Principal
 from scailink_mcp.mcp_auth import scope_principal
 from scailink_mcp.mcp_guard import replay
-from scailink_mcp.redis_link import Signer, check_url, connect, keep_subscribed
+from scailink_mcp.redis_link import Signer, Subscription, check_url, connect
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -68,8 +68,7 @@ class SessionStore:
         self.timeout_s = timeout_s
         self._client: Redis | None = None
         self._managers: dict[str, StreamableHTTPSessionManager] = {}
-        self._ready = False
-        self._state = "not started"
+        self._subscription = Subscription("MCP session", on_message=self._ended, backoff_s=lambda: (0.1, 5.0))
 
     def _key(self, endpoint: str, session_id: str) -> str:
         return f"{self.prefix}:mcp:{endpoint}:{session_id}"
@@ -79,7 +78,7 @@ class SessionStore:
         return f"{self.prefix}:mcp"
 
     def health(self) -> str:
-        return "ok" if self._ready else self._state
+        return self._subscription.health()
 
     def register(self, endpoint: str, manager: StreamableHTTPSessionManager) -> None:
         self._managers[endpoint] = manager
@@ -120,40 +119,15 @@ class SessionStore:
 
     async def run(self) -> None:
         """The `ended` subscription (owned by the app lifespan)."""
-        self._state = "connecting"
+        self._subscription.state = "connecting"
         receiver = connect(self.url, name=f"{self.prefix}:mcp:sub", retries=0, timeout_s=self.timeout_s)
-
-        def lost(exc: Exception) -> bool:
-            was_ready, self._ready = self._ready, False
-            self._state = f"reconnecting ({type(exc).__name__})"
-            return was_ready
-
         try:
-            await keep_subscribed(
-                lambda: self._subscribe_once(receiver),
-                what="MCP session",
-                on_lost=lost,
-                backoff_s=lambda: (0.1, 5.0),
-            )
+            await self._subscription.run(receiver, self._channel)
         finally:
-            self._ready, self._state = False, "stopped"
             with anyio.move_on_after(2, shield=True):
                 await receiver.aclose()
                 if self._client is not None:
                     await self._client.aclose()
-
-    async def _subscribe_once(self, client: Redis) -> None:
-        pubsub = client.pubsub()
-        try:
-            await pubsub.subscribe(self._channel)
-            async for message in pubsub.listen():
-                if message["type"] == "subscribe":
-                    self._ready = True
-                elif message["type"] == "message":
-                    await self._ended(message["data"])
-        finally:
-            with anyio.move_on_after(2, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _ended(self, data: bytes | str) -> None:
         try:

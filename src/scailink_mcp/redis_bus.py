@@ -45,7 +45,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from scailink_mcp.events import Event, EventBus, RolesChanged, ServerEvent, ServerEventKind
-from scailink_mcp.redis_link import Signer, check_url, connect, keep_subscribed, make_worker_id
+from scailink_mcp.redis_link import Signer, Subscription, check_url, connect, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
     from redis.asyncio import Redis
@@ -136,10 +136,13 @@ class RedisEventBus(EventBus):
         self._outbox: MemoryObjectSendStream[Shared]
         self._pending: MemoryObjectReceiveStream[Shared]
         self._outbox, self._pending = anyio.create_memory_object_stream[Shared](queue_size)
-        self._ready = False
-        self._state = "not started"
-        # Counters (tests, logs): subscriptions made, events sent, not sent, received from peers.
-        self.subscriptions = 0
+        self._subscription = Subscription(
+            "event",
+            on_message=self._receive,
+            on_subscribed=self._subscribed,
+            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
+        )
+        # Counters (tests, logs): events sent, not sent, received from peers.
         self.published = 0
         self.publish_failures = 0
         self.received = 0
@@ -163,11 +166,16 @@ class RedisEventBus(EventBus):
     @property
     def ready(self) -> bool:
         """Subscribed to the channel right now (events from peers are being received)."""
-        return self._ready
+        return self._subscription.ready
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions confirmed, the first one included (tests, logs)."""
+        return self._subscription.subscriptions
 
     def health(self) -> str:
         """`ok`, or why events from other workers are not being received (for `/readyz`)."""
-        return "ok" if self._ready else self._state
+        return self._subscription.health()
 
     # ---- the background tasks --------------------------------------------------------------------
 
@@ -176,16 +184,14 @@ class RedisEventBus(EventBus):
 
     async def run(self) -> None:
         self.worker_id = make_worker_id()
-        self._state = "connecting"
+        self._subscription.state = "connecting"
         sender = self._client(name=f"{self.client_name_prefix}:pub:{self.worker_id}", retries=2)
         receiver = self._client(name=f"{self.client_name_prefix}:sub:{self.worker_id}", retries=0)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._send_forever, sender)
-                tg.start_soon(self._subscribe_forever, receiver)
+                tg.start_soon(self._subscription.run, receiver, self.channel)
         finally:
-            self._ready = False
-            self._state = "stopped"
             with anyio.move_on_after(2, shield=True):
                 await sender.aclose()
                 await receiver.aclose()
@@ -203,34 +209,9 @@ class RedisEventBus(EventBus):
                     extra={**_describe(event), "error": type(exc).__name__},
                 )
 
-    async def _subscribe_forever(self, client: Redis) -> None:
-        def lost(exc: Exception) -> bool:
-            was_ready, self._ready = self._ready, False
-            self._state = f"reconnecting ({type(exc).__name__})"
-            return was_ready
-
-        await keep_subscribed(
-            lambda: self._subscribe_once(client),
-            what="event",
-            on_lost=lost,
-            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
-        )
-
-    async def _subscribe_once(self, client: Redis) -> None:
-        pubsub = client.pubsub()
-        try:
-            await pubsub.subscribe(self.channel)
-            async for message in pubsub.listen():
-                if message["type"] == "subscribe":
-                    self.subscriptions += 1
-                    self._ready = True
-                    if self.subscriptions > 1:
-                        logger.info("Redis event subscription restored")
-                elif message["type"] == "message":
-                    await self._receive(message["data"])
-        finally:
-            with anyio.move_on_after(2, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _subscribed(self) -> None:
+        if self._subscription.subscriptions > 1:
+            logger.info("Redis event subscription restored")
 
     async def _receive(self, data: bytes | str) -> None:
         try:

@@ -1,6 +1,7 @@
 """What every Redis user of ScaiLink shares: how a connection is made, and how a subscription is kept.
 
-Used by `redis_bus.py` (catalog events) and `desktop/cluster.py` (desktop sessions across replicas).
+Used by `redis_bus.py` (catalog events), `desktop/cluster.py` (desktop sessions across replicas) and
+`mcp_sessions.py` (MCP sessions across replicas).
 redis is imported only here and only when a Redis URL is configured: the single process never needs it.
 
 - `connect`: timeouts on connect and on every command, TCP keepalive (a Redis that vanished without
@@ -10,10 +11,9 @@ redis is imported only here and only when a Redis URL is configured: the single 
   under a key derived from `SCAILINK_CLUSTER_SECRET`, or from the primary KEK when it is unset), and
   whatever does not verify is ignored: a client of the same Redis that is not a replica of this
   gateway (another deployment, a stray script) cannot inject events, calls or sessions.
-- `keep_subscribed`: runs one subscription until it fails, reports the loss, waits with exponential
-  backoff and runs it again, forever (until cancelled). The caller's `subscribe_once` marks itself
-  ready when Redis confirms the SUBSCRIBE; the backoff starts again from its minimum after a drop of
-  a subscription that had been ready.
+- `Subscription`: one subscription kept alive (readiness, state for `/readyz`, the reconnect loop
+  with exponential backoff), the same for every user; the owner gives the channels and what to do
+  when subscribed and with each message.
 """
 
 from __future__ import annotations
@@ -105,29 +105,76 @@ def connect(url: str, *, name: str, retries: int, timeout_s: float) -> Redis:
     )
 
 
-async def keep_subscribed(
-    subscribe_once: Callable[[], Awaitable[None]],
-    *,
-    what: str,
-    on_lost: Callable[[Exception], bool],
-    backoff_s: Callable[[], tuple[float, float]],
-) -> None:
-    """Run `subscribe_once` again after every failure. `on_lost(error)` marks the caller not ready
-    and returns whether it had been ready (which restarts the backoff from its minimum). `backoff_s`
-    gives (minimum, maximum) and is read at every loss, so the owner's current values apply."""
-    backoff = backoff_s()[0]
-    while True:
+class Subscription:
+    """One Redis subscription kept alive for its owner, which reads `ready` and `health()` from it.
+
+    `run(client, *channels)` subscribes on the owner's subscriber connection; once Redis confirmed
+    every channel, `on_subscribed()` runs (a resync, a log line) and `ready` turns true with no
+    checkpoint in between, so nothing woken by `on_subscribed` sees the subscription not ready. Each
+    message goes to `on_message`. On a failure it is not ready, logs the loss, waits with exponential
+    backoff and subscribes again, until cancelled; the backoff restarts from its minimum after a drop
+    of a subscription that had been ready. `backoff_s` gives (minimum, maximum) and is read at every
+    loss, so the owner's current values apply.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        on_message: Callable[[bytes | str], Awaitable[None]],
+        on_subscribed: Callable[[], Awaitable[None]] | None = None,
+        backoff_s: Callable[[], tuple[float, float]],
+    ) -> None:
+        self.what = what
+        self.on_message = on_message
+        self.on_subscribed = on_subscribed
+        self.backoff_s = backoff_s
+        self.ready = False
+        self.state = "not started"
+        self.subscriptions = 0  # subscriptions confirmed, the first one included (tests, logs)
+
+    def health(self) -> str:
+        """`ok`, or why messages are not being received (for `/readyz`)."""
+        return "ok" if self.ready else self.state
+
+    async def run(self, client: Redis, *channels: str) -> None:
+        backoff = self.backoff_s()[0]
         try:
-            await subscribe_once()
-            raise ConnectionError("the subscription ended")
-        except Exception as exc:
-            least, most = backoff_s()
-            if on_lost(exc):
-                backoff = least
-            backoff = min(max(backoff, least), most)
-            logger.warning(
-                f"Redis {what} subscription lost, reconnecting",
-                extra={"error": type(exc).__name__, "retry_in_s": backoff},
-            )
-        await anyio.sleep(backoff)  # the backoff between attempts, not a synchronisation
-        backoff = min(backoff * 2, backoff_s()[1])
+            while True:
+                try:
+                    await self._subscribe_once(client, channels)
+                    raise ConnectionError("the subscription ended")
+                except Exception as exc:
+                    least, most = self.backoff_s()
+                    was_ready, self.ready = self.ready, False
+                    self.state = f"reconnecting ({type(exc).__name__})"
+                    if was_ready:
+                        backoff = least
+                    backoff = min(max(backoff, least), most)
+                    logger.warning(
+                        f"Redis {self.what} subscription lost, reconnecting",
+                        extra={"error": type(exc).__name__, "retry_in_s": backoff},
+                    )
+                await anyio.sleep(backoff)  # the backoff between attempts, not a synchronisation
+                backoff = min(backoff * 2, self.backoff_s()[1])
+        finally:
+            self.ready, self.state = False, "stopped"
+
+    async def _subscribe_once(self, client: Redis, channels: tuple[str, ...]) -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(*channels)
+            confirmed = 0
+            async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    confirmed += 1
+                    if confirmed == len(channels):
+                        self.subscriptions += 1
+                        if self.on_subscribed is not None:
+                            await self.on_subscribed()
+                        self.ready = True
+                elif message["type"] == "message":
+                    await self.on_message(message["data"])
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

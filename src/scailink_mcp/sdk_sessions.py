@@ -21,6 +21,13 @@ rule. It runs in the manager's task group and is discarded the way the manager d
 `Connection` behind it lives as long as the downstream MCP session, so it is what the list_changed
 registry (notifier.py) and resource subscriptions key on. The SDK exposes no public accessor.
 
+4. Names of the SDK's private client modules (re-exported below for `remote/upstream.py` and
+`remote/netguard.py`): the client transports' default timeouts and the type of an http-client
+factory (`mcp.shared._httpx_utils`), and the read-stream protocol a client transport yields
+(`mcp.shared._stream_protocols`). mcp 2.3 takes a factory and hands out such streams in its public
+API but exports neither the type nor the defaults, and ScaiLink's guarded clients must use the same
+defaults as the SDK's own.
+
 Keep every such access here.
 """
 
@@ -38,6 +45,10 @@ from mcp.server.runner import ServerRunner, serve_connection
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT as MCP_DEFAULT_SSE_READ_TIMEOUT
+from mcp.shared._httpx_utils import MCP_DEFAULT_TIMEOUT as MCP_DEFAULT_TIMEOUT
+from mcp.shared._httpx_utils import McpHttpClientFactory as McpHttpClientFactory
+from mcp.shared._stream_protocols import ReadStream as ReadStream
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 
 logger = logging.getLogger(__name__)

@@ -57,12 +57,11 @@ async def access(request: Request) -> Response:
         roles_page = pagination.after_key(
             views, lambda v: str(v["name"]), request.query_params.get("cursor"), visit.dash.options.page_size
         )
-    return visit.render(
+    return visit.render_checked(
         "access.html",
-        422 if errors else 200,
+        errors,
         user_id=user_id,
         groups=raw_groups,
-        errors=errors,
         roles=evaluated[0] if evaluated else (),
         permissions=sorted(evaluated[1].items()) if evaluated else [],
         all_permissions=sorted(auth.ALL_PERMISSIONS),

@@ -80,14 +80,13 @@ async def audit_log(request: Request) -> Response:
         items = list(entries)
         next_cursor = pagination.encode([last[0].isoformat(), last[1]]) if last else None
     query = {k: v for k, v in raw.items() if v}
-    return visit.render(
+    return visit.render_checked(
         "audit.html",
-        422 if errors else 200,
+        errors,
         events=items,
         next_cursor=next_cursor,
         filters=raw,
         query=query,
         outcomes=OUTCOMES,
-        errors=errors,
         tenant_wide=tenant_wide,
     )

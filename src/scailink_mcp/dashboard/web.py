@@ -25,6 +25,7 @@ from scailink_mcp.errors import Forbidden, Unauthorized, ValidationFailed
 
 if TYPE_CHECKING:
     from scailink_mcp.app import Components
+    from scailink_mcp.dashboard.forms import FieldErrors
     from scailink_mcp.dashboard.sessions import WebSession
     from scailink_mcp.dashboard.state import Dashboard
 
@@ -147,6 +148,10 @@ class Visit:
             flashes=self.session.take_flashes(),
             **context,
         )
+
+    def render_checked(self, template: str, errors: FieldErrors, **context: Any) -> HTMLResponse:
+        """A page whose query was checked: 422 if any check failed, each error beside its field."""
+        return self.render(template, 422 if errors else 200, errors=errors, **context)
 
     def redirect(self, path: str, flash: str | None = None, kind: str = "ok") -> RedirectResponse:
         if flash:

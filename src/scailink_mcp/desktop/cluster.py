@@ -38,7 +38,7 @@ from anyio.abc import TaskGroup
 
 from scailink_mcp.desktop.sessions import DesktopSession, Pending
 from scailink_mcp.errors import DeviceOffline, ScaiLinkError, UpstreamTimeout, error_class
-from scailink_mcp.redis_link import Signer, check_url, connect, keep_subscribed, make_worker_id
+from scailink_mcp.redis_link import Signer, Subscription, check_url, connect, make_worker_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -90,8 +90,12 @@ class DesktopCluster:
         self.registry: DesktopRegistry | None = None
         self._client: Redis | None = None
         self._tg: TaskGroup | None = None
-        self._ready = False
-        self._state = "not started"
+        self._subscription = Subscription(
+            "desktop",
+            on_message=self._receive,
+            on_subscribed=self._resubscribed,
+            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
+        )
         self._outbox: dict[str, str] = {}  # session id -> "upsert" | "withdraw", latest wins
         self._epochs: dict[str, int] = {}  # session id -> the epoch this worker last wrote
         self._wake = anyio.Event()
@@ -119,10 +123,10 @@ class DesktopCluster:
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._subscription.ready
 
     def health(self) -> str:
-        return "ok" if self._ready else self._state
+        return self._subscription.health()
 
     # ---- what the registry calls -------------------------------------------------------------------
 
@@ -143,7 +147,7 @@ class DesktopCluster:
 
     async def forward(self, session: DesktopSession, op: str, body: dict[str, Any], timeout: float) -> Any:
         """Send `op` for a peer's session to its owner and wait for the answer (see the module doc)."""
-        if self._client is None or not self._ready:
+        if self._client is None or not self.ready:
             raise DeviceOffline("the desktop device is on another replica, and Redis is unreachable")
         rid = uuid.uuid4().hex
         waiter = Pending()
@@ -181,7 +185,7 @@ class DesktopCluster:
 
     async def run(self) -> None:
         self.worker_id = make_worker_id()
-        self._state = "connecting"
+        self._subscription.state = "connecting"
         name = f"{self.prefix}:desktop:{self.worker_id}"
         self._client = connect(self.url, name=f"{name}:cmd", retries=2, timeout_s=self.timeout_s)
         receiver = connect(self.url, name=f"{name}:sub", retries=0, timeout_s=self.timeout_s)
@@ -190,10 +194,8 @@ class DesktopCluster:
                 self._tg = tg
                 tg.start_soon(self._beat_forever)
                 tg.start_soon(self._announce_forever)
-                tg.start_soon(self._subscribe_forever, receiver)
+                tg.start_soon(self._subscription.run, receiver, self._channel, self._inbox(self.worker_id))
         finally:
-            self._ready = False
-            self._state = "stopped"
             with anyio.move_on_after(2, shield=True):
                 try:  # a clean stop: peers forget this worker's sessions at once
                     for session_id in list(self._epochs):
@@ -217,7 +219,7 @@ class DesktopCluster:
                 previous = await self._client.set(
                     self._heartbeat(self.worker_id), "1", px=HEARTBEAT_TTL_MS, get=True
                 )
-                if previous is None and self._ready:  # Redis lost its keys (a restart): announce all again
+                if previous is None and self.ready:  # Redis lost its keys (a restart): announce all again
                     for session_id in self.registry.sessions if self.registry else ():
                         self._outbox[session_id] = "upsert"
                     self._wake.set()
@@ -254,7 +256,7 @@ class DesktopCluster:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            if not self._ready:
+            if not self.ready:
                 continue  # re-announced as a whole once the subscription is back
             batch, self._outbox = self._outbox, {}
             for session_id, op in batch.items():
@@ -302,36 +304,11 @@ class DesktopCluster:
         text = json.dumps({"v": WIRE_VERSION, **message})
         return int(await self._client.publish(channel, self.signer.sign(text)))
 
-    async def _subscribe_forever(self, client: Redis) -> None:
-        def lost(exc: Exception) -> bool:
-            was_ready, self._ready = self._ready, False
-            self._state = f"reconnecting ({type(exc).__name__})"
-            return was_ready
-
-        await keep_subscribed(
-            lambda: self._subscribe_once(client),
-            what="desktop",
-            on_lost=lost,
-            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
-        )
-
-    async def _subscribe_once(self, client: Redis) -> None:
-        pubsub = client.pubsub()
-        try:
-            await pubsub.subscribe(self._channel, self._inbox(self.worker_id))
-            confirmed = 0
-            async for message in pubsub.listen():
-                if message["type"] == "subscribe":
-                    confirmed += 1
-                    if confirmed == 2:
-                        await self._resync()
-                        self._ready = True
-                        self._wake.set()
-                elif message["type"] == "message":
-                    await self._receive(message["data"])
-        finally:
-            with anyio.move_on_after(2, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _resubscribed(self) -> None:
+        """Both channels confirmed: reload the directory, then wake the announcer (it runs once the
+        subscription is ready, which it turns at once after this returns)."""
+        await self._resync()
+        self._wake.set()
 
     async def _resync(self) -> None:
         """After (re)subscribing: load the peers' sessions, then re-announce all of this worker's."""

@@ -1,5 +1,5 @@
 """uvicorn's WebSocket protocol (the `websockets` sans-I/O one, uvicorn's default) answering refused
-upgrades: `uvicorn_config` in `cli.py` passes it as `ws=`.
+upgrades: `uvicorn_config` in `serving.py` passes it as `ws=`.
 
 Why: when an upgrade request breaks a parser limit of `websockets` (a header line over
 `WEBSOCKETS_MAX_LINE_LENGTH`, 8 KiB; more than `WEBSOCKETS_MAX_NUM_HEADERS`, 128; a request line too

@@ -35,9 +35,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 import anyio
 import httpcore2
 import httpx2
-from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT, McpHttpClientFactory
 
 from scailink_mcp.errors import EndpointForbidden
+from scailink_mcp.sdk_sessions import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT, McpHttpClientFactory
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -27,14 +27,18 @@ from anyio.streams.memory import MemoryObjectSendStream
 from mcp.client.session import ClientSession, MessageHandlerFnT
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import MCP_DEFAULT_SSE_READ_TIMEOUT, MCP_DEFAULT_TIMEOUT, McpHttpClientFactory
-from mcp.shared._stream_protocols import ReadStream
 from mcp.shared.message import SessionMessage
 from mcp.types import Implementation
 
 from scailink_mcp.errors import ResultTooLarge
 from scailink_mcp.remote.netguard import GuardedTransport
 from scailink_mcp.remote.wire import Wire
+from scailink_mcp.sdk_sessions import (
+    MCP_DEFAULT_SSE_READ_TIMEOUT,
+    MCP_DEFAULT_TIMEOUT,
+    McpHttpClientFactory,
+    ReadStream,
+)
 
 CLIENT_INFO = Implementation(name="scailink-mcp", version="0.1.0")
 
