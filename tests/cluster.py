@@ -24,6 +24,7 @@ import pytest
 
 from bench.cluster import (
     READY_TIMEOUT_S,
+    REDIS_URL,
     SCAILINK,
     ClusterEnv,
     Replica,
@@ -37,6 +38,7 @@ from bench.procs import free_port
 
 __all__ = [  # what the tests import from here
     "READY_TIMEOUT_S",
+    "REDIS_URL",
     "SCAILINK",
     "ClusterEnv",
     "HAProxy",
