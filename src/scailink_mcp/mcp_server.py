@@ -30,7 +30,8 @@ from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
-from scailink_mcp.errors import ScaiLinkError, ToolNotFound, mcp_error, tool_error_result
+from scailink_mcp.era_bridge import era_call
+from scailink_mcp.errors import ProtocolError, ScaiLinkError, ToolNotFound, mcp_error, tool_error_result
 from scailink_mcp.invocation import Caller, Invoker
 from scailink_mcp.mcp_auth import current_principal
 from scailink_mcp.mcp_transports import ListChangedServer
@@ -38,7 +39,7 @@ from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.sdk_sessions import connection_of
 from scailink_mcp.subscriptions import Subscriptions
-from scailink_mcp.targets import Forwarding, RemoteTarget, Result, Target
+from scailink_mcp.targets import Forwarding, PromptResult, RemoteTarget, Result, Target
 
 Ctx = ServerRequestContext[Any, Any]
 INSTRUCTIONS = "ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced."
@@ -147,10 +148,11 @@ class McpSurface:
         return principal, ServerScope.of(server)
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
+        relay = DownstreamCall(ctx.session, ctx.request_id)
         return Caller(
             request_id=request_id_of(ctx),
             forwarding=Forwarding(
-                progress=self._progress(ctx, meta or {}), relay=DownstreamCall(ctx.session, ctx.request_id)
+                progress=self._progress(ctx, meta or {}), relay=relay, era=era_call(ctx, relay)
             ),
             elicit=self._elicit(ctx),
         )
@@ -175,6 +177,8 @@ class McpSurface:
             )
             if isinstance(scope, CatalogView):  # every URI an agent gets through /mcp reads back there
                 result = resource_uris.tool_result(result, target)
+        except ProtocolError as err:  # a bad requestState, an upstream's own JSON-RPC error (2026)
+            raise mcp_error(err) from None
         except ScaiLinkError as err:
             result = tool_error_result(err)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
@@ -253,14 +257,14 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
     async def list_prompts(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
         return types.ListPromptsResult(prompts=scope_of(ctx)[1].prompts)
 
-    async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+    async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> PromptResult:
         principal, scope = scope_of(ctx)
         try:
             target = scope.resolve_prompt(params.name)
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
         try:
-            return await invoker.get_prompt(principal, target, params.arguments)
+            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx))
         except ScaiLinkError as err:
             raise mcp_error(err) from None
 

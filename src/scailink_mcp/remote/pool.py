@@ -231,9 +231,30 @@ class UpstreamPool:
         entry = self._entries.get(key)
         return entry.relays[-1] if entry is not None and entry.relays else None
 
-    async def use(self, key: PoolKey, fn: Callable[[ClientSession], Awaitable[T]], *, timeout: float) -> T:
+    async def use(
+        self,
+        key: PoolKey,
+        fn: Callable[[ClientSession], Awaitable[T]],
+        *,
+        timeout: float,
+        relay: object | None = None,
+    ) -> T:
         """Run `fn` on the SDK session of the key's warm (or new) session; see `_run`."""
-        return await self._run(key, lambda pooled: fn(pooled.client), timeout=timeout)
+        return await self._run(key, lambda pooled: fn(pooled.client), timeout=timeout, relay=relay)
+
+    async def call_modern(
+        self,
+        key: PoolKey,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float,
+        progress_callback: ProgressFnT | None = None,
+    ) -> dict[str, Any]:
+        """`method` in the 2026-07-28 era over the key's session's HTTP client (`PooledSession.modern`)."""
+        return await self._run(
+            key, lambda pooled: pooled.modern(method, params, progress_callback), timeout=timeout
+        )
 
     async def _run(
         self,

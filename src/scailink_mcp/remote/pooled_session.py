@@ -16,9 +16,12 @@ from typing import Any
 import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_REQUEST
 
+from scailink_mcp.errors import ProtocolError
 from scailink_mcp.remote.upstream import AnswerLimit, UpstreamSession
-from scailink_mcp.remote.wire import MessageSink, Wire
+from scailink_mcp.remote.wire import MessageSink, UpstreamHTTPError, Wire
 
 PROGRESS_TOKEN = "scailink-progress"
 
@@ -68,6 +71,25 @@ class PooledSession:
         )
         result = await self.client.send_request(request, types.CallToolResult, progress_callback=progress)
         return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+    async def modern(
+        self, method: str, params: dict[str, Any], progress: ProgressFnT | None
+    ) -> dict[str, Any]:
+        """`method` sent in the 2026-07-28 era over this session's HTTP client (its credentials, its
+        answer bound), the result dict unchanged. The upstream's JSON-RPC error, or a 4xx (a server
+        that does not speak the era), is a `ProtocolError` the caller may pass on as it came."""
+        if self.wire is None:
+            raise ProtocolError("the upstream is reached over legacy SSE", rpc_code=INVALID_REQUEST)
+        try:
+            return await self.wire.request(
+                method, _with_progress(params, None, progress), _sink(self.wire, progress), modern=True
+            )
+        except MCPError as exc:
+            raise ProtocolError(exc.error.message, rpc_code=exc.error.code, data=exc.error.data) from None
+        except UpstreamHTTPError as exc:
+            if 400 <= exc.status < 500:
+                raise ProtocolError(str(exc), rpc_code=INVALID_REQUEST) from None
+            raise
 
 
 def _with_progress(
