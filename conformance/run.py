@@ -98,12 +98,13 @@ def scored(output: str) -> dict[str, bool]:
     return {m.group(1): int(m.group(3)) == 0 for m in RESULT.finditer(head) if m.group(1) not in unscored}
 
 
-def run_suite(url: str) -> dict[str, bool]:
-    """Both requirement sets (`--requirements`), each scenario as `{revision}:{scenario}`."""
+def run_suite(url: str, revisions: tuple[str, ...] = REQUIREMENTS, scenario: str | None = None) -> dict[str, bool]:
+    """Each requirement set (`--requirements`), each scenario as `{revision}:{scenario}`."""
     results: dict[str, bool] = {}
     logs: list[str] = []
-    for revision in REQUIREMENTS:
-        proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url, "--requirements", revision],
+    for revision in revisions:
+        only = ["--scenario", scenario] if scenario else []
+        proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url, "--requirements", revision, *only],
                               capture_output=True, text=True, timeout=900)  # fmt: skip
         output = proc.stdout + proc.stderr
         logs.append(f"==== --requirements {revision}\n{output}")
@@ -125,7 +126,10 @@ def baseline() -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.run")
     parser.add_argument("--target", choices=["scailink", "direct"], default="scailink")
+    parser.add_argument("--requirements", choices=REQUIREMENTS, help="one requirement set (default: both)")
+    parser.add_argument("--scenario", help="one scenario (the baseline is then not compared)")
     args = parser.parse_args(argv)
+    revisions = (args.requirements,) if args.requirements else REQUIREMENTS
     ensure_npm()
     up_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream = f"http://127.0.0.1:{up_port}/mcp"
         wait_http(upstream)
         if args.target == "direct":
-            results = run_suite(upstream)
+            results = run_suite(upstream, revisions, args.scenario)
         else:
             data_dir = Path(tempfile.mkdtemp(prefix="scailink-conformance-"))
             port = free_port()
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 resp.raise_for_status()
                 server_id = resp.json()["data"]["id"]
                 with forwarder(base, token) as front:
-                    results = run_suite(f"{front}/v1/modules/scailink/remote-servers/{server_id}/mcp")
+                    results = run_suite(f"{front}/v1/modules/scailink/remote-servers/{server_id}/mcp", revisions,
+                                        args.scenario)  # fmt: skip
     expected = baseline()
     failed = {name for name, ok in results.items() if not ok}
     for name, ok in sorted(results.items()):

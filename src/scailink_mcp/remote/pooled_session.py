@@ -81,9 +81,9 @@ class PooledSession:
         if self.wire is None:
             raise ProtocolError("the upstream is reached over legacy SSE", rpc_code=INVALID_REQUEST)
         try:
-            return await self.wire.request(
-                method, _with_progress(params, None, progress), _sink(self.wire, progress), modern=True
-            )
+            envelope = params.get("_meta")
+            params = _with_progress(params, envelope if isinstance(envelope, dict) else None, progress)
+            return await self.wire.request(method, params, _sink(self.wire, progress), modern=True)
         except MCPError as exc:
             raise ProtocolError(exc.error.message, rpc_code=exc.error.code, data=exc.error.data) from None
         except UpstreamHTTPError as exc:
