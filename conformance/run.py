@@ -99,13 +99,17 @@ def scored(output: str) -> dict[str, bool]:
     return {m.group(1): int(m.group(3)) == 0 for m in RESULT.finditer(head) if m.group(1) not in unscored}
 
 
-def run_suite(url: str, revisions: tuple[str, ...] = REQUIREMENTS, scenario: str | None = None) -> dict[str, bool]:
+def run_suite(
+    url: str, revisions: tuple[str, ...] = REQUIREMENTS, scenario: str | None = None
+) -> dict[str, bool]:
     """Each requirement set (`--requirements`), each scenario as `{revision}:{scenario}`."""
     results: dict[str, bool] = {}
     logs: list[str] = []
     for revision in revisions:
         # The suite takes one scenario with the revision as `--spec-version`, not `--requirements`.
-        which = ["--scenario", scenario, "--spec-version", revision] if scenario else ["--requirements", revision]
+        which = (
+            ["--scenario", scenario, "--spec-version", revision] if scenario else ["--requirements", revision]
+        )
         proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url, *which],
                               capture_output=True, text=True, timeout=900)  # fmt: skip
         output = proc.stdout + proc.stderr
@@ -169,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 resp.raise_for_status()
                 server_id = resp.json()["data"]["id"]
                 with forwarder(base, token) as front:
-                    results = run_suite(f"{front}/v1/modules/scailink/remote-servers/{server_id}/mcp", revisions,
-                                        args.scenario)  # fmt: skip
+                    url = f"{front}/v1/modules/scailink/remote-servers/{server_id}/mcp"
+                    results = run_suite(url, revisions, args.scenario)
     expected = baseline()
     failed = {name for name, ok in results.items() if not ok}
     for name, ok in sorted(results.items()):

@@ -69,6 +69,16 @@ def _asking_server() -> MCPServer:
         roots = await ctx.session.list_roots()
         return "roots: " + ",".join(str(r.uri) for r in roots.roots)
 
+    @server.prompt()
+    async def sampled_prompt(ctx: Context) -> str:
+        """A prompt whose text the client's LLM writes."""
+        result = await ctx.session.create_message(
+            messages=[types.SamplingMessage(role="user", content=types.TextContent(text="a prompt"))],
+            max_tokens=20,
+            related_request_id=ctx.request_id,
+        )
+        return f"prompt: {result.content.text}"  # type: ignore[union-attr]
+
     return server
 
 
@@ -126,6 +136,23 @@ def _mrtr_server() -> MCPServer:
         assert ctx.request_state == "round-1"
         content = getattr(answer, "content", None) or {}
         return types.CallToolResult(content=[types.TextContent(text=f"hello {content.get('name')}")])
+
+    @server.tool()
+    async def steps(ctx: Context) -> str:
+        for step in (1, 2):
+            await ctx.report_progress(step, 2, f"step {step}")
+        return "stepped"
+
+    @server.prompt()
+    def framed(ctx: Context) -> str | types.InputRequiredResult:
+        answer = (ctx.input_responses or {}).get("topic")
+        if answer is None:
+            form = types.ElicitRequestFormParams(
+                message="Topic?",
+                requested_schema={"type": "object", "properties": {"name": {"type": "string"}}},
+            )
+            return types.InputRequiredResult(input_requests={"topic": types.ElicitRequest(params=form)})
+        return f"about {(getattr(answer, 'content', None) or {}).get('name')}"
 
     return server
 
@@ -330,5 +357,26 @@ async def test_upstream_input_required_passes_through(
             name, {}, request_state=state, input_responses={"who": answer}, allow_input_required=True
         )
         assert isinstance(done, types.CallToolResult) and _text(done) == "hello Ada"
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
     async with modern_client(live.mcp_url, tok, elicitation_callback=_elicitation) as c:
         assert _text(await c.call_tool(name, {})) == "hello Ada"
+        steps = await c.call_tool(f"remote.u1.{server['slug']}.steps", {}, progress_callback=on_progress)
+        assert _text(steps) == "stepped" and seen == [(1.0, 2.0, "step 1"), (2.0, 2.0, "step 2")]
+        prompt = await c.get_prompt(f"remote.u1.{server['slug']}.framed")  # the prompt's own rounds
+        block = prompt.messages[0].content
+        assert isinstance(block, types.TextContent) and block.text == "about Ada"
+
+
+async def test_prompt_of_a_handshake_upstream_is_bridged(
+    live: LiveApp, token: TokenFactory, handshake_upstream: str
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="asking", endpoint_url=handshake_upstream)
+    async with modern_client(live.mcp_url, tok, sampling_callback=_sampling) as c:
+        prompt = await c.get_prompt(f"remote.u1.{server['slug']}.sampled_prompt")
+        block = prompt.messages[0].content
+        assert isinstance(block, types.TextContent) and block.text == "prompt: echo a prompt"
