@@ -46,6 +46,7 @@ from scailink_mcp.desktop.cluster import DesktopCluster
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.era_bridge import EraBridge
+from scailink_mcp.era_cluster import EraCluster
 from scailink_mcp.errors import ScaiLinkError
 from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent
 from scailink_mcp.iam import RoleStore
@@ -171,7 +172,11 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         lean_calls=settings.pool_lean_calls,
     )
     connector.bind_relay(Relay(pool))
-    era_bridge = EraBridge(pool, secret=cluster_key(settings), pending_timeout_s=settings.call_timeout_max_s)
+    url = settings.redis_url  # several replicas: a retry reaches the replica holding its call
+    era_cluster = EraCluster(url, signer=signer, prefix=settings.redis_prefix) if url and signer else None
+    era_bridge = EraBridge(
+        pool, secret=cluster_key(settings), pending_timeout_s=settings.call_timeout_max_s, cluster=era_cluster
+    )
     events.subscribe(era_bridge.on_event)
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)

@@ -19,9 +19,9 @@ with `inputResponses` and the opaque `requestState`. Per `tools/call` or `prompt
   replica that holds it. Its retry answers the parked requests and waits for the next round: the
   upstream's result, or its next requests.
 
-Several replicas: a retry must reach the replica whose task holds the upstream call (its HTTP request
-is in flight there). A retry landing elsewhere is refused with a JSON-RPC error saying so; it is not
-forwarded over Redis yet (desktop calls are, desktop/cluster.py).
+Several replicas: the upstream call stays on the replica whose task holds it (its HTTP request is in
+flight there). A retry landing elsewhere is checked there and forwarded over Redis to that replica
+(era_cluster.py), which runs the round; without Redis it is refused with a JSON-RPC error saying so.
 
 Bad input: a forged, tampered, expired or foreign `requestState` is -32602 "Invalid or expired
 requestState" (the SDK's wording), never a 500 or a hang; a missing or malformed input response
@@ -44,71 +44,29 @@ import anyio.abc
 from mcp.server.request_state import AESGCMRequestStateCodec, InvalidRequestState
 from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import (
-    CLIENT_CAPABILITIES_META_KEY,
-    CLIENT_INFO_META_KEY,
     INVALID_PARAMS,
-    PROTOCOL_VERSION_META_KEY,
     SERVER_INFO_META_KEY,
 )
-from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import LATEST_MODERN_VERSION
 
-from scailink_mcp.era_pending import PendingCall
+from scailink_mcp.era_pending import EraCall, PendingCall
 from scailink_mcp.errors import ProtocolError, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.redis_link import make_worker_id
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
-from scailink_mcp.remote.upstream import CLIENT_INFO
 
 if TYPE_CHECKING:
-    from mcp.server.context import ServerRequestContext
-
     from scailink_mcp.auth import Principal
+    from scailink_mcp.era_cluster import EraCluster
 
 logger = logging.getLogger(__name__)
 
 Result = dict[str, Any]
 STATE_PREFIX = "scailink."
-ENVELOPE_KEYS = frozenset({PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY})
-PROGRESS_KEYS = frozenset({"progressToken", "progress_token"})
 # Server-to-client requests the upstream sends together go out in one round.
 SETTLE_S = 0.02
 # How long a finished call's result waits for the client's retry before it is dropped.
 COLLECT_TTL_S = 120.0
-
-
-class EraCall:
-    """What a 2026-07-28 request brings to a call: the client's `_meta` (its declared capabilities
-    among it) and the multi-round-trip fields of a retry, as they came on the wire."""
-
-    def __init__(self, params: Mapping[str, Any], downstream: object | None = None) -> None:
-        meta = params.get("_meta")
-        self.meta: dict[str, Any] = dict(meta) if isinstance(meta, Mapping) else {}
-        caps = self.meta.get(CLIENT_CAPABILITIES_META_KEY)
-        self.capabilities: dict[str, Any] = dict(caps) if isinstance(caps, Mapping) else {}
-        self.input_responses: object = params.get("inputResponses")
-        self.request_state: object = params.get("requestState")
-        self.downstream = downstream  # relay.DownstreamCall: where the upstream's log messages go
-
-    def upstream_params(self, base: Result) -> Result:
-        """`base` with the 2026-07-28 envelope (ScaiLink as the client, the caller's capabilities and
-        other `_meta` entries) and the retry fields unchanged."""
-        meta = {k: v for k, v in self.meta.items() if k not in ENVELOPE_KEYS | PROGRESS_KEYS}
-        meta[PROTOCOL_VERSION_META_KEY] = LATEST_MODERN_VERSION
-        meta[CLIENT_INFO_META_KEY] = CLIENT_INFO.model_dump(mode="json", exclude_none=True)
-        meta[CLIENT_CAPABILITIES_META_KEY] = self.capabilities
-        params = {**base, "_meta": meta}
-        if self.input_responses is not None:
-            params["inputResponses"] = self.input_responses
-        if self.request_state is not None:
-            params["requestState"] = self.request_state
-        return params
-
-
-def era_call(ctx: ServerRequestContext[Any, Any], downstream: object | None = None) -> EraCall | None:
-    """The request's `EraCall` when it is of the 2026-07-28 era, else None (handshake era)."""
-    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-        return None
-    return EraCall(ctx.params or {}, downstream)
 
 
 def invalid_state(reason: str) -> NoReturn:
@@ -141,8 +99,10 @@ class EraBridge:
         secret: bytes | None,
         pending_timeout_s: float,
         state_ttl_s: float = 600.0,
+        cluster: EraCluster | None = None,
     ) -> None:
         self.pool = pool
+        self.cluster = cluster  # several replicas: retries reach the replica holding the call
         self.worker_id = make_worker_id()  # made again in `run` (after any fork)
         # The upstream call behind a round waits for people (elicitation): the longest call timeout.
         self.pending_timeout_s = pending_timeout_s
@@ -158,6 +118,8 @@ class EraBridge:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if self.cluster is not None:
+                    tg.start_soon(self.cluster.run, self)
                 await anyio.sleep_forever()
         finally:
             self._tg = None
@@ -358,20 +320,39 @@ class EraBridge:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or exp <= time.time():
             invalid_state("expired")
-        if claims.get("w") != self.worker_id:
-            raise ProtocolError(
-                "this call is pending on another ScaiLink replica, and a retry is not forwarded between "
-                "replicas yet: retry through the same replica, or start the call again",
-                rpc_code=INVALID_PARAMS,
-                data={"reason": "request_state_on_other_replica"},
-            )
-        pending = self._pending.get(str(claims.get("id")))
+        owner = claims.get("w")
+        responses = era.input_responses if isinstance(era.input_responses, Mapping) else {}
+        if owner != self.worker_id:
+            if self.cluster is None:
+                raise ProtocolError(
+                    "this call is pending on another ScaiLink replica, and without Redis a retry is not "
+                    "forwarded: retry through the same replica, or start the call again",
+                    rpc_code=INVALID_PARAMS,
+                    data={"reason": "request_state_on_other_replica"},
+                )
+            body = {"id": claims.get("id"), "input_responses": dict(responses)}
+            return await self.cluster.forward(str(owner), body, timeout)
+        return await self._answer(str(claims.get("id")), responses, era, timeout, progress)
+
+    async def resume_here(self, body: Mapping[str, Any], timeout: float) -> Result:
+        """A peer's retry of a call parked here (era_cluster.py), its state checked by that peer."""
+        responses = body.get("input_responses")
+        answers = responses if isinstance(responses, Mapping) else {}
+        return await self._answer(str(body.get("id")), answers, EraCall({}), timeout, None)
+
+    async def _answer(
+        self,
+        pending_id: str,
+        responses: Mapping[str, Any],
+        era: EraCall,
+        timeout: float,
+        progress: ProgressFnT | None,
+    ) -> Result:
+        pending = self._pending.get(pending_id)
         if pending is None:
-            invalid_state("no such pending call (finished, expired or this replica restarted)")
-        responses = era.input_responses
-        if isinstance(responses, Mapping):
-            for key, raw in responses.items():
-                question = pending.questions.get(key)
-                if question is not None and not question.answered.is_set():
-                    question.settle(raw)  # a malformed answer leaves it asked again
+            invalid_state("no such pending call (finished, expired or its replica restarted)")
+        for key, raw in responses.items():
+            question = pending.questions.get(key)
+            if question is not None and not question.answered.is_set():
+                question.settle(raw)  # a malformed answer leaves it asked again
         return await self._round(pending, era, timeout, progress)

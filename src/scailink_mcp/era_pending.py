@@ -1,4 +1,5 @@
-"""One parked upstream call of the era bridge (era_bridge.py) and the requests it waits on.
+"""What the era bridge (era_bridge.py) keeps of a 2026-07-28 call: the caller's request (`EraCall`),
+and a parked upstream call with the requests it waits on (`PendingCall`, `Question`).
 
 A handshake-era upstream asks its client (ScaiLink's pooled session) for sampling, elicitation or
 roots while it serves a call. When the downstream caller is a 2026-07-28 client there is no
@@ -14,20 +15,65 @@ capability (answered -32601 as the relay does for handshake-era clients).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import mcp_types as types
 from mcp.shared.dispatcher import ProgressFnT
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
 from scailink_mcp.errors import ScaiLinkError
+from scailink_mcp.remote.upstream import CLIENT_INFO
 
+if TYPE_CHECKING:
+    from mcp.server.context import ServerRequestContext
+
+ENVELOPE_KEYS = frozenset({PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY})
+PROGRESS_KEYS = frozenset({"progressToken", "progress_token"})
 METHOD_NOT_FOUND = -32601
+Result = dict[str, Any]
 # The short names of the parked requests' keys in `inputRequests` (`sampling_1`, ...).
 CAPABILITY_KEYS = {"sampling": "sampling", "elicitation": "elicitation", "roots": "roots"}
+
+
+class EraCall:
+    """What a 2026-07-28 request brings to a call: the client's `_meta` (its declared capabilities
+    among it) and the multi-round-trip fields of a retry, as they came on the wire."""
+
+    def __init__(self, params: Mapping[str, Any], downstream: object | None = None) -> None:
+        meta = params.get("_meta")
+        self.meta: dict[str, Any] = dict(meta) if isinstance(meta, Mapping) else {}
+        caps = self.meta.get(CLIENT_CAPABILITIES_META_KEY)
+        self.capabilities: dict[str, Any] = dict(caps) if isinstance(caps, Mapping) else {}
+        self.input_responses: object = params.get("inputResponses")
+        self.request_state: object = params.get("requestState")
+        self.downstream = downstream  # relay.DownstreamCall: where the upstream's log messages go
+
+    def upstream_params(self, base: Result) -> Result:
+        """`base` with the 2026-07-28 envelope (ScaiLink as the client, the caller's capabilities and
+        other `_meta` entries) and the retry fields unchanged."""
+        meta = {k: v for k, v in self.meta.items() if k not in ENVELOPE_KEYS | PROGRESS_KEYS}
+        meta[PROTOCOL_VERSION_META_KEY] = LATEST_MODERN_VERSION
+        meta[CLIENT_INFO_META_KEY] = CLIENT_INFO.model_dump(mode="json", exclude_none=True)
+        meta[CLIENT_CAPABILITIES_META_KEY] = self.capabilities
+        params = {**base, "_meta": meta}
+        if self.input_responses is not None:
+            params["inputResponses"] = self.input_responses
+        if self.request_state is not None:
+            params["requestState"] = self.request_state
+        return params
+
+
+def era_call(ctx: ServerRequestContext[Any, Any], downstream: object | None = None) -> EraCall | None:
+    """The request's `EraCall` when it is of the 2026-07-28 era, else None (handshake era)."""
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        return None
+    return EraCall(ctx.params or {}, downstream)
 
 
 @dataclass(eq=False)

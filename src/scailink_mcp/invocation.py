@@ -25,7 +25,7 @@ from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import Principal
 from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import consent_denied
-from scailink_mcp.era_bridge import EraCall
+from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, PromptResult, Result, Target, ToolCall

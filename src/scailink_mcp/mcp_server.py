@@ -30,7 +30,7 @@ from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
-from scailink_mcp.era_bridge import era_call
+from scailink_mcp.era_pending import era_call
 from scailink_mcp.errors import ProtocolError, ScaiLinkError, ToolNotFound, mcp_error, tool_error_result
 from scailink_mcp.invocation import Caller, Invoker
 from scailink_mcp.mcp_auth import current_principal

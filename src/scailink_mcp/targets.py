@@ -28,7 +28,8 @@ from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 if TYPE_CHECKING:
     from scailink_mcp.auth import Principal
     from scailink_mcp.catalog import ServerSnapshot
-    from scailink_mcp.era_bridge import EraBridge, EraCall
+    from scailink_mcp.era_bridge import EraBridge
+    from scailink_mcp.era_pending import EraCall
     from scailink_mcp.relay import DownstreamCall
     from scailink_mcp.remote.oauth import OAuth
 
