@@ -13,6 +13,7 @@ Real ScaiLink (`LiveApp`), real upstreams over HTTP on 127.0.0.1, the real Pytho
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -380,3 +381,56 @@ async def test_prompt_of_a_handshake_upstream_is_bridged(
         prompt = await c.get_prompt(f"remote.u1.{server['slug']}.sampled_prompt")
         block = prompt.messages[0].content
         assert isinstance(block, types.TextContent) and block.text == "prompt: echo a prompt"
+
+
+# --- several replicas (SPEC section 10) ------------------------------------------------------------
+
+
+async def test_retry_on_another_replica_completes_the_call(
+    settings_factory: Any, token: TokenFactory, handshake_upstream: str
+) -> None:
+    """Two replicas on one database and the real Redis: the first round on A parks the upstream call
+    there; the retry lands on B, which checks the state and forwards it to A over Redis."""
+    from tests.cluster import REDIS_URL, require_redis
+
+    require_redis()
+    prefix = f"scailink-test-{uuid.uuid4().hex[:12]}"
+    settings = settings_factory(redis_url=REDIS_URL, redis_prefix=prefix)
+    tok = token("u1", "t1", ("tenant_user",))
+    with LiveApp(settings) as a, LiveApp(settings) as b:
+        bridges = [live.parts.invoker.backends.bridge for live in (a, b)]
+        assert all(x is not None and x.cluster is not None for x in bridges)
+        with anyio.fail_after(10):
+            while not all(x.cluster.health() == "ok" for x in bridges if x and x.cluster):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        server = await register(a, tok, name="asking", endpoint_url=handshake_upstream)
+        name = f"remote.u1.{server['slug']}.ask_llm"
+        with anyio.fail_after(10):  # B's catalog hears of the registration through Redis
+            while True:
+                async with modern_session(b.mcp_url, tok) as s:
+                    if name in {t.name for t in (await s.list_tools()).tools}:
+                        break
+                await anyio.sleep(0.05)
+        async with modern_session(a.mcp_url, tok) as on_a:
+            first = await on_a.call_tool(name, {"question": "q"}, allow_input_required=True)
+            assert isinstance(first, types.InputRequiredResult)
+        answer = types.CreateMessageResult(
+            role="assistant", content=types.TextContent(text="from B"), model="m"
+        )
+        async with modern_session(b.mcp_url, tok) as on_b:
+            done = await on_b.call_tool(
+                name,
+                {"question": "q"},
+                request_state=first.request_state,
+                input_responses={"sampling_1": answer},
+                allow_input_required=True,
+            )
+            assert isinstance(done, types.CallToolResult) and _text(done) == "llm said: from B"
+            assert bridges[1] is not None and bridges[1].cluster is not None
+            assert bridges[1].cluster.forwarded == 1
+            # A forged state is refused on B before anything is forwarded.
+            with pytest.raises(MCPError) as err:
+                await on_b.call_tool(
+                    name, {"question": "q"}, request_state=STATE_PREFIX + "v1.x", allow_input_required=True
+                )
+            assert err.value.error.code == -32602
