@@ -434,3 +434,20 @@ async def test_retry_on_another_replica_completes_the_call(
                     name, {"question": "q"}, request_state=STATE_PREFIX + "v1.x", allow_input_required=True
                 )
             assert err.value.error.code == -32602
+
+
+async def test_consent_of_a_modern_client_is_not_asked_on_a_back_channel(
+    live: LiveApp, token: TokenFactory
+) -> None:
+    """A `confirm` server called by a 2026-07-28 client that declares elicitation: there is no
+    back-channel to elicit on, so the desktop is asked (none here: denied), never a failed request."""
+    from tests.upstream import UpstreamServer
+
+    tok = token("u1", "t1", ("tenant_user",))
+    with UpstreamServer() as upstream:
+        server = await register(live, tok, name="confirm", endpoint_url=upstream.url, consent_tier="confirm")
+        async with modern_client(live.mcp_url, tok, elicitation_callback=_elicitation) as c:
+            result = await c.call_tool(f"remote.u1.{server['slug']}.echo", {"text": "x"})
+    assert result.is_error and (result.meta or {})["scailink/error"]["code"] == "SCAILINK_CONSENT_DENIED", (
+        result
+    )

@@ -223,8 +223,8 @@ class McpSurface:
     def _elicit(self, ctx: Ctx) -> Callable[[str], Any] | None:
         session = ctx.session
         caps = session.client_capabilities
-        if caps is None or caps.elicitation is None:
-            return None
+        if caps is None or caps.elicitation is None or ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return None  # 2026-07-28 has no back-channel to ask on: the desktop is asked instead
 
         async def ask(message: str) -> bool:
             answer = await session.elicit_form(
