@@ -139,6 +139,11 @@ def _mrtr_server() -> MCPServer:
         return types.CallToolResult(content=[types.TextContent(text=f"hello {content.get('name')}")])
 
     @server.tool()
+    async def chatty(ctx: Context) -> str:
+        await ctx.info("working")
+        return "talked"
+
+    @server.tool()
     async def steps(ctx: Context) -> str:
         for step in (1, 2):
             await ctx.report_progress(step, 2, f"step {step}")
@@ -370,6 +375,15 @@ async def test_upstream_input_required_passes_through(
         prompt = await c.get_prompt(f"remote.u1.{server['slug']}.framed")  # the prompt's own rounds
         block = prompt.messages[0].content
         assert isinstance(block, types.TextContent) and block.text == "about Ada"
+    logs: list[Any] = []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append(params.data)
+
+    # The caller's `_meta` logLevel reaches the upstream, and its log messages the caller.
+    async with modern_client(live.mcp_url, tok, log_level="info", logging_callback=on_log) as c:
+        assert _text(await c.call_tool(f"remote.u1.{server['slug']}.chatty", {})) == "talked"
+    assert logs == ["working"]
 
 
 async def test_prompt_of_a_handshake_upstream_is_bridged(

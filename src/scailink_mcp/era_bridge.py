@@ -37,10 +37,12 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import anyio.abc
+import mcp_types as types
 from mcp.server.request_state import AESGCMRequestStateCodec, InvalidRequestState
 from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import (
@@ -48,11 +50,13 @@ from mcp_types import (
     SERVER_INFO_META_KEY,
 )
 from mcp_types.version import LATEST_MODERN_VERSION
+from pydantic import ValidationError
 
 from scailink_mcp.era_pending import EraCall, PendingCall
 from scailink_mcp.errors import ProtocolError, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.redis_link import make_worker_id
+from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 
 if TYPE_CHECKING:
@@ -79,6 +83,22 @@ def invalid_state(reason: str) -> NoReturn:
 def _digest(arguments: object) -> str:
     text = json.dumps(arguments or {}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _log_to(downstream: object | None) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+    """The upstream's log messages of a 2026-07-28 call, onto the caller's response stream (the SDK
+    sends them only when the caller's `_meta` asked for that level: it passed to the upstream)."""
+    if not isinstance(downstream, DownstreamCall):
+        return None
+
+    async def log(params: dict[str, Any]) -> None:
+        with suppress(ValidationError):
+            note = types.LoggingMessageNotification(
+                params=types.LoggingMessageNotificationParams.model_validate(params)
+            )
+            await downstream.session.send_notification(note, related_request_id=downstream.request_id)
+
+    return log
 
 
 def _without_server_info(result: Result) -> Result:
@@ -207,7 +227,12 @@ class EraBridge:
             if arguments is not None:
                 params["arguments"] = arguments
             result = await self.pool.call_modern(
-                key, method, era.upstream_params(params), timeout=timeout, progress_callback=progress
+                key,
+                method,
+                era.upstream_params(params),
+                timeout=timeout,
+                progress_callback=progress,
+                log=_log_to(era.downstream),
             )
             return _without_server_info(result)
         if state is not None:  # neither ScaiLink's nor the upstream's (it has no such era)

@@ -30,7 +30,7 @@ from mcp.shared.exceptions import MCPError
 from scailink_mcp.errors import ResultTooLarge, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.remote.breaker import SDK_CONNECTION_CLOSED, CircuitBreakers, counts_for_breaker
-from scailink_mcp.remote.pooled_session import PooledSession
+from scailink_mcp.remote.pooled_session import LogSink, PooledSession
 from scailink_mcp.remote.upstream import error_class_name
 from scailink_mcp.remote.wire import SessionGone
 
@@ -250,10 +250,12 @@ class UpstreamPool:
         *,
         timeout: float,
         progress_callback: ProgressFnT | None = None,
+        log: LogSink | None = None,
     ) -> dict[str, Any]:
-        """`method` in the 2026-07-28 era over the key's session's HTTP client (`PooledSession.modern`)."""
+        """`method` in the 2026-07-28 era over the key's session's HTTP client (`PooledSession.modern`);
+        `log` receives the upstream's log messages on the call's stream."""
         return await self._run(
-            key, lambda pooled: pooled.modern(method, params, progress_callback), timeout=timeout
+            key, lambda pooled: pooled.modern(method, params, progress_callback, log), timeout=timeout
         )
 
     async def _run(
