@@ -465,3 +465,27 @@ async def test_consent_of_a_modern_client_is_not_asked_on_a_back_channel(
     assert result.is_error and (result.meta or {})["scailink/error"]["code"] == "SCAILINK_CONSENT_DENIED", (
         result
     )
+
+
+async def test_parked_calls_per_user_are_bounded(
+    live: LiveApp, token: TokenFactory, handshake_upstream: str
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="asking", endpoint_url=handshake_upstream)
+    bridge = live.parts.invoker.backends.bridge
+    assert bridge is not None
+    bridge.max_pending = 1
+    name = f"remote.u1.{server['slug']}.ask_llm"
+    async with modern_session(live.mcp_url, tok) as s:
+        first = await s.call_tool(name, {"question": "q"}, allow_input_required=True)
+        assert isinstance(first, types.InputRequiredResult)
+        second = await s.call_tool(name, {"question": "q2"}, allow_input_required=True)
+        assert isinstance(second, types.CallToolResult) and second.is_error
+        assert (second.meta or {})["scailink/error"]["code"] == "SCAILINK_RATE_LIMITED"
+    other = token("u2", "t1", ("tenant_user",))  # another user is not held up by u1's parked call
+    mine = await register(live, other, name="asking", endpoint_url=handshake_upstream)
+    async with modern_session(live.mcp_url, other) as s:
+        theirs = await s.call_tool(
+            f"remote.u2.{mine['slug']}.ask_llm", {"question": "q"}, allow_input_required=True
+        )
+        assert isinstance(theirs, types.InputRequiredResult)

@@ -53,7 +53,7 @@ from mcp_types.version import LATEST_MODERN_VERSION
 from pydantic import ValidationError
 
 from scailink_mcp.era_pending import EraCall, PendingCall
-from scailink_mcp.errors import ProtocolError, ScaiLinkError, UpstreamError, UpstreamTimeout
+from scailink_mcp.errors import ProtocolError, RateLimited, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.redis_link import make_worker_id
 from scailink_mcp.relay import DownstreamCall
@@ -71,6 +71,8 @@ STATE_PREFIX = "scailink."
 SETTLE_S = 0.02
 # How long a finished call's result waits for the client's retry before it is dropped.
 COLLECT_TTL_S = 120.0
+# Parked calls per user at once (each holds an upstream request open until answered or timed out).
+MAX_PENDING_PER_USER = 32
 
 
 def invalid_state(reason: str) -> NoReturn:
@@ -127,6 +129,7 @@ class EraBridge:
         # The upstream call behind a round waits for people (elicitation): the longest call timeout.
         self.pending_timeout_s = pending_timeout_s
         self.state_ttl_s = state_ttl_s
+        self.max_pending = MAX_PENDING_PER_USER
         material = hashlib.sha256(b"scailink-mrtr-request-state" + (secret or os.urandom(32))).digest()
         self._codec = AESGCMRequestStateCodec([material])
         self._modern: dict[str, bool] = {}
@@ -265,6 +268,9 @@ class EraBridge:
     ) -> PendingCall:
         if self._tg is None:
             raise UpstreamError("the era bridge is not running")
+        user = (binding["t"], binding["u"])
+        if sum((p.binding["t"], p.binding["u"]) == user for p in self._pending.values()) >= self.max_pending:
+            raise RateLimited(f"more than {self.max_pending} calls of this user are waiting for input")
         pending = PendingCall(secrets.token_urlsafe(16), binding, capabilities)
         self._pending[pending.id] = pending
         self._tg.start_soon(self._drive, pending, operation)
