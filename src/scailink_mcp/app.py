@@ -61,6 +61,7 @@ from scailink_mcp.ratelimit import RateLimiter, RedisRateLimiter
 from scailink_mcp.redis_bus import RedisEventBus, from_peer
 from scailink_mcp.redis_link import cluster_signer
 from scailink_mcp.relay import Relay
+from scailink_mcp.remote.breaker import BreakerPolicy
 from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import UpstreamPool
@@ -163,10 +164,12 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         connector,
         idle_ttl_s=settings.pool_idle_ttl_s,
         max_sessions=settings.pool_max_sessions,
-        breaker_failures=settings.pool_breaker_failures,
-        breaker_window_s=settings.pool_breaker_window_s,
-        breaker_open_s=settings.pool_breaker_open_s,
-        breaker_min_users=settings.pool_breaker_min_users,
+        breakers=BreakerPolicy(
+            failures=settings.pool_breaker_failures,
+            window_s=settings.pool_breaker_window_s,
+            open_s=settings.pool_breaker_open_s,
+            min_users=settings.pool_breaker_min_users,
+        ),
         lean_calls=settings.pool_lean_calls,
     )
     connector.bind_relay(Relay(pool))

@@ -29,7 +29,13 @@ from mcp.shared.exceptions import MCPError
 
 from scailink_mcp.errors import ResultTooLarge, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
-from scailink_mcp.remote.breaker import SDK_CONNECTION_CLOSED, CircuitBreakers, counts_for_breaker
+from scailink_mcp.remote.breaker import (
+    DEFAULT_POLICY,
+    SDK_CONNECTION_CLOSED,
+    BreakerPolicy,
+    CircuitBreakers,
+    counts_for_breaker,
+)
 from scailink_mcp.remote.pooled_session import PooledSession
 from scailink_mcp.remote.upstream import error_class_name
 from scailink_mcp.remote.wire import SessionGone
@@ -84,8 +90,7 @@ class _Entry:
 
 class UpstreamPool:
     """Warm sessions, one owner task each, behind circuit breakers that one user cannot open for
-    others (`breaker.CircuitBreakers`: the `breaker_*` arguments are its `failures`, `window_s`,
-    `open_s` and `min_users`)."""
+    others (`breaker.CircuitBreakers`, opening as `breakers` says)."""
 
     def __init__(
         self,
@@ -93,10 +98,7 @@ class UpstreamPool:
         *,
         idle_ttl_s: float,
         max_sessions: int,
-        breaker_failures: int = 5,
-        breaker_window_s: float = 60.0,
-        breaker_open_s: float = 30.0,
-        breaker_min_users: int = 3,
+        breakers: BreakerPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic,
         reap_interval_s: float = 10.0,
         lean_calls: bool = True,
@@ -108,13 +110,7 @@ class UpstreamPool:
         self.clock = clock
         self.reap_interval_s = reap_interval_s
         self._entries: OrderedDict[PoolKey, _Entry] = OrderedDict()
-        self._breakers = CircuitBreakers(
-            failures=breaker_failures,
-            window_s=breaker_window_s,
-            open_s=breaker_open_s,
-            min_users=breaker_min_users,
-            clock=clock,
-        )
+        self._breakers = CircuitBreakers(breakers, clock=clock)
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = anyio.Event()
         self.stats = PoolStats()
