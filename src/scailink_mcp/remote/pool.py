@@ -64,12 +64,11 @@ Opener = Callable[[PoolKey], AbstractAsyncContextManager[ClientSession]]
 
 @dataclass
 class PoolStats:
+    """What the metrics (`scailink_pool_*`) and tests read."""
+
     hits: int = 0
-    misses: int = 0
-    opened: int = 0
-    closed: int = 0
+    misses: int = 0  # each a new handshake
     evictions: int = 0
-    failures: int = 0
 
 
 @dataclass(eq=False)
@@ -141,7 +140,6 @@ class UpstreamPool:
         try:
             async with self.connector(entry.key) as session:
                 entry.session = PooledSession.of(session)
-                self.stats.opened += 1
                 entry.ready.set()
                 await entry.stop.wait()
         except Exception as exc:
@@ -156,7 +154,6 @@ class UpstreamPool:
             entry.closed.set()
             for scope in list(entry.scopes):
                 scope.cancel()
-            self.stats.closed += 1
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
 
@@ -293,7 +290,6 @@ class UpstreamPool:
                 self._close(entry)
             return too_large
         if counts_for_breaker(exc):
-            self.stats.failures += 1
             self._breakers.failure(key.server_id, key.user_id)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"the upstream did not answer within {timeout:g} s")
