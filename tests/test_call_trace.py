@@ -8,7 +8,8 @@ future change puts on the path (say a new front module instead of `mcp_server.py
 the cross-cutting layers every request passes are left out, each listed below with why.
 
 How the hook reads a call: a coroutine that resumes after an `await` fires "call" again; only its
-first entry counts (frames are remembered). A new call is attributed to the nearest ScaiLink frame
+start counts (`_fresh`), so a long-lived task waking up (the pool's reaper, the audit writer) is no
+new entry. A new call is attributed to the nearest ScaiLink frame
 below it (its caller). Back-and-forth, counted as a defect:
 - a callback: a path file entered again, from another file, while one of its frames is still on the
   stack below (e.g. the pool calling back into the relay that called it through a closure);
@@ -20,6 +21,7 @@ a file it called once more) is not back-and-forth.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import threading
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.anyio
 
 ROOT = str(Path(scailink_mcp.__file__).resolve().parent) + "/"
 MAX_PATH_FILES = 7
+RESUME = dis.opmap["RESUME"]
 
 # Layers that wrap every request and hand it on: their own frames are not counted, what they call
 # into is (a new front module behind them is on the path).
@@ -87,17 +90,16 @@ class Recorder:
 
     on: bool = False
     entries: list[Entry] = field(default_factory=list)
-    # Frames seen (kept alive so that no id is reused while recording): a second "call" event of the
-    # same frame is a coroutine resuming.
+    # The frames entered, kept alive so that no id is reused while recording (ids name the callers).
     frames: dict[int, FrameType] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
         if event != "call" or not self.on or not frame.f_code.co_filename.startswith(ROOT):
             return
+        if not _fresh(frame):
+            return
         with self.lock:
-            if id(frame) in self.frames:
-                return
             self.frames[id(frame)] = frame
             below = [f for f in _stack(frame.f_back) if f.f_code.co_filename.startswith(ROOT)]
             self.entries.append(
@@ -110,6 +112,14 @@ class Recorder:
                     stack=tuple(f.f_code.co_filename[len(ROOT) :] for f in below),
                 )
             )
+
+
+def _fresh(frame: FrameType) -> bool:
+    """Whether a "call" event starts the frame rather than resumes it: a coroutine or generator
+    resuming after an `await` or `yield` fires "call" again, at a `RESUME` whose argument is not 0
+    (Python 3.11 and 3.12; sys.monitoring, from 3.12, tells PY_START from PY_RESUME itself)."""
+    code, at = frame.f_code.co_code, frame.f_lasti
+    return not (0 <= at < len(code) - 1 and code[at] == RESUME and code[at + 1] != 0)
 
 
 def _stack(frame: FrameType | None) -> Iterator[FrameType]:
