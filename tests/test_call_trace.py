@@ -9,8 +9,8 @@ the cross-cutting layers every request passes are left out, each listed below wi
 
 How the hook reads a call: a coroutine that resumes after an `await` fires "call" again; only its
 start counts (`_fresh`), so a long-lived task waking up (the pool's reaper, the audit writer) is no
-new entry. A new call is attributed to the nearest ScaiLink frame
-below it (its caller). Back-and-forth, counted as a defect:
+new entry. A new call is attributed to the nearest ScaiLink frame below it (its caller).
+Back-and-forth, counted as a defect:
 - a callback: a path file entered again, from another file, while one of its frames is still on the
   stack below (e.g. the pool calling back into the relay that called it through a closure);
 - a re-entry through another task: a path file already passed entered again from a task's root (e.g.
@@ -249,7 +249,7 @@ async def warm_call_trace(settings_factory: Any, token: TokenFactory) -> Trace:
                     assert (stats.hits, stats.misses) == (hits + 1, misses), "a warm call: no handshake"
                 pool_file = inspect.getsourcefile(type(live.parts.pool))
         finally:
-            threading.setprofile(None)  # type: ignore[arg-type]  (typeshed: None clears it)
+            threading.setprofile(None)
     trace = analyse(recorder.entries)
     assert pool_file is not None and pool_file.startswith(ROOT)
     assert pool_file[len(ROOT) :] in trace.path, f"the hook saw the call: {trace.hops}"
