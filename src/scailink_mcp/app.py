@@ -59,8 +59,9 @@ from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter, RedisRateLimiter
 from scailink_mcp.redis_bus import RedisEventBus, from_peer
-from scailink_mcp.redis_link import cluster_signer
+from scailink_mcp.redis_link import peer_link
 from scailink_mcp.relay import Relay
+from scailink_mcp.remote.breaker import BreakerPolicy
 from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import UpstreamPool
@@ -105,12 +106,8 @@ class Components:
 def build_components(settings: Settings, db: Database | None = None) -> Components:
     db = db or Database(settings.effective_database_url)
     # Several workers or replicas: what they share travels through Redis, signed (redis_link.py).
-    signer = cluster_signer(settings) if settings.redis_url else None
-    events: EventBus = (
-        RedisEventBus(settings.redis_url, signer=signer, prefix=settings.redis_prefix)
-        if settings.redis_url and signer
-        else EventBus()
-    )
+    link = peer_link(settings)
+    events: EventBus = RedisEventBus(link) if link else EventBus()
     keyring = Keyring.from_settings(settings)
     # Several replicas: work done once per cluster takes a Redis lease, limits count in Redis.
     lease = RedisLease(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else Lease()
@@ -133,9 +130,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         max_connections_per_user=settings.ws_max_connections_per_user,
         events=events,
         # Several replicas: desktop sessions listed and reached everywhere (desktop/cluster.py).
-        cluster=DesktopCluster(settings.redis_url, signer=signer, prefix=settings.redis_prefix)
-        if settings.redis_url and signer
-        else None,
+        cluster=DesktopCluster(link) if link else None,
     )
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
@@ -163,10 +158,12 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         connector,
         idle_ttl_s=settings.pool_idle_ttl_s,
         max_sessions=settings.pool_max_sessions,
-        breaker_failures=settings.pool_breaker_failures,
-        breaker_window_s=settings.pool_breaker_window_s,
-        breaker_open_s=settings.pool_breaker_open_s,
-        breaker_min_users=settings.pool_breaker_min_users,
+        breakers=BreakerPolicy(
+            failures=settings.pool_breaker_failures,
+            window_s=settings.pool_breaker_window_s,
+            open_s=settings.pool_breaker_open_s,
+            min_users=settings.pool_breaker_min_users,
+        ),
         lean_calls=settings.pool_lean_calls,
     )
     connector.bind_relay(Relay(pool))
@@ -238,16 +235,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         roles=roles,
         in_flight=InFlight(),
         # Several replicas: handshake-era MCP sessions served by every replica (mcp_sessions.py).
-        mcp_sessions=(
-            SessionStore(
-                settings.redis_url,
-                signer=signer,
-                prefix=settings.redis_prefix,
-                ttl_s=settings.mcp_session_idle_s,
-            )
-            if settings.redis_url and signer
-            else None
-        ),
+        mcp_sessions=SessionStore(link, ttl_s=settings.mcp_session_idle_s) if link else None,
         lease=lease,
     )
 

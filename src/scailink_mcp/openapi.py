@@ -295,14 +295,6 @@ def build_openapi() -> dict[str, Any]:
             "schema": {"type": "string"},
         },
     ]
-    update = _op(
-        "updateServer",
-        "Change name, description, endpoint_url, transport or consent_tier",
-        manage,
-        {"200": detail},
-        (NotFound, Conflict, EndpointForbidden),
-        "UpdateServer",
-    )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -324,7 +316,14 @@ def build_openapi() -> dict[str, Any]:
             one: {
                 "parameters": [server_id],
                 "get": _op("getServer", "Server detail", "scailink:remote.use", {"200": detail}, (NotFound,)),
-                "patch": update,
+                "patch": _op(
+                    "updateServer",
+                    "Change name, description, endpoint_url, transport or consent_tier",
+                    manage,
+                    {"200": detail},
+                    (NotFound, Conflict, EndpointForbidden),
+                    "UpdateServer",
+                ),
                 "delete": _op(
                     "deleteServer",
                     "Delete (cascades credentials and capabilities, closes pooled sessions)",

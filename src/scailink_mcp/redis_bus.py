@@ -45,7 +45,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from scailink_mcp.events import Event, EventBus, RolesChanged, ServerEvent, ServerEventKind
-from scailink_mcp.redis_link import Signer, Subscription, check_url, connect, make_worker_id
+from scailink_mcp.redis_link import PeerLink, Subscription, connect, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
     from redis.asyncio import Redis
@@ -112,26 +112,11 @@ class RedisEventBus(EventBus):
     lifespan: it makes the worker id, then runs the sender and the supervised subscriber until
     cancelled."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        signer: Signer,
-        prefix: str = "scailink",
-        queue_size: int = 10_000,
-        connect_timeout_s: float = 2.0,
-        backoff_min_s: float = 0.1,
-        backoff_max_s: float = 5.0,
-    ) -> None:
+    def __init__(self, link: PeerLink, *, queue_size: int = 10_000) -> None:
         super().__init__()
-        check_url(url)
-        self.url = url
-        self.signer = signer
-        self.channel = f"{prefix}:events"
-        self.client_name_prefix = f"{prefix}:events"
-        self.connect_timeout_s = connect_timeout_s
-        self.backoff_min_s = backoff_min_s
-        self.backoff_max_s = backoff_max_s
+        self.link = link
+        self.channel = f"{link.prefix}:events"
+        self.client_name_prefix = f"{link.prefix}:events"
         self.worker_id = ""  # made by run(), in the worker process
         self._outbox: MemoryObjectSendStream[Shared]
         self._pending: MemoryObjectReceiveStream[Shared]
@@ -140,7 +125,7 @@ class RedisEventBus(EventBus):
             "event",
             on_message=self._receive,
             on_subscribed=self._subscribed,
-            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
+            backoff_s=lambda: (self.link.backoff_min_s, self.link.backoff_max_s),
         )
         # Counters (tests, logs): events sent, not sent, received from peers.
         self.published = 0
@@ -180,7 +165,7 @@ class RedisEventBus(EventBus):
     # ---- the background tasks --------------------------------------------------------------------
 
     def _client(self, *, name: str, retries: int) -> Redis:
-        return connect(self.url, name=name, retries=retries, timeout_s=self.connect_timeout_s)
+        return connect(self.link.url, name=name, retries=retries, timeout_s=self.link.timeout_s)
 
     async def run(self) -> None:
         self.worker_id = make_worker_id()
@@ -199,8 +184,8 @@ class RedisEventBus(EventBus):
     async def _send_forever(self, client: Redis) -> None:
         async for event in self._pending:
             try:
-                with anyio.fail_after(self.connect_timeout_s * 3):
-                    await client.publish(self.channel, self.signer.sign(encode(event, self.worker_id)))
+                with anyio.fail_after(self.link.timeout_s * 3):
+                    await client.publish(self.channel, self.link.signer.sign(encode(event, self.worker_id)))
                 self.published += 1
             except Exception as exc:
                 self.publish_failures += 1
@@ -215,7 +200,7 @@ class RedisEventBus(EventBus):
 
     async def _receive(self, data: bytes | str) -> None:
         try:
-            origin, event = decode(self.signer.verify(data))
+            origin, event = decode(self.link.signer.verify(data))
         except (ValueError, TypeError) as exc:
             logger.warning("ignored a malformed event from Redis", extra={"error": str(exc)[:200]})
             return

@@ -66,9 +66,10 @@ class OAuth:
         keyring: Keyring | None,
         allowed: list[Network],
         *,
-        lease: Lease | None = None,
-        audit: AuditLog | None = None,
+        lease: Lease | None,
+        audit: AuditLog | None,
     ) -> None:
+        # Built by the registry only, which always hands on its lease and audit log (no defaults).
         self.settings = settings
         self.db = db
         self.keyring = keyring

@@ -21,11 +21,12 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import TypeAdapter
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete
 
@@ -56,6 +57,19 @@ class Stamp:
     base: str = ""  # a state's redirect base (the callback must use the same redirect URI)
 
 
+# Each field of a stamp and its claim: one letter, since a stamp travels in URLs.
+CLAIMS = {
+    "kind": "k",
+    "tenant_id": "t",
+    "user_id": "u",
+    "server_id": "s",
+    "expires_at": "e",
+    "nonce": "n",
+    "base": "b",
+}
+_STAMP = TypeAdapter(Stamp)  # checks the claims' types (pydantic: a claim of the wrong type is refused)
+
+
 def refused(field: str, reason: str) -> ValidationFailed:
     return ValidationFailed(f"invalid {field}", details=[{"field": field, "reason": reason}])
 
@@ -73,15 +87,9 @@ class Stamps:
         return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
 
     def mint(self, kind: str, *, tenant_id: str, user_id: str, server_id: str, base: str = "") -> str:
-        claims = {
-            "k": kind,
-            "t": tenant_id,
-            "u": user_id,
-            "s": server_id,
-            "e": round(self.clock() + self.ttl_s, 3),
-            "n": secrets.token_urlsafe(16),
-            "b": base,
-        }
+        expires_at = round(self.clock() + self.ttl_s, 3)
+        stamp = Stamp(kind, tenant_id, user_id, server_id, expires_at, secrets.token_urlsafe(16), base)
+        claims = {CLAIMS[name]: value for name, value in asdict(stamp).items()}
         text = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{text}.{self._mac(text)}"
 
@@ -92,16 +100,9 @@ class Stamps:
             raise refused(kind, "not issued by this gateway")
         try:
             claims = json.loads(_unb64(text))
-            stamp = Stamp(
-                kind=str(claims["k"]),
-                tenant_id=str(claims["t"]),
-                user_id=str(claims["u"]),
-                server_id=str(claims["s"]),
-                expires_at=float(claims["e"]),
-                nonce=str(claims["n"]),
-                base=str(claims.get("b", "")),
-            )
-        except (ValueError, KeyError, TypeError):
+            values = {name: claims[claim] for name, claim in CLAIMS.items() if claim in claims}
+            stamp = _STAMP.validate_python(values)
+        except (ValueError, KeyError, TypeError):  # ValidationError is a ValueError
             raise refused(kind, "not issued by this gateway") from None
         if stamp.kind != kind:
             raise refused(kind, f"not a {kind}")

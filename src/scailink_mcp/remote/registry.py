@@ -39,6 +39,7 @@ from scailink_mcp.models import (
     OAuthToken,
     RemoteServer,
     new_id,
+    same_named,
     utcnow,
 )
 from scailink_mcp.naming import slugify
@@ -78,6 +79,18 @@ CredentialChange = Callable[[Session, RemoteServer], None]
 class Page:
     items: list[ServerDetail]
     next_cursor: tuple[str, str] | None
+
+
+# The fields of a registration that the server's row stores as they are given.
+STORED_AS_GIVEN = (
+    "name",
+    "description",
+    "endpoint_url",
+    "transport",
+    "auth_type",
+    "consent_tier",
+    "is_tenant_shared",
+)
 
 
 class Registry:
@@ -166,24 +179,19 @@ class Registry:
 
         def _insert(session: Session) -> RemoteServer:
             take_slot(session, principal.tenant_id, cap)
+            slug = slugify(
+                body.name, tenant_id=principal.tenant_id, owner_user_id=principal.user_id, server_id=server_id
+            )
             server = RemoteServer(
-                id=server_id,
-                tenant_id=principal.tenant_id,
-                owner_user_id=principal.user_id,
-                owner_scope=scope,
-                name=body.name,
-                slug=slugify(
-                    body.name,
+                **same_named(
+                    body,
+                    STORED_AS_GIVEN,
+                    id=server_id,
                     tenant_id=principal.tenant_id,
                     owner_user_id=principal.user_id,
-                    server_id=server_id,
-                ),
-                description=body.description,
-                endpoint_url=body.endpoint_url,
-                transport=body.transport,
-                auth_type=body.auth_type,
-                consent_tier=body.consent_tier,
-                is_tenant_shared=body.is_tenant_shared,
+                    owner_scope=scope,
+                    slug=slug,
+                )
             )
             try:
                 session.add(server)
