@@ -132,3 +132,19 @@ def code_server(upstream: ProtectedUpstream, client_id: str, secret: str, **extr
         "is_tenant_shared": True,
         **extra,
     }
+
+
+async def authorized(
+    gw: Gateway, world: AuthServer, upstream: ProtectedUpstream, tok: str, **extra: Any
+) -> tuple[str, str]:
+    """Alice registers a shared authorization-code server (`extra`: more of the registration body) and
+    authorizes it: (server id, tool name)."""
+    client = world.add_client(gw.base_url + CALLBACK)
+    assert client.client_secret is not None
+    server = await register(gw, tok, **code_server(upstream, client.client_id, client.client_secret, **extra))
+    landed = await browser(
+        f"{gw.base_url}{REG}/{server['id']}/oauth/authorize", "alice", headers=auth_headers(tok)
+    )
+    assert landed.status_code == 200, landed.text
+    name: str = (await detail(gw, tok, server["id"]))["capabilities"]["tools"][0]["namespaced_name"]
+    return server["id"], name

@@ -48,7 +48,7 @@ from scailink_mcp.remote.oauth_config import (
     pin_issuer,
     save_client,
 )
-from scailink_mcp.remote.oauth_stamps import STATE, TICKET, Stamp, Stamps, refused
+from scailink_mcp.remote.oauth_stamps import STATE, TICKET, Stamp, Stamps, new_nonce, refused
 from scailink_mcp.remote.oauth_tokens import AuthorizationMissing, BearerAuth, Held, TokenOwner, TokenStore
 from scailink_mcp.remote.upstream import Network
 
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 CALLBACK_PATH = "/v1/modules/scailink/oauth/callback"
 AUTHORIZE_PATH = "/v1/modules/scailink/remote-servers/{server_id}/oauth/authorize"
+BACK_PREFIX = "/dashboard/"  # the only pages a callback sends a browser back to
 
 
 class OAuth:
@@ -80,6 +81,8 @@ class OAuth:
         self._servers: dict[str, AuthServer] = {}
         # Set by the registry: discovery of a pending server once its owner has authorized.
         self.on_connected: Callable[[str], Awaitable[None]] | None = None
+        # Set by the registry: every completed authorization (URL-mode elicitations hear of it).
+        self.on_authorized: Callable[[Stamp], Awaitable[None]] | None = None
 
     # ---- configuration (cold path) -----------------------------------------------------------------
 
@@ -112,7 +115,7 @@ class OAuth:
         found = self._servers.get(config.server_id)
         if found is not None:
             return found
-        found = await self.http.discover(config.endpoint_url)
+        found = await self.http.discover(config.endpoint_url, config.transport)
         if config.issuer is not None and found.issuer != config.issuer:
             raise OAuthFailed("the upstream now names another authorization server than at first use")
         if config.issuer is None:
@@ -149,9 +152,19 @@ class OAuth:
     def public_base(self) -> str:
         return (self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}").rstrip("/")
 
-    def authorize_url(self, config: ClientConfig, user_id: str) -> str:
+    def authorize_url(
+        self, config: ClientConfig, user_id: str, *, nonce: str | None = None, back: str = ""
+    ) -> str:
+        """An absolute URL with a one-time ticket; `back`: the dashboard page the callback returns to."""
+        if back and not back.startswith(BACK_PREFIX):
+            raise ValueError("a callback returns only to a dashboard page")
         ticket = self._stamps().mint(
-            TICKET, tenant_id=config.tenant_id, user_id=user_id, server_id=config.server_id
+            TICKET,
+            tenant_id=config.tenant_id,
+            user_id=user_id,
+            server_id=config.server_id,
+            nonce=nonce,
+            back=back,
         )
         path = AUTHORIZE_PATH.format(server_id=config.server_id)
         return f"{self.public_base()}{path}?{urlencode({'ticket': ticket})}"
@@ -167,7 +180,10 @@ class OAuth:
         except AuthorizationMissing as exc:
             if config.grant == CLIENT_CREDENTIALS:
                 raise OAuthFailed(f"no client-credentials token for this server ({exc})") from None
-            raise UpstreamAuthRequired(authorize_url=self.authorize_url(config, user_id)) from None
+            nonce = new_nonce()  # the ticket's, and the id of a URL-mode elicitation of it
+            raise UpstreamAuthRequired(
+                authorize_url=self.authorize_url(config, user_id, nonce=nonce), elicitation_id=nonce
+            ) from None
 
     async def _renew(self, config: ClientConfig, owner: TokenOwner, held: Held | None) -> OAuthToken | None:
         if config.grant != CLIENT_CREDENTIALS and (held is None or held.refresh_token is None):
@@ -228,6 +244,7 @@ class OAuth:
     ) -> str:
         """The authorization server's URL to send the browser to; `principal` or a one-time `ticket`."""
         stamps = self._stamps()
+        elicitation = back = ""
         if principal is not None:
             tenant_id, user_id = principal.tenant_id, principal.user_id
         elif ticket is not None:
@@ -235,6 +252,7 @@ class OAuth:
             if stamp.server_id != server_id:
                 raise refused(TICKET, "issued for another server")
             tenant_id, user_id = stamp.tenant_id, stamp.user_id
+            elicitation, back = stamp.nonce, stamp.back
         else:  # pragma: no cover  (the route passes one of them)
             raise refused(TICKET, "missing")
         await self.db.run(lambda s: load_visible_to(s, server_id, tenant_id=tenant_id, user_id=user_id))
@@ -257,7 +275,15 @@ class OAuth:
                 details=[{"field": "endpoint_url", "reason": exc.message}],
             ) from None
         identity = await self.client(config, auth_server, redirect_uri)
-        state = stamps.mint(STATE, tenant_id=tenant_id, user_id=user_id, server_id=server_id, base=base)
+        state = stamps.mint(
+            STATE,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            server_id=server_id,
+            base=base,
+            elicitation=elicitation,
+            back=back,
+        )
         params = {
             "response_type": "code",
             "client_id": identity.client_id,
@@ -309,6 +335,8 @@ class OAuth:
         self._audit(stamp.tenant_id, stamp.user_id, "oauth.authorize", "ok", server.id)
         if stamp.user_id == server.owner_user_id and self.on_connected is not None:
             await self.on_connected(server.id)
+        if self.on_authorized is not None:
+            await self.on_authorized(stamp)
         return stamp
 
     async def disconnect(self, principal: Principal, server_id: str, *, may_manage: bool) -> None:

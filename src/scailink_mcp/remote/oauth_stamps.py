@@ -1,12 +1,12 @@
 """One-time, expiring values bound to (tenant, user, server): authorization `state`s and authorize tickets.
 
-A stamp is `<claims>.<mac>`: the claims (kind, tenant, user, server, expiry, a random nonce, and for
-a state the redirect base) in base64url JSON, and an HMAC-SHA256 over them with a key derived from
-the primary KEK (HKDF, its own `info`), so every replica can check a stamp another one made and
-nothing needs storing when one is made (an auth-required answer writes nothing). Using one
-inserts the hash of its nonce into `oauth_nonce`: the primary key refuses a second use, on every
-replica. The PKCE verifier of a state is derived from the state with the same key, so it is never
-stored either.
+A stamp is `<claims>.<mac>`: the claims (kind, tenant, user, server, expiry, a random nonce, for a state
+the redirect base, and what a ticket's flow carries to its callback: the elicitation id of a URL-mode
+elicitation and the dashboard page to return to) in base64url JSON, and an HMAC-SHA256 over them with a
+key derived from the primary KEK (HKDF, its own `info`), so every replica can check a stamp another one
+made and nothing needs storing when one is made (an auth-required answer writes nothing). Using one
+inserts the hash of its nonce into `oauth_nonce`: the primary key refuses a second use, on every replica.
+The PKCE verifier of a state is derived from the state with the same key, so it is never stored either.
 
 Must not: accept a stamp of another kind, an expired one, or one whose MAC does not verify; nor
 log a stamp (a state in the hands of another is half an authorization).
@@ -54,10 +54,16 @@ class Stamp:
     expires_at: float
     nonce: str
     base: str = ""  # a state's redirect base (the callback must use the same redirect URI)
+    elicitation: str = ""  # the URL-mode elicitation a state's flow completes (its ticket's nonce)
+    back: str = ""  # a dashboard path the callback sends the browser back to ("" = a JSON answer)
 
 
 def refused(field: str, reason: str) -> ValidationFailed:
     return ValidationFailed(f"invalid {field}", details=[{"field": field, "reason": reason}])
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(16)
 
 
 class Stamps:
@@ -72,15 +78,28 @@ class Stamps:
     def _mac(self, text: str) -> str:
         return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
 
-    def mint(self, kind: str, *, tenant_id: str, user_id: str, server_id: str, base: str = "") -> str:
+    def mint(
+        self,
+        kind: str,
+        *,
+        tenant_id: str,
+        user_id: str,
+        server_id: str,
+        base: str = "",
+        nonce: str | None = None,
+        elicitation: str = "",
+        back: str = "",
+    ) -> str:
         claims = {
             "k": kind,
             "t": tenant_id,
             "u": user_id,
             "s": server_id,
             "e": round(self.clock() + self.ttl_s, 3),
-            "n": secrets.token_urlsafe(16),
+            "n": nonce or new_nonce(),
             "b": base,
+            "x": elicitation,
+            "r": back,
         }
         text = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{text}.{self._mac(text)}"
@@ -100,6 +119,8 @@ class Stamps:
                 expires_at=float(claims["e"]),
                 nonce=str(claims["n"]),
                 base=str(claims.get("b", "")),
+                elicitation=str(claims.get("x", "")),
+                back=str(claims.get("r", "")),
             )
         except (ValueError, KeyError, TypeError):
             raise refused(kind, "not issued by this gateway") from None
