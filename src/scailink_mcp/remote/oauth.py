@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 CALLBACK_PATH = "/v1/modules/scailink/oauth/callback"
 AUTHORIZE_PATH = "/v1/modules/scailink/remote-servers/{server_id}/oauth/authorize"
-BACK_PREFIX = "/dashboard/"  # the only pages a callback sends a browser back to
 
 
 class OAuth:
@@ -156,8 +155,8 @@ class OAuth:
         self, config: ClientConfig, user_id: str, *, nonce: str | None = None, back: str = ""
     ) -> str:
         """An absolute URL with a one-time ticket; `back`: the dashboard page the callback returns to."""
-        if back and not back.startswith(BACK_PREFIX):
-            raise ValueError("a callback returns only to a dashboard page")
+        if back and not same_origin_path(back):
+            raise ValueError("a callback returns only to a page of this gateway")
         ticket = self._stamps().mint(
             TICKET,
             tenant_id=config.tenant_id,
@@ -377,6 +376,11 @@ class OAuth:
                     detail_level=self.settings.audit_detail_level,
                 )
             )
+
+
+def same_origin_path(path: str) -> bool:
+    """A path on this gateway (never `//host` or a scheme): where a callback may send a browser."""
+    return path.startswith("/") and not path.startswith("//") and "\\" not in path and ":" not in path
 
 
 def _challenge(verifier: str) -> str:
