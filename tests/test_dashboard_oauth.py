@@ -61,6 +61,7 @@ async def connect(dash: DashboardClient, gw: Gateway, server_id: str) -> httpx.R
     landed = await dash.client.get(location, follow_redirects=True)
     assert landed.status_code == 200, landed.text
     assert landed.url.path == CALLBACK and landed.headers["content-type"].startswith("text/html")
+    assert landed.headers["x-request-id"] and landed.headers["cache-control"] == "no-store"
     return landed
 
 
