@@ -20,6 +20,7 @@ Must not: hold a session alive (weak references), or grow without bound (capped,
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import weakref
 from collections import OrderedDict
@@ -75,14 +76,11 @@ class UrlElicitations:
             if expires > now and len(self._pending) < self.max_pending:
                 break
             del self._pending[oldest]
-        if err.elicitation_id:
-            self._pending[err.elicitation_id] = (weakref.ref(connection_of(ctx.session)), now + self.ttl_s)
+        # Every raise site names the ticket's nonce; an id is required on the wire all the same.
+        elicitation_id = err.elicitation_id or secrets.token_urlsafe(16)
+        self._pending[elicitation_id] = (weakref.ref(connection_of(ctx.session)), now + self.ttl_s)
         return UrlElicitationRequiredError(
-            [
-                ElicitRequestURLParams(
-                    message=MESSAGE, url=err.authorize_url, elicitation_id=err.elicitation_id
-                )
-            ],
+            [ElicitRequestURLParams(message=MESSAGE, url=err.authorize_url, elicitation_id=elicitation_id)],
             message=f"{err.code}: {err.message}",
         )
 
