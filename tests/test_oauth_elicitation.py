@@ -10,10 +10,17 @@ httpx client following redirects.
 
 from __future__ import annotations
 
+import gc
+from types import SimpleNamespace
+from typing import Any
+
 import anyio
 import pytest
+from mcp.server.connection import Connection
 
+from scailink_mcp.errors import UpstreamAuthRequired
 from scailink_mcp.events import UpstreamAuthorized
+from scailink_mcp.mcp_elicitation import COMPLETE, UrlElicitations
 from scailink_mcp.redis_bus import decode, encode
 from tests import oauth_harness
 from tests.conftest import TokenFactory
@@ -107,3 +114,48 @@ def test_the_completion_crosses_replicas_as_an_event() -> None:
     broken = encode(event, "w1").replace('"nonce-1"', "7")
     with pytest.raises(ValueError):
         decode(broken)
+
+
+async def test_pending_elicitations_are_bounded_expire_and_hold_no_session() -> None:
+    """The table of elicitations waiting for a callback: capped (the oldest go first), each entry
+    expires with its ticket, and a session that ended is not kept alive by it."""
+
+    class Outbound:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, Any]] = []
+
+        async def send_raw_request(self, method: str, params: Any, opts: Any = None) -> dict[str, Any]:
+            raise AssertionError("no request is ever sent")
+
+        async def notify(self, method: str, params: Any, opts: Any = None) -> None:
+            self.sent.append((method, params))
+
+    now = [100.0]
+    table = UrlElicitations(ttl_s=600, max_pending=2, clock=lambda: now[0])
+    outbound = Outbound()
+    connection = Connection(outbound, protocol_version="2025-11-25")  # type: ignore[arg-type]
+    held: list[Any] = [SimpleNamespace(session=SimpleNamespace(_connection=connection))]  # a handler's ctx
+
+    def ask(nonce: str) -> None:
+        table.required(
+            held[0], UpstreamAuthRequired(authorize_url=f"https://gw/a?ticket={nonce}", elicitation_id=nonce)
+        )
+
+    def done(nonce: str) -> UpstreamAuthorized:
+        return UpstreamAuthorized("t1", "bob", "srv", nonce)
+
+    for nonce in ("n1", "n2", "n3"):
+        ask(nonce)
+    assert len(table) == 2  # n1, the oldest, made room
+    await table.on_authorized(done("n1"))
+    await table.on_authorized(done("n3"))
+    assert outbound.sent == [(COMPLETE, {"elicitationId": "n3"})]
+    now[0] += 601  # n2's ticket has expired: no completion for it, and the next answer prunes it
+    await table.on_authorized(done("n2"))
+    ask("n4")
+    assert len(table) == 1 and len(outbound.sent) == 1
+    held.clear()
+    del connection
+    gc.collect()
+    await table.on_authorized(done("n4"))  # the session is gone: nothing sent, nothing raised
+    assert len(table) == 0 and len(outbound.sent) == 1
