@@ -303,11 +303,12 @@ async def test_connect_an_oauth_server_in_the_browser(
     page = await context.new_page()
     await sign_in(page, gateway.base_url, bob)
     await nav(page, "Servers")
+    await shots.take(page, "oauth-connect", docs=True)
     await page.get_by_role("link", name="Connect hosted").click()
     await page.wait_for_url(f"{gateway.base_url}/dashboard/servers/{server_id}")
     await expect(page.get_by_role("button", name="Disconnect hosted")).to_be_visible()
     await expect(page.locator(".status.connected")).to_have_text("connected")
-    await shots.take(page, "oauth-connected")
+    await shots.take(page, "oauth-connected", docs=True)
     assert text_of(await oauth_harness.call_whoami(gateway, bob, name)) == "bob"
     await page.get_by_role("button", name="Disconnect hosted").click()
     await expect(page.get_by_role("link", name="Connect hosted")).to_be_visible()
