@@ -21,7 +21,8 @@ from scailink_mcp import auth
 from scailink_mcp.api.envelope import components, no_content, ok, path_param, principal
 from scailink_mcp.errors import ValidationFailed
 from scailink_mcp.remote.access import register_permission
-from scailink_mcp.remote.oauth import CALLBACK_PATH, OAuth, same_origin_path
+from scailink_mcp.remote.oauth import CALLBACK_PATH, OAuth
+from scailink_mcp.remote.oauth_stamps import same_origin_path
 
 MAX_PARAM_CHARS = 4096
 

@@ -37,7 +37,13 @@ async def connect(request: Request) -> Response:
             details=[{"field": "oauth.grant", "reason": "not authorization_code"}],
         )
     config = await registry.oauth.config(server.id)
-    url = registry.oauth.authorize_url(config, visit.who.user_id, back=f"{visit.base}/servers/{server.id}")
+    url = registry.oauth.authorize_url(
+        config,
+        visit.who.user_id,
+        back=f"{visit.base}/servers/{server.id}",
+        # As the REST authorize route: SCAILINK_PUBLIC_URL, else the origin this browser reached.
+        base=visit.parts.settings.public_url or f"{request.url.scheme}://{request.url.netloc}",
+    )
     return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
 
 

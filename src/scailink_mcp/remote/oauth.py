@@ -48,7 +48,15 @@ from scailink_mcp.remote.oauth_config import (
     pin_issuer,
     save_client,
 )
-from scailink_mcp.remote.oauth_stamps import STATE, TICKET, Stamp, Stamps, new_nonce, refused
+from scailink_mcp.remote.oauth_stamps import (
+    STATE,
+    TICKET,
+    Stamp,
+    Stamps,
+    new_nonce,
+    refused,
+    same_origin_path,
+)
 from scailink_mcp.remote.oauth_tokens import AuthorizationMissing, BearerAuth, Held, TokenOwner, TokenStore
 from scailink_mcp.remote.upstream import Network
 
@@ -152,9 +160,16 @@ class OAuth:
         return (self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}").rstrip("/")
 
     def authorize_url(
-        self, config: ClientConfig, user_id: str, *, nonce: str | None = None, back: str = ""
+        self,
+        config: ClientConfig,
+        user_id: str,
+        *,
+        nonce: str | None = None,
+        back: str = "",
+        base: str | None = None,
     ) -> str:
-        """An absolute URL with a one-time ticket; `back`: the dashboard page the callback returns to."""
+        """An absolute URL with a one-time ticket; `back`: the dashboard page the callback returns to;
+        `base`: the origin a browser reached this gateway at (default: `public_base()`)."""
         if back and not same_origin_path(back):
             raise ValueError("a callback returns only to a page of this gateway")
         ticket = self._stamps().mint(
@@ -166,7 +181,7 @@ class OAuth:
             back=back,
         )
         path = AUTHORIZE_PATH.format(server_id=config.server_id)
-        return f"{self.public_base()}{path}?{urlencode({'ticket': ticket})}"
+        return f"{(base or self.public_base()).rstrip('/')}{path}?{urlencode({'ticket': ticket})}"
 
     async def current(self, config: ClientConfig, user_id: str) -> Held:
         """The caller's fresh token (memory on a warm call); `UpstreamAuthRequired` when there is none."""
@@ -288,7 +303,7 @@ class OAuth:
             "client_id": identity.client_id,
             "redirect_uri": redirect_uri,
             "state": state,
-            "code_challenge": _challenge(stamps.verifier(state)),
+            "code_challenge": stamps.challenge(state),
             "code_challenge_method": "S256",
             "resource": auth_server.resource,
         }
@@ -376,15 +391,3 @@ class OAuth:
                     detail_level=self.settings.audit_detail_level,
                 )
             )
-
-
-def same_origin_path(path: str) -> bool:
-    """A path on this gateway (never `//host` or a scheme): where a callback may send a browser."""
-    return path.startswith("/") and not path.startswith("//") and "\\" not in path and ":" not in path
-
-
-def _challenge(verifier: str) -> str:
-    import base64
-    import hashlib
-
-    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")

@@ -62,6 +62,11 @@ def refused(field: str, reason: str) -> ValidationFailed:
     return ValidationFailed(f"invalid {field}", details=[{"field": field, "reason": reason}])
 
 
+def same_origin_path(path: str) -> bool:
+    """A path on this gateway (never `//host` or a scheme): where a callback may send a browser."""
+    return path.startswith("/") and not path.startswith("//") and "\\" not in path and ":" not in path
+
+
 def new_nonce() -> str:
     return secrets.token_urlsafe(16)
 
@@ -147,3 +152,7 @@ class Stamps:
     def verifier(self, state: str) -> str:
         """The PKCE code verifier of a state (RFC 7636: 43 characters of base64url)."""
         return _b64(hmac.new(self._key, f"pkce:{state}".encode(), hashlib.sha256).digest())
+
+    def challenge(self, state: str) -> str:
+        """The PKCE S256 code challenge of a state's verifier (RFC 7636 section 4.2)."""
+        return _b64(hashlib.sha256(self.verifier(state).encode()).digest())
