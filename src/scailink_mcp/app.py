@@ -46,7 +46,7 @@ from scailink_mcp.desktop.cluster import DesktopCluster
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
 from scailink_mcp.errors import ScaiLinkError
-from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent
+from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent, UpstreamAuthorized
 from scailink_mcp.iam import RoleStore
 from scailink_mcp.inflight import InFlight
 from scailink_mcp.invocation import Invoker
@@ -184,6 +184,8 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     )
     verifier = TokenVerifier(settings)
     roles = RoleStore(db, events=events)
+    surface = mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions)
+    events.subscribe(surface.elicitations.on_authorized, UpstreamAuthorized)
 
     async def roles_changed(event: RolesChanged) -> None:
         if from_peer():  # this worker's own change is already in its cache
@@ -226,7 +228,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         pool=pool,
         notifier=notifier,
         invoker=invoker,
-        mcp=mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions),
+        mcp=surface,
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop, audit),
         metrics=metrics,

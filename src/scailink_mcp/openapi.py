@@ -126,6 +126,12 @@ def _oauth_paths(one: str, server_id: dict[str, Any]) -> dict[str, Any]:
             "schema": {"type": "string"},
         }
     ]
+    connected = _success(
+        "the caller is connected (JSON; for a flow started from the dashboard's Connect, a page that"
+        " goes back to the dashboard)",
+        "OAuthConnectedEnvelope",
+    )
+    connected["content"]["text/html"] = {"schema": {"type": "string"}}
     callback = {
         "operationId": "oauthCallback",
         "summary": "The authorization server's redirect back (public: the one-time `state` is the proof)",
@@ -141,7 +147,7 @@ def _oauth_paths(one: str, server_id: dict[str, Any]) -> dict[str, Any]:
             for name in ("state", "code", "iss", "error")
         ],
         "responses": {
-            "200": _success("the caller is connected", "OAuthConnectedEnvelope"),
+            "200": connected,
             **_errors(RateLimited, RegistryDisabled, NotFound, ValidationFailed, UpstreamError),
         },
     }

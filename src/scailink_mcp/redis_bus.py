@@ -10,9 +10,9 @@ any replica refreshes every replica's directory, closes its pooled sessions when
 `list_changed` to the downstream sessions it holds. Subscribers re-read the database (the source of
 truth): an event only says which server moved.
 
-`ServerEvent` and `RolesChanged` cross workers here. `DesktopCatalogChanged` stays local: desktop
-sessions travel through `desktop/cluster.py`, whose announcements make each peer publish its own
-`DesktopCatalogChanged` locally.
+`ServerEvent`, `RolesChanged` and `UpstreamAuthorized` cross workers here. `DesktopCatalogChanged` stays
+local: desktop sessions travel through `desktop/cluster.py`, whose announcements make each peer publish
+its own `DesktopCatalogChanged` locally.
 
 Worker identity (`host:pid:random`) is made when `run()` starts, in the lifespan of the worker process
 itself, never at import or construction time: a process forked afterwards (a preloading server) would
@@ -44,7 +44,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from scailink_mcp.events import Event, EventBus, RolesChanged, ServerEvent, ServerEventKind
+from scailink_mcp.events import (
+    Event,
+    EventBus,
+    RolesChanged,
+    ServerEvent,
+    ServerEventKind,
+    UpstreamAuthorized,
+)
 from scailink_mcp.redis_link import PeerLink, Subscription, connect, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
@@ -55,7 +62,9 @@ logger = logging.getLogger(__name__)
 WIRE_VERSION = 1
 SERVER_EVENT = "server_event"
 ROLES_CHANGED = "roles_changed"
+UPSTREAM_AUTHORIZED = "upstream_authorized"
 _SERVER_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(ServerEvent))
+_AUTHORIZED_FIELDS = tuple(f.name for f in dataclasses.fields(UpstreamAuthorized))
 
 _from_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("scailink_event_from_peer", default=False)
 
@@ -65,13 +74,16 @@ def from_peer() -> bool:
     return _from_peer.get()
 
 
-Shared = ServerEvent | RolesChanged  # the events that cross workers here
+Shared = ServerEvent | RolesChanged | UpstreamAuthorized  # the events that cross workers here
 
 
 def encode(event: Shared, origin: str) -> str:
     if isinstance(event, RolesChanged):
         fields: dict[str, Any] = {"tenant_id": event.tenant_id}
         return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": ROLES_CHANGED, "event": fields})
+    if isinstance(event, UpstreamAuthorized):
+        fields = dataclasses.asdict(event)
+        return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": UPSTREAM_AUTHORIZED, "event": fields})
     fields = {name: getattr(event, name) for name in _SERVER_EVENT_FIELDS}
     fields["kind"] = event.kind.value
     return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": SERVER_EVENT, "event": fields})
@@ -87,6 +99,10 @@ def decode(data: bytes | str) -> tuple[str, Shared]:
         raise ValueError("not a ScaiLink event")
     if kind == ROLES_CHANGED and isinstance(fields.get("tenant_id"), str):
         return origin, RolesChanged(fields["tenant_id"])
+    if kind == UPSTREAM_AUTHORIZED:
+        if not all(isinstance(fields.get(name), str) for name in _AUTHORIZED_FIELDS):
+            raise ValueError("bad upstream_authorized event")
+        return origin, UpstreamAuthorized(**{name: fields[name] for name in _AUTHORIZED_FIELDS})
     if kind != SERVER_EVENT:
         raise ValueError("not a server event")
     values: dict[str, Any] = {}
@@ -104,6 +120,8 @@ def _describe(event: Shared) -> dict[str, str]:
     """What a log line says of an event."""
     if isinstance(event, RolesChanged):
         return {"event": ROLES_CHANGED, "tenant_id": event.tenant_id}
+    if isinstance(event, UpstreamAuthorized):
+        return {"event": UPSTREAM_AUTHORIZED, "server_id": event.server_id}
     return {"event": event.kind.value, "server_id": event.server_id}
 
 
@@ -135,7 +153,7 @@ class RedisEventBus(EventBus):
     # ---- the EventBus interface ------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        if isinstance(event, ServerEvent | RolesChanged):
+        if isinstance(event, ServerEvent | RolesChanged | UpstreamAuthorized):
             try:  # queued before the local dispatch: a cancelled caller cannot keep it from peers
                 self._outbox.send_nowait(event)
             except anyio.WouldBlock:

@@ -30,7 +30,7 @@ from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
 from scailink_mcp.errors import Conflict, RegistryDisabled, ValidationFailed
-from scailink_mcp.events import EventBus, ServerEvent, ServerEventKind
+from scailink_mcp.events import EventBus, ServerEvent, ServerEventKind, UpstreamAuthorized
 from scailink_mcp.leases import Lease
 from scailink_mcp.models import (
     Capability,
@@ -57,6 +57,7 @@ from scailink_mcp.remote.discovery import aware
 from scailink_mcp.remote.discovery_runner import DiscoveryRunner
 from scailink_mcp.remote.netguard import validate_endpoint_url
 from scailink_mcp.remote.oauth import OAuth
+from scailink_mcp.remote.oauth_stamps import Stamp
 from scailink_mcp.remote.quota import release_slot, take_slot
 from scailink_mcp.remote.schemas import RegisterServer, ServerDetail, UpdateServer
 from scailink_mcp.remote.server_detail import server_detail
@@ -117,8 +118,15 @@ class Registry:
         # Upstream OAuth (SPEC section 12): an owner's first authorization lets discovery run.
         self.oauth = OAuth(settings, db, keyring, self.allowed, lease=lease, audit=audit)
         self.oauth.on_connected = self.discovery.run_first
+        self.oauth.on_authorized = self._authorized
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    async def _authorized(self, stamp: Stamp) -> None:
+        if stamp.elicitation:  # a flow from a ticket: a URL-mode elicitation may wait for it
+            await self.events.publish(
+                UpstreamAuthorized(stamp.tenant_id, stamp.user_id, stamp.server_id, stamp.elicitation)
+            )
 
     def _keyring(self) -> Keyring:
         if self.keyring is None:
