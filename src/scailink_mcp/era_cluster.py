@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 
 from scailink_mcp.errors import ProtocolError, ScaiLinkError, UpstreamTimeout, error_class
-from scailink_mcp.redis_link import Signer, Subscription, check_url, connect
+from scailink_mcp.redis_link import PeerLink, Subscription, connect
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -70,21 +70,10 @@ def _error_body(err: ScaiLinkError) -> dict[str, Any]:
 class EraCluster:
     """One per worker, run inside `EraBridge.run` (so under the app lifespan) with the bridge's id."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        signer: Signer,
-        prefix: str = "scailink",
-        timeout_s: float = 2.0,
-        backoff_min_s: float = 0.1,
-        backoff_max_s: float = 5.0,
-    ) -> None:
-        check_url(url)
-        self.url = url
-        self.signer = signer
-        self.prefix = prefix
-        self.timeout_s = timeout_s
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
+        self.signer = link.signer
+        self.prefix = link.prefix
         self.worker_id = ""  # the bridge's, given to `run`
         self.bridge: EraBridge | None = None
         self.forwarded = 0  # retries sent to peers (tests, logs)
@@ -92,7 +81,7 @@ class EraCluster:
         self._tg: anyio.abc.TaskGroup | None = None
         self._waiting: dict[str, _Waiter] = {}
         self._subscription = Subscription(
-            "MRTR", on_message=self._receive, backoff_s=lambda: (backoff_min_s, backoff_max_s)
+            "MRTR", on_message=self._receive, backoff_s=lambda: (link.backoff_min_s, link.backoff_max_s)
         )
 
     def _inbox(self, worker: str) -> str:
@@ -104,8 +93,8 @@ class EraCluster:
     async def run(self, bridge: EraBridge) -> None:
         self.bridge, self.worker_id = bridge, bridge.worker_id
         name = f"{self.prefix}:mrtr:{self.worker_id}"
-        self._client = connect(self.url, name=f"{name}:cmd", retries=2, timeout_s=self.timeout_s)
-        receiver = connect(self.url, name=f"{name}:sub", retries=0, timeout_s=self.timeout_s)
+        self._client = connect(self.link.url, name=f"{name}:cmd", retries=2, timeout_s=self.link.timeout_s)
+        receiver = connect(self.link.url, name=f"{name}:sub", retries=0, timeout_s=self.link.timeout_s)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg

@@ -145,15 +145,17 @@ class UpstreamAuthRequired(ScaiLinkError):
     """The caller has not authorized ScaiLink for an OAuth upstream, or its refresh failed (SPEC
     section 12). 403, never 401: the caller's own token is fine. `authorize_url` (absolute, with a
     one-time ticket) is where a browser authorizes; it is in `details` and in the tool result's `_meta`.
+    `elicitation_id` names that ticket's flow for a URL-mode elicitation (never in `details`).
     """
 
     code = "SCAILINK_UPSTREAM_AUTH_REQUIRED"
     status = 403
     default_message = "authorize ScaiLink for this server first: open authorize_url in a browser"
 
-    def __init__(self, message: str | None = None, *, authorize_url: str) -> None:
+    def __init__(self, message: str | None = None, *, authorize_url: str, elicitation_id: str = "") -> None:
         super().__init__(message, details={"authorize_url": authorize_url})
         self.authorize_url = authorize_url
+        self.elicitation_id = elicitation_id
 
 
 class UpstreamError(ScaiLinkError):

@@ -31,9 +31,17 @@ from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
 from scailink_mcp.era_pending import era_call
-from scailink_mcp.errors import ProtocolError, ScaiLinkError, ToolNotFound, mcp_error, tool_error_result
+from scailink_mcp.errors import (
+    ProtocolError,
+    ScaiLinkError,
+    ToolNotFound,
+    UpstreamAuthRequired,
+    mcp_error,
+    tool_error_result,
+)
 from scailink_mcp.invocation import Caller, Invoker
 from scailink_mcp.mcp_auth import current_principal
+from scailink_mcp.mcp_elicitation import UrlElicitations, supports_url_elicitation
 from scailink_mcp.mcp_transports import ListChangedServer
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
@@ -109,6 +117,7 @@ class McpSurface:
         self.invoker = invoker
         self.notifier = notifier
         self.subscriptions = subscriptions
+        self.elicitations = UrlElicitations(ttl_s=settings.oauth_state_ttl_s)
 
     def style(self, ctx: Ctx) -> NameStyle:
         request = ctx.request
@@ -158,7 +167,8 @@ class McpSurface:
         )
 
     async def call_tool(self, ctx: Ctx, scope_of: ScopeOf, params: types.CallToolRequestParams) -> Result:
-        """`tools/call`: an unknown name is -32602; other failures are `isError` results."""
+        """`tools/call`: an unknown name is -32602; an upstream authorization missing is -32042 for a
+        client of URL-mode elicitation (mcp_elicitation.py); other failures are `isError` results."""
         principal, scope = scope_of(ctx)
         try:
             target = scope.resolve_tool(params.name)
@@ -180,6 +190,8 @@ class McpSurface:
         except ProtocolError as err:  # a bad requestState, an upstream's own JSON-RPC error (2026)
             raise mcp_error(err) from None
         except ScaiLinkError as err:
+            if isinstance(err, UpstreamAuthRequired) and supports_url_elicitation(ctx):
+                raise self.elicitations.required(ctx, err) from None
             result = tool_error_result(err)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
             result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
