@@ -158,11 +158,12 @@ class McpSurface:
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
         relay = DownstreamCall(ctx.session, ctx.request_id)
+        # A 2026-07-28 request goes through the era bridge (era_bridge.py); the handshake era's warm
+        # path stays as it was.
+        era = era_call(ctx, relay) if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS else None
         return Caller(
             request_id=request_id_of(ctx),
-            forwarding=Forwarding(
-                progress=self._progress(ctx, meta or {}), relay=relay, era=era_call(ctx, relay)
-            ),
+            forwarding=Forwarding(progress=self._progress(ctx, meta or {}), relay=relay, era=era),
             elicit=self._elicit(ctx),
         )
 
