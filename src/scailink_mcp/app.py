@@ -45,6 +45,8 @@ from scailink_mcp.desktop.bridge import Bridge
 from scailink_mcp.desktop.cluster import DesktopCluster
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
+from scailink_mcp.era_bridge import EraBridge
+from scailink_mcp.era_cluster import EraCluster
 from scailink_mcp.errors import ScaiLinkError
 from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent, UpstreamAuthorized
 from scailink_mcp.iam import RoleStore
@@ -59,7 +61,7 @@ from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter, RedisRateLimiter
 from scailink_mcp.redis_bus import RedisEventBus, from_peer
-from scailink_mcp.redis_link import peer_link
+from scailink_mcp.redis_link import cluster_key, peer_link
 from scailink_mcp.relay import Relay
 from scailink_mcp.remote.breaker import BreakerPolicy
 from scailink_mcp.remote.connector import Connector
@@ -167,6 +169,11 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         lean_calls=settings.pool_lean_calls,
     )
     connector.bind_relay(Relay(pool))
+    era_cluster = EraCluster(link) if link else None  # a retry reaches the replica holding its call
+    era_bridge = EraBridge(
+        pool, secret=cluster_key(settings), pending_timeout_s=settings.call_timeout_max_s, cluster=era_cluster
+    )
+    events.subscribe(era_bridge.on_event)
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
@@ -177,7 +184,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     metrics = Metrics()
     invoker = Invoker(
         settings,
-        Backends(pool=pool, desktop=desktop, request_timeout_s=settings.call_timeout_s, oauth=registry.oauth),
+        Backends(pool, desktop, settings.call_timeout_s, oauth=registry.oauth, bridge=era_bridge),
         consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
         metrics=metrics,
         audit=audit,
@@ -315,6 +322,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             logger.error("could not load the server directory", extra={"error": type(exc).__name__})
         async with anyio.create_task_group() as tg:
             tg.start_soon(parts.pool.run)
+            if parts.invoker.backends.bridge is not None:  # 2026-07-28 calls parked between rounds
+                tg.start_soon(parts.invoker.backends.bridge.run)
             tg.start_soon(parts.notifier.run)
             tg.start_soon(parts.rediscovery.run_triggered)
             tg.start_soon(parts.desktop.run_expiry)

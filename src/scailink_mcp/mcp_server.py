@@ -30,7 +30,9 @@ from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
+from scailink_mcp.era_pending import era_call
 from scailink_mcp.errors import (
+    ProtocolError,
     ScaiLinkError,
     ToolNotFound,
     UpstreamAuthRequired,
@@ -45,7 +47,7 @@ from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.sdk_sessions import connection_of
 from scailink_mcp.subscriptions import Subscriptions
-from scailink_mcp.targets import Forwarding, RemoteTarget, Result, Target
+from scailink_mcp.targets import Forwarding, PromptResult, RemoteTarget, Result, Target
 
 Ctx = ServerRequestContext[Any, Any]
 INSTRUCTIONS = "ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced."
@@ -155,11 +157,13 @@ class McpSurface:
         return principal, ServerScope.of(server)
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
+        relay = DownstreamCall(ctx.session, ctx.request_id)
+        # A 2026-07-28 request goes through the era bridge (era_bridge.py); the handshake era's warm
+        # path stays as it was.
+        era = era_call(ctx, relay) if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS else None
         return Caller(
             request_id=request_id_of(ctx),
-            forwarding=Forwarding(
-                progress=self._progress(ctx, meta or {}), relay=DownstreamCall(ctx.session, ctx.request_id)
-            ),
+            forwarding=Forwarding(progress=self._progress(ctx, meta or {}), relay=relay, era=era),
             elicit=self._elicit(ctx),
         )
 
@@ -184,6 +188,8 @@ class McpSurface:
             )
             if isinstance(scope, CatalogView):  # every URI an agent gets through /mcp reads back there
                 result = resource_uris.tool_result(result, target)
+        except ProtocolError as err:  # a bad requestState, an upstream's own JSON-RPC error (2026)
+            raise mcp_error(err) from None
         except ScaiLinkError as err:
             if isinstance(err, UpstreamAuthRequired) and supports_url_elicitation(ctx):
                 raise self.elicitations.required(ctx, err) from None
@@ -230,8 +236,8 @@ class McpSurface:
     def _elicit(self, ctx: Ctx) -> Callable[[str], Any] | None:
         session = ctx.session
         caps = session.client_capabilities
-        if caps is None or caps.elicitation is None:
-            return None
+        if caps is None or caps.elicitation is None or ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return None  # 2026-07-28 has no back-channel to ask on: the desktop is asked instead
 
         async def ask(message: str) -> bool:
             answer = await session.elicit_form(
@@ -264,14 +270,14 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
     async def list_prompts(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
         return types.ListPromptsResult(prompts=scope_of(ctx)[1].prompts)
 
-    async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+    async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> PromptResult:
         principal, scope = scope_of(ctx)
         try:
             target = scope.resolve_prompt(params.name)
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
         try:
-            return await invoker.get_prompt(principal, target, params.arguments)
+            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx))
         except ScaiLinkError as err:
             raise mcp_error(err) from None
 

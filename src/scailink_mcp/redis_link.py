@@ -62,14 +62,23 @@ class Signer:
         return text
 
 
-def cluster_signer(settings: Settings) -> Signer:
-    """The signer of this gateway's Redis traffic: `SCAILINK_CLUSTER_SECRET`, else the primary KEK."""
+def cluster_key(settings: Settings) -> bytes | None:
+    """The secret all replicas share: `SCAILINK_CLUSTER_SECRET`, else derived from the primary KEK;
+    None when neither is set (a single process)."""
     if settings.cluster_secret is not None:
-        return Signer(base64.b64decode(settings.cluster_secret.get_secret_value().strip()))
+        return base64.b64decode(settings.cluster_secret.get_secret_value().strip())
     if settings.encryption_local_kek is not None:
         kek = base64.b64decode(settings.encryption_local_kek.get_secret_value().strip())
-        return Signer(hashlib.sha256(b"scailink-cluster-secret" + kek).digest())
-    raise ValueError("several replicas need SCAILINK_CLUSTER_SECRET (or SCAILINK_ENCRYPTION_LOCAL_KEK)")
+        return hashlib.sha256(b"scailink-cluster-secret" + kek).digest()
+    return None
+
+
+def cluster_signer(settings: Settings) -> Signer:
+    """The signer of this gateway's Redis traffic (`cluster_key`)."""
+    key = cluster_key(settings)
+    if key is None:
+        raise ValueError("several replicas need SCAILINK_CLUSTER_SECRET (or SCAILINK_ENCRYPTION_LOCAL_KEK)")
+    return Signer(key)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
-from scailink_mcp.errors import ResultTooLarge, UpstreamError
+from scailink_mcp.errors import ProtocolError, ResultTooLarge, UpstreamError
 
 # The SDK transports resolve a request whose stream broke with this code (`SSE stream failed`, `SSE
 # stream ended without a response`, reconnection exhausted): a transport failure, not an answer.
@@ -40,7 +40,7 @@ def counts_for_breaker(exc: BaseException) -> bool:
     the tool's own failure; it is the caller's, and the upstream is evidently up) and an answer over
     the size limit (`ResultTooLarge`: it depends on the call, not on the upstream's health).
     """
-    if isinstance(exc, ResultTooLarge):
+    if isinstance(exc, ResultTooLarge | ProtocolError):  # ProtocolError: an answer, as MCPError is
         return False
     if isinstance(exc, MCPError):
         return exc.error.code == SDK_CONNECTION_CLOSED

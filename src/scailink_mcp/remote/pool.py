@@ -36,7 +36,7 @@ from scailink_mcp.remote.breaker import (
     CircuitBreakers,
     counts_for_breaker,
 )
-from scailink_mcp.remote.pooled_session import PooledSession
+from scailink_mcp.remote.pooled_session import LogSink, PooledSession
 from scailink_mcp.remote.upstream import error_class_name
 from scailink_mcp.remote.wire import SessionGone
 
@@ -224,9 +224,32 @@ class UpstreamPool:
         entry = self._entries.get(key)
         return entry.relays[-1] if entry is not None and entry.relays else None
 
-    async def use(self, key: PoolKey, fn: Callable[[ClientSession], Awaitable[T]], *, timeout: float) -> T:
+    async def use(
+        self,
+        key: PoolKey,
+        fn: Callable[[ClientSession], Awaitable[T]],
+        *,
+        timeout: float,
+        relay: object | None = None,
+    ) -> T:
         """Run `fn` on the SDK session of the key's warm (or new) session; see `_run`."""
-        return await self._run(key, lambda pooled: fn(pooled.client), timeout=timeout)
+        return await self._run(key, lambda pooled: fn(pooled.client), timeout=timeout, relay=relay)
+
+    async def call_modern(
+        self,
+        key: PoolKey,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float,
+        progress_callback: ProgressFnT | None = None,
+        log: LogSink | None = None,
+    ) -> dict[str, Any]:
+        """`method` in the 2026-07-28 era over the key's session's HTTP client (`PooledSession.modern`);
+        `log` receives the upstream's log messages on the call's stream."""
+        return await self._run(
+            key, lambda pooled: pooled.modern(method, params, progress_callback, log), timeout=timeout
+        )
 
     async def _run(
         self,
