@@ -53,6 +53,7 @@ from mcp_types.version import LATEST_MODERN_VERSION
 from pydantic import ValidationError
 
 from scailink_mcp.era_pending import EraCall, PendingCall
+from scailink_mcp.era_reverse import ReverseBridge
 from scailink_mcp.errors import ProtocolError, RateLimited, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.redis_link import make_worker_id
@@ -133,6 +134,8 @@ class EraBridge:
         material = hashlib.sha256(b"scailink-mrtr-request-state" + (secret or os.urandom(32))).digest()
         self._codec = AESGCMRequestStateCodec([material])
         self._modern: dict[str, bool] = {}
+        # Handshake-era callers: an upstream's own input_required asked over their back-channel.
+        self.reverse = ReverseBridge(pool)
         self._pending: dict[str, PendingCall] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 

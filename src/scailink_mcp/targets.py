@@ -122,6 +122,15 @@ class RemoteTarget:
                     timeout=call.timeout,
                     progress=call.forwarding.progress,
                 )
+            if b.bridge is not None:  # an upstream's own input_required asked of the caller (era_reverse.py)
+                return await b.bridge.reverse.call_tool(
+                    key,
+                    self.upstream_name,
+                    call.arguments,
+                    call.forwarding.relay,
+                    timeout=call.timeout,
+                    progress=call.forwarding.progress,
+                )
             return await b.pool.call_tool(
                 key,
                 self.upstream_name,

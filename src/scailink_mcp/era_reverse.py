@@ -1,0 +1,160 @@
+"""The era bridge's other direction (issue 15): an upstream's own `input_required` answered on behalf
+of a handshake-era caller, by asking that caller over its session's back-channel.
+
+A 2026-07-28 upstream asks for its client's input mid-call by answering `input_required` (SEP-2322)
+with `inputRequests` (sampling, elicitation, roots) and a `requestState`. A handshake-era client
+through ScaiLink cannot read that result: ScaiLink sends each request to it as the server-to-client
+request of its own call (`ServerSession.send_request`, related to the call), collects the answers as
+`inputResponses` and calls the upstream again with them and the upstream's `requestState`
+(unchanged: the upstream sealed it), for at most `MAX_ROUNDS` rounds.
+
+When a handshake-era caller's call goes to the upstream in the 2026-07-28 era: when the upstream
+speaks only that era (it refuses `initialize`; `upstream.open_session` then adopts its
+`server/discover` and the pooled session sends every call in that era, declaring the caller's own
+capabilities, `pooled_session.py`). An upstream that speaks both eras is called on its warm
+handshake-era session (the hot path) and asks over its back-channel, which `relay.py` forwards; if
+it answers `input_required` there anyway, the same rounds answer it.
+
+Must not: ask a caller for a capability it did not declare (the call ends with a tool error naming
+what is missing, `ClientCapabilityMissing`), hang (every question is bounded by the call's timeout,
+and the rounds by `MAX_ROUNDS`), or touch the warm path of a call whose answer is not
+`input_required` beyond one key lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from scailink_mcp.errors import ClientCapabilityMissing, UpstreamError, UpstreamTimeout
+from scailink_mcp.relay import DownstreamCall
+from scailink_mcp.remote.pool import PoolKey, UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+# Rounds of `input_required` answered for one call before it ends with a tool error.
+MAX_ROUNDS = 8
+# The capability a client must declare for each kind of input request, and the answer's type.
+CAPABILITY_OF: dict[str, tuple[str, type[BaseModel]]] = {
+    "sampling/createMessage": ("sampling", types.CreateMessageResult),
+    "elicitation/create": ("elicitation", types.ElicitResult),
+    "roots/list": ("roots", types.ListRootsResult),
+}
+_REQUEST: TypeAdapter[types.InputRequest] = TypeAdapter(types.InputRequest)
+
+
+def asks_for_input(result: Mapping[str, Any]) -> bool:
+    return result.get("resultType") == "input_required"
+
+
+def caller_capabilities(relay: DownstreamCall | None) -> dict[str, Any]:
+    """What the downstream client declared at `initialize` (nothing for a caller without a session)."""
+    caps = relay.session.client_capabilities if relay is not None else None
+    if caps is None:
+        return {}
+    dumped: dict[str, Any] = caps.model_dump(by_alias=True, mode="json", exclude_none=True)
+    return dumped
+
+
+class ReverseBridge:
+    """Calls a tool for a handshake-era caller, answering the upstream's `input_required` rounds."""
+
+    def __init__(self, pool: UpstreamPool, *, max_rounds: int = MAX_ROUNDS) -> None:
+        self.pool = pool
+        self.max_rounds = max_rounds
+
+    async def call_tool(
+        self,
+        key: PoolKey,
+        name: str,
+        arguments: dict[str, Any] | None,
+        relay: DownstreamCall | None,
+        *,
+        timeout: float,
+        progress: ProgressFnT | None,
+    ) -> Result:
+        caps = caller_capabilities(relay)
+        retry: dict[str, Any] | None = None
+        for rounds in range(self.max_rounds + 1):  # the call, then one retry per round answered
+            result = await self.pool.call_tool(
+                key,
+                name,
+                arguments,
+                timeout=timeout,
+                progress_callback=progress,
+                relay=relay,
+                retry=retry,
+                capabilities=caps,
+            )
+            if not asks_for_input(result):
+                return result
+            if rounds == self.max_rounds:
+                break
+            retry = await self._answer(result, relay, caps, timeout)
+        raise UpstreamError(
+            f"the upstream asked for input more than {self.max_rounds} rounds in one call; the call was ended"
+        )
+
+    async def _answer(
+        self, result: Result, relay: DownstreamCall | None, caps: Mapping[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """One round: every input request asked of the caller; the retry's fields."""
+        requests = result.get("inputRequests")
+        state = result.get("requestState")
+        if not isinstance(requests, Mapping) or (not requests and not isinstance(state, str)):
+            raise UpstreamError("the upstream answered input_required without inputRequests or requestState")
+        parsed: dict[str, types.InputRequest] = {}
+        for key, raw in requests.items():
+            try:
+                parsed[str(key)] = _REQUEST.validate_python(raw, by_name=False)
+            except ValidationError:
+                raise UpstreamError(
+                    f"the upstream's input request {key!r} is not one ScaiLink knows"
+                ) from None
+        missing = sorted(
+            {CAPABILITY_OF[q.method][0] for q in parsed.values() if CAPABILITY_OF[q.method][0] not in caps}
+        )
+        if missing or (parsed and relay is None):
+            names = ", ".join(missing or sorted({CAPABILITY_OF[q.method][0] for q in parsed.values()}))
+            raise ClientCapabilityMissing(
+                f"the upstream needs the client's {names} to go on, and this client did not declare "
+                f"{'it' if len(missing) <= 1 else 'them'} (a client that declares {names} at initialize "
+                "is asked over its session)",
+                details={"missing": missing or names.split(", ")},
+            )
+        answers: dict[str, Any] = {}
+        for key, question in parsed.items():
+            assert relay is not None  # checked above: no questions without a session to ask
+            answers[key] = await self._ask(relay, question, timeout)
+        retry: dict[str, Any] = {"inputResponses": answers}
+        if isinstance(state, str):
+            retry["requestState"] = state
+        return retry
+
+    async def _ask(self, relay: DownstreamCall, question: types.InputRequest, timeout: float) -> Any:
+        capability, answer_type = CAPABILITY_OF[question.method]
+        try:
+            with anyio.fail_after(timeout):
+                answer = await relay.session.send_request(question, answer_type, metadata=relay.metadata())
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"the client did not answer the {capability} request within {timeout:g} s"
+            ) from None
+        except MCPError as exc:
+            # The client's refusal is the answer the upstream gets: an error object in inputResponses
+            # is not in the schema, so the call ends here with the client's reason.
+            raise ClientCapabilityMissing(
+                f"the client refused the upstream's {capability} request ({exc.error.message})",
+                details={"missing": [capability]},
+            ) from None
+        except ValidationError:
+            raise UpstreamError(f"the client's answer to the {capability} request is invalid") from None
+        return answer.model_dump(by_alias=True, mode="json", exclude_none=True)
