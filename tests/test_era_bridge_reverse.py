@@ -98,6 +98,14 @@ def _mrtr_server() -> MCPServer:
             input_requests={"again": types.ListRootsRequest()}, request_state=str(rounds)
         )
 
+    @server.resource("note://{topic}")
+    def note(topic: str, ctx: Context) -> str | types.InputRequiredResult:
+        """A note whose author the user names first (a read's own round)."""
+        got = (ctx.input_responses or {}).get("author")
+        if got is None:
+            return types.InputRequiredResult(input_requests={"author": _form("Author?")})
+        return f"{topic} by {(getattr(got, 'content', None) or {}).get('name')}"
+
     return server
 
 
@@ -210,6 +218,7 @@ async def test_modern_only_upstream_asks_a_handshake_client_over_its_session(
         assert _only_text(result) == "roots: file:///home/ada/project"
     assert asked == ["sampling", "elicitation:Your name?", "elicitation:Your name, again?", "roots"]
     assert upstream.refused >= 1  # the handshake was tried and refused: the era was not assumed
+    assert await live.parts.health.check(server["id"]) == "ok"  # no ping in that era: discover is the check
 
 
 async def test_dual_era_upstream_is_called_in_the_caller_s_era(
@@ -290,3 +299,21 @@ async def test_modern_client_through_a_modern_only_upstream_passes_through(
     async with modern_client(live.mcp_url, tok, **ALL) as c:  # the SDK client drives the rounds
         result = await c.call_tool(f"remote.u1.{server['slug']}.ask_user", {})
         assert _only_text(result) == "user said: Ada / Lovelace"
+
+
+async def test_resource_read_rounds_of_a_modern_client_pass_through(
+    live: LiveApp, token: TokenFactory, modern_only: tuple[str, _ModernOnly], dual_era: str
+) -> None:
+    """`resources/read` of a 2026-07-28 client: the upstream's `input_required` passes through (the
+    SDK client drives the rounds) and the answer's URI is the one asked for."""
+    tok = token("u1", "t1", ("tenant_user",))
+    for name, url in (("mrtr-only", modern_only[0]), ("dual", dual_era)):
+        server = await register(live, tok, name=name, endpoint_url=url)
+        async with modern_client(live.mcp_url, tok, **ALL) as c:
+            templates = (await c.list_resource_templates()).resource_templates
+            public = next(t.uri_template for t in templates if server["slug"] in t.uri_template)
+            uri = public.replace("{topic}", "ideas")
+            result = await c.read_resource(uri)
+            block = result.contents[0]
+            assert isinstance(block, types.TextResourceContents), result
+            assert block.text == "ideas by Ada" and str(block.uri) == uri

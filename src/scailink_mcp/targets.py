@@ -38,6 +38,7 @@ Kind = Literal["tool", "prompt", "resource"]
 Result = dict[str, Any]
 # A prompt, or (2026-07-28) the upstream's request for the caller's input first.
 PromptResult = types.GetPromptResult | types.InputRequiredResult
+ReadResult = types.ReadResourceResult | types.InputRequiredResult
 
 
 def prompt_result(raw: Result) -> PromptResult:
@@ -47,6 +48,15 @@ def prompt_result(raw: Result) -> PromptResult:
         return types.GetPromptResult.model_validate(raw)
     except ValidationError:
         raise UpstreamError("the upstream answered with an invalid prompt") from None
+
+
+def read_result(raw: Result) -> ReadResult:
+    try:
+        if is_input_required(raw):
+            return types.InputRequiredResult.model_validate(raw)
+        return types.ReadResourceResult.model_validate(raw)
+    except ValidationError:
+        raise UpstreamError("the upstream answered with an invalid resource") from None
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,13 @@ class RemoteTarget:
     ) -> Any:
         return await b.pool.use(await self.key(b, principal), fn, timeout=b.request_timeout_s)
 
-    async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
+    async def read(self, b: Backends, principal: Principal, era: EraCall | None = None) -> ReadResult:
+        if era is not None and b.bridge is not None:
+            key = await self.key(b, principal)
+            raw = await b.bridge.read_resource(
+                key, principal, self.upstream_name, era, timeout=b.request_timeout_s
+            )
+            return read_result(raw)
         result: types.ReadResourceResult = await self.use(
             b, principal, lambda s: s.read_resource(self.upstream_name)
         )
@@ -207,7 +223,7 @@ class DesktopTarget:
         dumped: Result = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return dumped
 
-    async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
+    async def read(self, b: Backends, principal: Principal, era: EraCall | None = None) -> ReadResult:
         raw = await b.desktop.invoke(
             self.session, RESOURCE_READ, {"uri": self.upstream_name}, timeout=b.request_timeout_s
         )
