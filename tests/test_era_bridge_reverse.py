@@ -98,6 +98,14 @@ def _mrtr_server() -> MCPServer:
             input_requests={"again": types.ListRootsRequest()}, request_state=str(rounds)
         )
 
+    @server.prompt()
+    def framed(ctx: Context) -> str | types.InputRequiredResult:
+        """A prompt whose topic the user names first (a prompt's own round)."""
+        got = (ctx.input_responses or {}).get("topic")
+        if got is None:
+            return types.InputRequiredResult(input_requests={"topic": _form("Topic?")})
+        return f"about {(getattr(got, 'content', None) or {}).get('name')}"
+
     @server.resource("note://{topic}")
     def note(topic: str, ctx: Context) -> str | types.InputRequiredResult:
         """A note whose author the user names first (a read's own round)."""
@@ -317,3 +325,28 @@ async def test_resource_read_rounds_of_a_modern_client_pass_through(
             block = result.contents[0]
             assert isinstance(block, types.TextResourceContents), result
             assert block.text == "ideas by Ada" and str(block.uri) == uri
+
+
+async def test_prompt_and_read_rounds_asked_of_a_handshake_client(
+    live: LiveApp, token: TokenFactory, modern_only: tuple[str, _ModernOnly]
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="mrtr-only", endpoint_url=modern_only[0])
+    asked.clear()
+    async with handshake_session(live.mcp_url, tok, **ALL) as s:
+        prompt = await s.get_prompt(f"remote.u1.{server['slug']}.framed")
+        block = prompt.messages[0].content
+        assert isinstance(block, types.TextContent) and block.text == "about Ada"
+        templates = (await s.list_resource_templates()).resource_templates
+        public = next(t.uri_template for t in templates if server["slug"] in t.uri_template)
+        uri = public.replace("{topic}", "ideas")
+        result = await s.read_resource(uri)
+        text = result.contents[0]
+        assert isinstance(text, types.TextResourceContents) and text.text == "ideas by Ada"
+        assert str(text.uri) == uri
+    assert asked == ["elicitation:Topic?", "elicitation:Author?"]
+    async with handshake_session(live.mcp_url, tok, sampling_callback=_sampling) as s:
+        with pytest.raises(MCPError) as err:  # prompts/get answers errors as JSON-RPC errors
+            await s.get_prompt(f"remote.u1.{server['slug']}.framed")
+        assert "SCAILINK_CLIENT_CAPABILITY_MISSING" in err.value.error.message
+        assert "elicitation" in err.value.error.message

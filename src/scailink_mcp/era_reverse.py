@@ -24,11 +24,12 @@ and the rounds by `MAX_ROUNDS`), or touch the warm path of a call whose answer i
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 import mcp_types as types
+from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -49,6 +50,19 @@ CAPABILITY_OF: dict[str, tuple[str, type[BaseModel]]] = {
     "roots/list": ("roots", types.ListRootsResult),
 }
 _REQUEST: TypeAdapter[types.InputRequest] = TypeAdapter(types.InputRequest)
+# The other methods with rounds: the request, its params and its result types.
+REQUESTS: dict[str, tuple[Any, type[types.InputResponseRequestParams], TypeAdapter[Any]]] = {
+    "prompts/get": (
+        types.GetPromptRequest,
+        types.GetPromptRequestParams,
+        TypeAdapter(types.GetPromptResult | types.InputRequiredResult),
+    ),
+    "resources/read": (
+        types.ReadResourceRequest,
+        types.ReadResourceRequestParams,
+        TypeAdapter(types.ReadResourceResult | types.InputRequiredResult),
+    ),
+}
 
 
 def asks_for_input(result: Mapping[str, Any]) -> bool:
@@ -82,9 +96,9 @@ class ReverseBridge:
         progress: ProgressFnT | None,
     ) -> Result:
         caps = caller_capabilities(relay)
-        retry: dict[str, Any] | None = None
-        for rounds in range(self.max_rounds + 1):  # the call, then one retry per round answered
-            result = await self.pool.call_tool(
+
+        def send(retry: dict[str, Any] | None) -> Awaitable[Result]:
+            return self.pool.call_tool(
                 key,
                 name,
                 arguments,
@@ -94,6 +108,45 @@ class ReverseBridge:
                 retry=retry,
                 capabilities=caps,
             )
+
+        return await self._rounds(send, relay, caps, timeout)
+
+    async def request(
+        self,
+        key: PoolKey,
+        method: str,
+        params: dict[str, Any],
+        relay: DownstreamCall | None,
+        *,
+        timeout: float,
+    ) -> Result:
+        """`prompts/get` or `resources/read` on the pooled session's SDK client, with the same rounds
+        (a 2026-07-28-only upstream's session declares ScaiLink's capabilities there, the SDK stamps
+        them; a request for one the caller lacks still ends in `ClientCapabilityMissing`)."""
+        request_type, params_type, result_type = REQUESTS[method]
+
+        def send(retry: dict[str, Any] | None) -> Awaitable[Result]:
+            request = request_type(params=params_type.model_validate({**params, **(retry or {})}))
+
+            async def on(session: ClientSession) -> Result:
+                answer = await session.send_request(request, result_type)
+                dumped: Result = answer.model_dump(by_alias=True, mode="json", exclude_none=True)
+                return dumped
+
+            return self.pool.use(key, on, timeout=timeout, relay=relay)
+
+        return await self._rounds(send, relay, caller_capabilities(relay), timeout)
+
+    async def _rounds(
+        self,
+        send: Callable[[dict[str, Any] | None], Awaitable[Result]],
+        relay: DownstreamCall | None,
+        caps: Mapping[str, Any],
+        timeout: float,
+    ) -> Result:
+        retry: dict[str, Any] | None = None
+        for rounds in range(self.max_rounds + 1):  # the call, then one retry per round answered
+            result = await send(retry)
             if not asks_for_input(result):
                 return result
             if rounds == self.max_rounds:

@@ -27,6 +27,7 @@ from scailink_mcp.desktop.connections import consent_denied
 from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
+from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.targets import (
     Backends,
     DesktopTarget,
@@ -144,8 +145,14 @@ class Invoker:
             principal, "tool_call", "error", code=ToolNotFound.code, request_id=request_id, target=public
         )
 
-    async def read(self, principal: Principal, target: Target, era: EraCall | None = None) -> ReadResult:
-        return await target.read(self.backends, principal, era)
+    async def read(
+        self,
+        principal: Principal,
+        target: Target,
+        era: EraCall | None = None,
+        relay: DownstreamCall | None = None,
+    ) -> ReadResult:
+        return await target.read(self.backends, principal, era, relay)
 
     async def get_prompt(
         self,
@@ -153,8 +160,9 @@ class Invoker:
         target: Target,
         arguments: dict[str, str] | None,
         era: EraCall | None = None,
+        relay: DownstreamCall | None = None,
     ) -> PromptResult:
-        return await target.get_prompt(self.backends, principal, arguments, era)
+        return await target.get_prompt(self.backends, principal, arguments, era, relay)
 
     async def _approve(
         self, principal: Principal, target: Target, public: str, args: dict[str, Any] | None, caller: Caller

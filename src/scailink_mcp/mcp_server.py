@@ -277,7 +277,8 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
         try:
-            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx))
+            relay = DownstreamCall(ctx.session, ctx.request_id)  # asked when the upstream needs input
+            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx), relay)
         except ScaiLinkError as err:
             raise mcp_error(err) from None
 
@@ -298,7 +299,8 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}") from None
         try:
-            result = await invoker.read(principal, target, era_call(ctx))
+            relay = DownstreamCall(ctx.session, ctx.request_id)
+            result = await invoker.read(principal, target, era_call(ctx), relay)
         except ScaiLinkError as err:
             raise mcp_error(err) from None
         if single or isinstance(result, types.InputRequiredResult):  # 2026-07-28: the upstream's rounds
