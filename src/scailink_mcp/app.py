@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Scope
 
-from scailink_mcp import dashboard, mcp_server, mcp_transports
+from scailink_mcp import dashboard, front_calls, mcp_server, mcp_transports
 from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import iam as iam_api
@@ -53,6 +53,7 @@ from scailink_mcp.invocation import Invoker
 from scailink_mcp.leases import Lease, RedisLease
 from scailink_mcp.mcp_auth import McpTokenVerifier, rate_key, resource_url
 from scailink_mcp.mcp_auth import protect as protect_mcp
+from scailink_mcp.mcp_front import McpFront
 from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.mcp_sessions import SessionStore, SharedSessions
 from scailink_mcp.metrics import Metrics
@@ -65,6 +66,7 @@ from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import UpstreamPool
 from scailink_mcp.remote.registry import Registry
+from scailink_mcp.sdk_sessions import SessionTable
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Backends
 
@@ -259,10 +261,16 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     resource = resource_url(settings)
     base = resource.removesuffix("/mcp")
     metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
-    aggregate_server = mcp_server.build_server(parts.mcp, single=False)
+    # One session table per endpoint (sdk_sessions.py): the front and the replicas layer read it.
+    tables = {False: SessionTable(), True: SessionTable()}
+    aggregate_server = mcp_server.build_server(parts.mcp, single=False, sessions=tables[False])
     aggregate = mcp_transports.session_manager(aggregate_server, settings)
     sse = mcp_transports.LegacySse(aggregate_server, settings)
-    single = mcp_transports.session_manager(mcp_server.build_server(parts.mcp, single=True), settings)
+    single_server = mcp_server.build_server(parts.mcp, single=True, sessions=tables[True])
+    single = mcp_transports.session_manager(single_server, settings)
+    tables[False].bind(aggregate)
+    tables[True].bind(single)
+    stamps = {False: aggregate_server.server_info_stamp, True: single_server.server_info_stamp}
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
 
     def guarded(manager: StreamableHTTPSessionManager | None) -> Callable[[ASGIApp], ASGIApp]:
@@ -284,12 +292,20 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
         return protect_mcp(app, verifier, metadata, guarded(manager))
 
     def served(manager: StreamableHTTPSessionManager, *, single: bool) -> ASGIApp:
-        app = mcp_transports.asgi(manager)
+        # The front answers the warm calls it owns; everything else reaches the SDK's app (mcp_front.py).
+        app: ASGIApp = McpFront(
+            mcp_transports.asgi(manager),
+            sessions=tables[single],
+            security_settings=manager.security_settings,
+            server_info=stamps[single],
+            methods=front_calls.methods(parts.mcp, single=single),
+        )
         if parts.mcp_sessions is None:
             return app
         endpoint = "single" if single else "aggregate"
 
         def revived(connection: Connection, principal: Principal, scope: Scope) -> None:
+            tables[single].known(connection)
             parts.mcp.revived(connection, principal, scope, single=single)
 
         return SharedSessions(
