@@ -53,7 +53,6 @@ from scailink_mcp.invocation import Invoker
 from scailink_mcp.leases import Lease, RedisLease
 from scailink_mcp.mcp_auth import McpTokenVerifier, rate_key, resource_url
 from scailink_mcp.mcp_auth import protect as protect_mcp
-from scailink_mcp.mcp_front import McpFront
 from scailink_mcp.mcp_guard import McpGuard
 from scailink_mcp.mcp_sessions import SessionStore, SharedSessions
 from scailink_mcp.metrics import Metrics
@@ -261,16 +260,19 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     resource = resource_url(settings)
     base = resource.removesuffix("/mcp")
     metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
-    # One session table per endpoint (sdk_sessions.py): the front and the replicas layer read it.
+    # Per endpoint (False: /mcp, True: per-server): its SDK server, and its session table
+    # (sdk_sessions.py), which the front and the replicas layer read.
     tables = {False: SessionTable(), True: SessionTable()}
-    aggregate_server = mcp_server.build_server(parts.mcp, single=False, sessions=tables[False])
-    aggregate = mcp_transports.session_manager(aggregate_server, settings)
-    sse = mcp_transports.LegacySse(aggregate_server, settings)
-    single_server = mcp_server.build_server(parts.mcp, single=True, sessions=tables[True])
-    single = mcp_transports.session_manager(single_server, settings)
+    servers = {s: mcp_server.build_server(parts.mcp, single=s, sessions=tables[s]) for s in tables}
+    aggregate = mcp_transports.session_manager(servers[False], settings)
+    sse = mcp_transports.LegacySse(servers[False], settings)
+    single = mcp_transports.session_manager(servers[True], settings)
     tables[False].bind(aggregate)
     tables[True].bind(single)
-    stamps = {False: aggregate_server.server_info_stamp, True: single_server.server_info_stamp}
+    # The front answers the warm calls it owns; everything else reaches the SDK's app (mcp_front.py).
+    fronts = {s: front_calls.front(parts.mcp, servers[s], tables[s], single=s) for s in tables}
+    answered = lambda: sum(f.answered for f in fronts.values())  # noqa: E731
+    parts.metrics.gauge("scailink_mcp_front_answers", "MCP requests the front answered", answered)
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
 
     def guarded(manager: StreamableHTTPSessionManager | None) -> Callable[[ASGIApp], ASGIApp]:
@@ -292,14 +294,7 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
         return protect_mcp(app, verifier, metadata, guarded(manager))
 
     def served(manager: StreamableHTTPSessionManager, *, single: bool) -> ASGIApp:
-        # The front answers the warm calls it owns; everything else reaches the SDK's app (mcp_front.py).
-        app: ASGIApp = McpFront(
-            mcp_transports.asgi(manager),
-            sessions=tables[single],
-            security_settings=manager.security_settings,
-            server_info=stamps[single],
-            methods=front_calls.methods(parts.mcp, single=single),
-        )
+        app: ASGIApp = fronts[single]
         if parts.mcp_sessions is None:
             return app
         endpoint = "single" if single else "aggregate"

@@ -20,16 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import mcp_types as types
+from mcp.server.lowlevel.server import Server
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import MCP_PARAM_HEADER_PREFIX, validate_mcp_param_headers
 from starlette.datastructures import Headers
 
+from scailink_mcp import mcp_transports
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.front_answer import Answer, Reply
 from scailink_mcp.invocation import Caller
-from scailink_mcp.mcp_front import Call, Exchange, Handler
+from scailink_mcp.mcp_front import Call, Exchange, Handler, McpFront
 from scailink_mcp.mcp_server import McpSurface
 from scailink_mcp.remote.wire import WireResult, dumps
+from scailink_mcp.sdk_sessions import SessionTable
 from scailink_mcp.targets import DesktopTarget, Forwarding, RemoteTarget, Target
 
 PARAMS = frozenset({"name", "arguments", "_meta"})
@@ -122,3 +125,16 @@ def tools_call(surface: McpSurface, *, single: bool) -> Handler:
 def methods(surface: McpSurface, *, single: bool) -> dict[str, Handler]:
     """The front's dispatch table of one endpoint (list pages are added next to `tools/call`)."""
     return {"tools/call": tools_call(surface, single=single)}
+
+
+def front(surface: McpSurface, server: Server[Any], sessions: SessionTable, *, single: bool) -> McpFront:
+    """The front of one endpoint, in front of its SDK app (`sessions` is bound to its manager)."""
+    manager = sessions.manager
+    assert manager is not None
+    return McpFront(
+        mcp_transports.asgi(manager),
+        sessions=sessions,
+        security_settings=manager.security_settings,
+        server_info=server.server_info_stamp,
+        methods=methods(surface, single=single),
+    )

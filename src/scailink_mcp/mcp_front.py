@@ -138,6 +138,7 @@ class McpFront:
     security_settings: TransportSecuritySettings | None
     server_info: dict[str, Any]  # the SDK server's `serverInfo` stamp (2026-07-28 results; never mutated)
     methods: dict[str, Handler] = field(default_factory=dict)
+    answered: int = 0  # requests the front answered (the `scailink_mcp_front_answers` gauge)
     _running: dict[tuple[str, RequestId], anyio.CancelScope] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,6 +182,7 @@ class McpFront:
         call = self.methods[method](exchange)
         if call is None:
             return False
+        self.answered += 1
         if session is None:
             await self._run(exchange, call, receive)
             return True

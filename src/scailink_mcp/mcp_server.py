@@ -389,8 +389,8 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
         catalog changes (an agent may connect to an empty catalog and wait for one)."""
         with suppress(MCPError):
             scope_of(ctx)
-        if sessions is not None:
-            sessions.known(connection_of(ctx.session))
 
     server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
+    if sessions is not None:
+        server.middleware = [sessions.record]
     return server

@@ -34,7 +34,8 @@ scope not fired) and `_session_owners` names the same credential; what the hands
 (negotiated version, client capabilities) lives on the session's `Connection`, which the SDK keeps
 inside its serve loop only, so the table records each connection when ScaiLink first sees it
 (`notifications/initialized`, or a revival by `mcp_sessions.py`) and forgets it with the
-connection's own exit stack. A call the front serves counts as a request in flight on the
+connection's own exit stack (`record`, the SDK server middleware ScaiLink installs, records each
+session when its `initialize` is answered). A call the front serves counts as a request in flight on the
 transport (`SessionTable.serving`), exactly as `StreamableHTTPServerTransport.handle_request` counts
 its own, so the SDK's idle expiry sees front-served calls.
 
@@ -54,6 +55,7 @@ import anyio
 from anyio.abc import TaskStatus
 from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
 from mcp.server.connection import Connection
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.runner import ServerRunner, serve_connection
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
@@ -185,6 +187,14 @@ class SessionTable:
             return
         self._connections[session_id] = connection
         connection.exit_stack.callback(self._forget, session_id, connection)
+
+    async def record(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """SDK server middleware: a session's connection is recorded when its `initialize` is answered
+        (before the client reads the answer, so its next request can be served by the front)."""
+        result = await call_next(ctx)
+        if ctx.method == "initialize":
+            self.known(connection_of(ctx.session))
+        return result
 
     def _forget(self, session_id: str, connection: Connection) -> None:
         if self._connections.get(session_id) is connection:
