@@ -32,20 +32,18 @@ from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
 from scailink_mcp.era_pending import era_call
 from scailink_mcp.errors import (
-    ProtocolError,
     ScaiLinkError,
     ToolNotFound,
-    UpstreamAuthRequired,
     mcp_error,
-    tool_error_result,
 )
 from scailink_mcp.invocation import Caller, Invoker
 from scailink_mcp.mcp_auth import current_principal
 from scailink_mcp.mcp_elicitation import UrlElicitations, supports_url_elicitation
+from scailink_mcp.mcp_tools import ToolRun
 from scailink_mcp.mcp_transports import ListChangedServer
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
-from scailink_mcp.sdk_sessions import connection_of
+from scailink_mcp.sdk_sessions import SessionTable, connection_of
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Forwarding, PromptResult, RemoteTarget, Result, Target
 
@@ -121,8 +119,14 @@ class McpSurface:
 
     def style(self, ctx: Ctx) -> NameStyle:
         request = ctx.request
-        if isinstance(request, Request) and request.query_params.get("names") in ("compat", "dotted"):
-            return request.query_params["names"]  # type: ignore[return-value]
+        return self.style_of(request.query_params.get("names") if isinstance(request, Request) else None)
+
+    def style_of(self, names: str | None) -> NameStyle:
+        """The naming style a request asks for (`?names=compat|dotted`), else the configured one."""
+        if names == "compat":
+            return "compat"
+        if names == "dotted":
+            return "dotted"
         return self.settings.tool_name_style
 
     def aggregate_scope(self, ctx: Ctx) -> tuple[Principal, CatalogView]:
@@ -137,8 +141,7 @@ class McpSurface:
             server_id = str(scope.get("path_params", {}).get("server_id", ""))
             self.notifier.track_connection(connection, principal, "dotted", server_id=server_id)
             return
-        names = Request(scope).query_params.get("names")
-        style: NameStyle = names if names in ("compat", "dotted") else self.settings.tool_name_style  # type: ignore[assignment]
+        style = self.style_of(Request(scope).query_params.get("names"))
         self.notifier.track_connection(connection, principal, style)
 
     def server_scope(self, ctx: Ctx) -> tuple[Principal, ServerScope]:
@@ -177,23 +180,10 @@ class McpSurface:
             self.invoker.unknown(principal, params.name, request_id_of(ctx))
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}") from None
         meta: dict[str, Any] = dict(params.meta or {})
-        try:
-            result = await self.invoker.call(
-                principal,
-                target,
-                params.name,
-                params.arguments,
-                timeout=self.invoker.timeout(meta.get("scailink/timeout_ms")),
-                caller=self.caller(ctx, meta),
-            )
-            if isinstance(scope, CatalogView):  # every URI an agent gets through /mcp reads back there
-                result = resource_uris.tool_result(result, target)
-        except ProtocolError as err:  # a bad requestState, an upstream's own JSON-RPC error (2026)
-            raise mcp_error(err) from None
-        except ScaiLinkError as err:
-            if isinstance(err, UpstreamAuthRequired) and supports_url_elicitation(ctx):
-                raise self.elicitations.required(ctx, err) from None
-            result = tool_error_result(err)
+        caller, aggregate = self.caller(ctx, meta), isinstance(scope, CatalogView)
+        url_auth = (lambda e: self.elicitations.required(ctx, e)) if supports_url_elicitation(ctx) else None
+        call = ToolRun(self.invoker, principal, target, params.name, params.arguments, meta, caller)
+        result = await call.run(aggregate, url_auth)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
             result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
         return result
@@ -248,8 +238,9 @@ class McpSurface:
         return ask
 
 
-def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
-    """One handler set; `single` is the per-server endpoint (upstream names)."""
+def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | None = None) -> Server[Any]:
+    """One handler set; `single` is the per-server endpoint (upstream names). `sessions` records each
+    initialized session's connection for the `/mcp` front (`mcp_front.py`)."""
     scope_of: ScopeOf = surface.server_scope if single else surface.aggregate_scope
     invoker = surface.invoker
 
@@ -391,4 +382,6 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
             scope_of(ctx)
 
     server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
+    if sessions is not None:
+        server.middleware = [sessions.record]
     return server

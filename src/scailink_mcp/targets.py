@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from scailink_mcp.catalog import ServerSnapshot
     from scailink_mcp.era_bridge import EraBridge
     from scailink_mcp.era_pending import EraCall
-    from scailink_mcp.relay import DownstreamCall
+    from scailink_mcp.relay import Downstream
     from scailink_mcp.remote.oauth import OAuth
 
 Kind = Literal["tool", "prompt", "resource"]
@@ -66,7 +66,7 @@ class Forwarding:
     server-to-client requests (sampling, elicitation, roots) back to the downstream session."""
 
     progress: ProgressFnT | None = None
-    relay: DownstreamCall | None = None
+    relay: Downstream | None = None
     # A 2026-07-28 caller's request (era_bridge.py): remote calls then go through the era bridge.
     era: EraCall | None = None
 
