@@ -8,15 +8,19 @@ retention. The catalog shows only the rows the latest successful discovery saw
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
+import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import find_invalid_x_mcp_header
 from mcp.types import PaginatedRequestParams
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, ConfigDict
 from sqlmodel import Session, col, delete, select
 
 from scailink_mcp.models import Capability, RemoteServer
@@ -27,7 +31,19 @@ KINDS = ("tool", "resource", "resource_template", "prompt")
 MAX_PAGES = 1000
 METHOD_NOT_FOUND = -32601
 
-R = TypeVar("R")
+
+class _RawPage(BaseModel):
+    """A listing's result kept as sent: every member lands in `model_extra`, nothing is re-dumped."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+_LIST_REQUESTS: dict[str, Any] = {
+    "tools/list": types.ListToolsRequest,
+    "resources/list": types.ListResourcesRequest,
+    "resources/templates/list": types.ListResourceTemplatesRequest,
+    "prompts/list": types.ListPromptsRequest,
+}
 
 
 @dataclass(frozen=True)
@@ -51,29 +67,49 @@ def aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
-async def _paginate(fetch: Callable[[PaginatedRequestParams | None], Awaitable[Any]], attr: str) -> list[Any]:
-    items: list[Any] = []
+async def _paginate(session: ClientSession, method: str, key: str) -> list[dict[str, Any]]:
+    """Every item of a paginated listing, each object exactly as the upstream sent it.
+
+    Raw (`send_request` into a plain dict, validated by the SDK against the negotiated version but not
+    re-dumped): the SDK's result models drop every field they do not know, and a proxy passes fields
+    newer than its SDK (or vendor `_meta`) through unchanged.
+    """
+    items: list[dict[str, Any]] = []
     cursor: str | None = None
     seen: set[str] = set()
+    request_type = _LIST_REQUESTS[method]
     for _ in range(MAX_PAGES):
+        params = PaginatedRequestParams(cursor=cursor) if cursor else None
         try:
-            page = await fetch(PaginatedRequestParams(cursor=cursor) if cursor else None)
+            answer = await session.send_request(request_type(params=params), _RawPage)
         except MCPError as exc:
             # A server that advertises resources may still not serve resources/templates/list.
             if exc.error.code == METHOD_NOT_FOUND and not items:
                 return []
             raise
-        items.extend(getattr(page, attr))
-        cursor = page.next_cursor
+        page = answer.model_extra or {}
+        listed = page.get(key)
+        if isinstance(listed, list):
+            items.extend(item for item in listed if isinstance(item, dict))
+        next_cursor = page.get("nextCursor")
+        cursor = next_cursor if isinstance(next_cursor, str) else None
         if not cursor or cursor in seen:
             break
         seen.add(cursor)
     return items
 
 
-def _dump(model: Any) -> dict[str, Any]:
-    dumped: dict[str, Any] = model.model_dump(by_alias=True, exclude_none=True, mode="json")
-    return dumped
+def _text(item: dict[str, Any], key: str) -> str | None:
+    value = item.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _usable_tools(session: ClientSession, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """2026-07-28: a client MUST drop tools whose `x-mcp-header` annotations are invalid (the SDK's
+    `list_tools` does the same; the raw listing bypasses it)."""
+    if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        return tools
+    return [t for t in tools if find_invalid_x_mcp_header(t.get("inputSchema")) is None]
 
 
 async def list_capabilities(session: ClientSession) -> DiscoveryResult:
@@ -81,19 +117,19 @@ async def list_capabilities(session: ClientSession) -> DiscoveryResult:
     caps = session.server_capabilities
     result = DiscoveryResult()
     if caps is None or caps.tools is not None:
-        for tool in await _paginate(lambda p: session.list_tools(params=p), "tools"):
-            result.items.append(DiscoveredItem("tool", tool.name, tool.description, _dump(tool)))
+        for tool in _usable_tools(session, await _paginate(session, "tools/list", "tools")):
+            result.items.append(DiscoveredItem("tool", str(tool["name"]), _text(tool, "description"), tool))
     if caps is not None and caps.resources is not None:
-        for res in await _paginate(lambda p: session.list_resources(params=p), "resources"):
-            result.items.append(DiscoveredItem("resource", str(res.uri), res.description, _dump(res)))
-        templates = await _paginate(lambda p: session.list_resource_templates(params=p), "resource_templates")
-        for tpl in templates:
-            result.items.append(
-                DiscoveredItem("resource_template", tpl.uri_template, tpl.description, _dump(tpl))
-            )
+        for res in await _paginate(session, "resources/list", "resources"):
+            result.items.append(DiscoveredItem("resource", str(res["uri"]), _text(res, "description"), res))
+        for tpl in await _paginate(session, "resources/templates/list", "resourceTemplates"):
+            name = str(tpl["uriTemplate"])
+            result.items.append(DiscoveredItem("resource_template", name, _text(tpl, "description"), tpl))
     if caps is not None and caps.prompts is not None:
-        for prompt in await _paginate(lambda p: session.list_prompts(params=p), "prompts"):
-            result.items.append(DiscoveredItem("prompt", prompt.name, prompt.description, _dump(prompt)))
+        for prompt in await _paginate(session, "prompts/list", "prompts"):
+            result.items.append(
+                DiscoveredItem("prompt", str(prompt["name"]), _text(prompt, "description"), prompt)
+            )
     return result
 
 
