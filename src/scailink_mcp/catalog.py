@@ -28,7 +28,7 @@ from scailink_mcp.db import Database
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.events import ServerEvent, ServerEventKind
-from scailink_mcp.list_pages import PageKey
+from scailink_mcp.list_pages import PageKey, dumps
 from scailink_mcp.models import RemoteServer, same_named
 from scailink_mcp.naming import Qualified, compat_names, namespaced_name, remote_namespace
 from scailink_mcp.remote.discovery import visible_capabilities
@@ -166,7 +166,7 @@ def paginate(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
     pages: list[tuple[int, int]] = []
     start, size = 0, 0
     for index, item in enumerate(items):
-        item_size = len(json.dumps(item, separators=(",", ":")))
+        item_size = len(dumps(item))  # UTF-8 bytes, as on the wire
         if index > start and (index - start >= PAGE_MAX_ITEMS or size + item_size > PAGE_MAX_BYTES):
             pages.append((start, index))
             start, size = index, 0

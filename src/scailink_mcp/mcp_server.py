@@ -9,7 +9,7 @@ query, no handshake when a pooled session is warm.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any, Protocol
 
@@ -94,11 +94,13 @@ class McpSurface:
         self.notifier = notifier
         self.subscriptions = subscriptions
 
+    def style_of(self, names: str | None) -> NameStyle:
+        """The naming style a connection asked for (`?names=`), else the deployment's."""
+        return names if names in ("compat", "dotted") else self.settings.tool_name_style  # type: ignore[return-value]
+
     def style(self, ctx: Ctx) -> NameStyle:
         request = ctx.request
-        if isinstance(request, Request) and request.query_params.get("names") in ("compat", "dotted"):
-            return request.query_params["names"]  # type: ignore[return-value]
-        return self.settings.tool_name_style
+        return self.style_of(request.query_params.get("names") if isinstance(request, Request) else None)
 
     def aggregate_scope(self, ctx: Ctx) -> tuple[Principal, CatalogView]:
         principal = current_principal()
@@ -112,15 +114,18 @@ class McpSurface:
             server_id = str(scope.get("path_params", {}).get("server_id", ""))
             self.notifier.track_connection(connection, principal, "dotted", server_id=server_id)
             return
-        names = Request(scope).query_params.get("names")
-        style: NameStyle = names if names in ("compat", "dotted") else self.settings.tool_name_style  # type: ignore[assignment]
-        self.notifier.track_connection(connection, principal, style)
+        self.notifier.track_connection(
+            connection, principal, self.style_of(Request(scope).query_params.get("names"))
+        )
 
     def server_scope(self, ctx: Ctx) -> tuple[Principal, ServerScope]:
         principal = current_principal()
         request = ctx.request
         server_id = request.path_params.get("server_id", "") if isinstance(request, Request) else ""
         self.notifier.track(ctx.session, principal, "dotted", server_id=server_id)
+        return principal, self._listed_server(principal, server_id)
+
+    def _listed_server(self, principal: Principal, server_id: str) -> ServerScope:
         try:
             server = self.catalog.single_server_view(principal, server_id)
         except ToolNotFound:
@@ -129,7 +134,29 @@ class McpSurface:
             raise MCPError(
                 INVALID_PARAMS, f"server is not available (status {server.status}, {server.consent_tier})"
             )
-        return principal, self.catalog.server_scope(server)
+        return self.catalog.server_scope(server)
+
+    def list_result(
+        self,
+        principal: Principal,
+        scope: Scope,
+        method: str,
+        params: Mapping[str, Any] | None,
+        protocol_version: str,
+        stamp: Mapping[str, Any] | None,
+    ) -> bytes:
+        """For the `/mcp` front (no SDK context): the pre-serialized `result` of a list request (one of
+        `list_pages.LIST_METHODS`) arriving as the ASGI `scope`, aggregate or per-server endpoint
+        by its `server_id` path parameter; `stamp` is that endpoint's `Server.server_info_stamp`.
+        Raises `MCPError` (-32602: a cursor not ours, an unknown or unlisted server)."""
+        server_id = scope.get("path_params", {}).get("server_id")
+        if server_id is None:
+            names = Request(scope).query_params.get("names")
+            listing: McpScope = self.catalog.view(principal, self.style_of(names))
+        else:
+            listing = self._listed_server(principal, str(server_id))
+        cursor = list_pages.cursor_of(params)
+        return list_pages.page_bytes(listing, method, cursor, protocol_version, stamp)
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
         return Caller(
