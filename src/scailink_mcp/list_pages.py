@@ -12,9 +12,9 @@ it: no second invalidation scheme.
 Paging is the one `mcp_server.py` has always had: tools in the catalog's pages (`catalog.paginate`,
 at most 500 items and about 256 KiB each), the cursor base64url of `p{index}`, a page past the end
 empty; prompts, resources and templates in one page, their cursor ignored. 2026-07-28 results carry
-what the SDK server adds in that era: `resultType: "complete"`, the caching hints `ttlMs: 0` and
-`cacheScope: "private"` (a catalog is per principal and changes without notice to the client's
-cache) and the `serverInfo` `_meta` stamp. Handshake-era results carry none of them.
+the caching hints `ttlMs: 0` and `cacheScope: "private"` (a catalog is per principal and changes
+without notice to a client's cache); handshake-era results do not. The members every 2026-07-28
+result has (`resultType`, the `serverInfo` stamp) are the answer writer's (the SDK or the front).
 
 The same page (`page_result`) also feeds the SDK's handlers (the legacy SSE transport, anything the
 front does not own), so both paths list the same items.
@@ -30,9 +30,7 @@ from typing import Any, Protocol
 import orjson
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-SERVER_INFO_META_KEY = "io.modelcontextprotocol/serverInfo"
 # A catalog is one principal's and changes whenever a server or a device does: a client may not reuse
 # a listing (list_changed / subscriptions/listen tell it when to list again).
 TTL_MS = 0
@@ -97,27 +95,19 @@ def _slot(listing: Listed, method: str, cursor: str | None) -> tuple[int, int, i
     return index, start, end, index + 1 < len(listing.tool_pages)
 
 
-def page_result(
-    listing: Listed,
-    method: str,
-    cursor: str | None,
-    *,
-    modern: bool = False,
-    stamp: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One page as a result dict: the SDK's handlers return it (the SDK adds the stamp), `page_bytes`
-    serializes it. Raises `MCPError` (-32602) for a cursor that is not one of ours."""
+def page_result(listing: Listed, method: str, cursor: str | None, *, modern: bool) -> dict[str, Any]:
+    """One page's `result`: the items, `nextCursor` when more follow, and from 2026-07-28 on the
+    caching hints. Not the generic 2026-07-28 envelope members (`resultType`, the `serverInfo` stamp
+    in `_meta`): whoever writes the answer adds those to every result (the SDK's serializer, the
+    front's `front_answer.modern_result`). Raises `MCPError` (-32602) for a cursor not ours."""
     attr, key = LIST_METHODS[method]
     index, start, end, more = _slot(listing, method, cursor)
     result: dict[str, Any] = {key: getattr(listing, attr)[start:end]}
     if more:
         result["nextCursor"] = page_cursor(index + 1)
     if modern:
-        result["resultType"] = "complete"
         result["ttlMs"] = TTL_MS
         result["cacheScope"] = CACHE_SCOPE
-        if stamp is not None:
-            result["_meta"] = {SERVER_INFO_META_KEY: dict(stamp)}
     return result
 
 
@@ -130,28 +120,22 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def page_bytes(
-    listing: Listed,
-    method: str,
-    cursor: str | None,
-    protocol_version: str,
-    stamp: Mapping[str, Any] | None = None,
-) -> bytes:
-    """The JSON bytes of one page's `result` object in the era of `protocol_version`, serialized on
-    the page's first request and kept on the listing.
-
-    `stamp` is the endpoint's `serverInfo` (`Server.server_info_stamp`), stamped into 2026-07-28
-    results; a listing is served by one endpoint, so its stamp never changes under a cached page.
-    Raises `MCPError` (-32602) for a cursor that is not one of ours.
-    """
-    modern = protocol_version in MODERN_PROTOCOL_VERSIONS
-    index = _slot(listing, method, cursor)[0]
-    slot = (method, index, modern)
+def page_bytes(listing: Listed, method: str, cursor: str | None, *, modern: bool) -> bytes:
+    """`page_result` as JSON bytes, serialized on the page's first request and kept on the listing.
+    Raises `MCPError` (-32602) for a cursor that is not one of ours."""
+    slot = (method, _slot(listing, method, cursor)[0], modern)
     cached = listing.pages.get(slot)
     if cached is None:
-        cached = dumps(page_result(listing, method, cursor, modern=modern, stamp=stamp))
+        cached = dumps(page_result(listing, method, cursor, modern=modern))
         listing.pages[slot] = cached
     return cached
+
+
+def page_keys(listing: Listed, method: str, cursor: str | None, *, modern: bool) -> tuple[str, ...]:
+    """The member names of that page's result (the front's `Reply.keys`)."""
+    more = _slot(listing, method, cursor)[3]
+    key = LIST_METHODS[method][1]
+    return (key, *(("nextCursor",) if more else ()), *(("ttlMs", "cacheScope") if modern else ()))
 
 
 def response_bytes(request_id: str | int, result: bytes) -> bytes:

@@ -9,7 +9,7 @@ query, no handshake when a pooled session is warm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol
 
@@ -136,27 +136,14 @@ class McpSurface:
             )
         return self.catalog.server_scope(server)
 
-    def list_result(
-        self,
-        principal: Principal,
-        scope: Scope,
-        method: str,
-        params: Mapping[str, Any] | None,
-        protocol_version: str,
-        stamp: Mapping[str, Any] | None,
-    ) -> bytes:
-        """For the `/mcp` front (no SDK context): the pre-serialized `result` of a list request (one of
-        `list_pages.LIST_METHODS`) arriving as the ASGI `scope`, aggregate or per-server endpoint
-        by its `server_id` path parameter; `stamp` is that endpoint's `Server.server_info_stamp`.
-        Raises `MCPError` (-32602: a cursor not ours, an unknown or unlisted server)."""
+    def listing(self, principal: Principal, scope: Scope) -> McpScope:
+        """For the `/mcp` front (no SDK context): the listing a request arriving as the ASGI `scope`
+        sees, aggregate or per-server endpoint by its `server_id` path parameter. Raises `MCPError`
+        (-32602) for an unknown or unlisted server."""
         server_id = scope.get("path_params", {}).get("server_id")
         if server_id is None:
-            names = Request(scope).query_params.get("names")
-            listing: McpScope = self.catalog.view(principal, self.style_of(names))
-        else:
-            listing = self._listed_server(principal, str(server_id))
-        cursor = list_pages.cursor_of(params)
-        return list_pages.page_bytes(listing, method, cursor, protocol_version, stamp)
+            return self.catalog.view(principal, self.style_of(Request(scope).query_params.get("names")))
+        return self._listed_server(principal, str(server_id))
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
         return Caller(
@@ -253,7 +240,8 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
 
         async def handler(ctx: Ctx, params: types.PaginatedRequestParams) -> dict[str, Any]:
             modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
-            return list_pages.page_result(scope_of(ctx)[1], method, params.cursor, modern=modern)
+            result = list_pages.page_result(scope_of(ctx)[1], method, params.cursor, modern=modern)
+            return {**result, "resultType": "complete"} if modern else result
 
         return handler
 
