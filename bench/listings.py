@@ -18,8 +18,9 @@ validation of 5,150 tools (the `list_5000` figure of `python -m bench` does that
   user: the per-user cap), opened on top of the MCP sessions (goal <= 20 KiB each).
 
 Settings raised for the run: the SDK manager's and the per-principal MCP session caps, the per-user rate
-limit off, and the WebSocket heartbeat interval (so an idle device is not closed for silence while the
-others connect). Run alone: `python -m bench.listings [--quick] [--sessions N]`.
+limit off, the WebSocket heartbeat interval (so an idle device is not closed for silence while the
+others connect) and the `session_init` timeout (10 s; 10,000 handshakes on a loaded 2-core machine).
+Run alone: `python -m bench.listings [--quick] [--sessions N]`.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ async def idle_desktops(base: str, data_dir: Path, pid: int, count: int) -> dict
     tool = {"name": "echo", "inputSchema": {"type": "object"}}
     before = rss_kib(pid)
     opened = 0
-    gate = anyio.Semaphore(64)  # handshakes in flight at once (the accept backlog stays small)
+    gate = anyio.Semaphore(32)  # handshakes in flight at once (the accept backlog stays small)
     stop = anyio.Event()
 
     async def one(i: int) -> None:
@@ -251,6 +252,7 @@ def scailink_env(sessions: int) -> dict[str, str]:
         SCAILINK_MCP_MAX_SESSIONS=str(2 * sessions + 100),
         SCAILINK_MCP_MAX_SESSIONS_PER_PRINCIPAL=str(sessions + 100),
         SCAILINK_WS_HEARTBEAT_INTERVAL_MS="600000",
+        SCAILINK_WS_INIT_TIMEOUT_S="120",
     )
     return env
 
