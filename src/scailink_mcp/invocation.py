@@ -27,6 +27,7 @@ from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import consent_denied
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
+from scailink_mcp.remote.wire import WireResult
 from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, Result, Target, ToolCall
 
 
@@ -53,7 +54,10 @@ def _text_size(item: Any) -> int:
 
 
 def result_size(result: Result) -> int:
-    """A cheap estimate of the result's wire size: text and base64 payloads dominate it."""
+    """The result's wire size: exact for an upstream's bytes (`WireResult`); otherwise a cheap
+    estimate (text and base64 payloads dominate it)."""
+    if isinstance(result, WireResult):
+        return len(result.raw)
     size = 0
     content = result.get("content")
     for block in content if isinstance(content, list) else ():

@@ -36,7 +36,7 @@ from scailink_mcp.mcp_auth import current_principal
 from scailink_mcp.mcp_transports import ListChangedServer
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
-from scailink_mcp.sdk_sessions import connection_of
+from scailink_mcp.sdk_sessions import SessionTable, connection_of
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Forwarding, RemoteTarget, Result, Target
 
@@ -94,13 +94,17 @@ class McpSurface:
         self.notifier = notifier
         self.subscriptions = subscriptions
 
-    def style_of(self, names: str | None) -> NameStyle:
-        """The naming style a connection asked for (`?names=`), else the deployment's."""
-        return names if names in ("compat", "dotted") else self.settings.tool_name_style  # type: ignore[return-value]
-
     def style(self, ctx: Ctx) -> NameStyle:
         request = ctx.request
         return self.style_of(request.query_params.get("names") if isinstance(request, Request) else None)
+
+    def style_of(self, names: str | None) -> NameStyle:
+        """The naming style a request asks for (`?names=compat|dotted`), else the configured one."""
+        if names == "compat":
+            return "compat"
+        if names == "dotted":
+            return "dotted"
+        return self.settings.tool_name_style
 
     def aggregate_scope(self, ctx: Ctx) -> tuple[Principal, CatalogView]:
         principal = current_principal()
@@ -114,9 +118,8 @@ class McpSurface:
             server_id = str(scope.get("path_params", {}).get("server_id", ""))
             self.notifier.track_connection(connection, principal, "dotted", server_id=server_id)
             return
-        self.notifier.track_connection(
-            connection, principal, self.style_of(Request(scope).query_params.get("names"))
-        )
+        style = self.style_of(Request(scope).query_params.get("names"))
+        self.notifier.track_connection(connection, principal, style)
 
     def server_scope(self, ctx: Ctx) -> tuple[Principal, ServerScope]:
         principal = current_principal()
@@ -163,21 +166,32 @@ class McpSurface:
             self.invoker.unknown(principal, params.name, request_id_of(ctx))
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}") from None
         meta: dict[str, Any] = dict(params.meta or {})
+        caller, aggregate = self.caller(ctx, meta), isinstance(scope, CatalogView)
+        name, arguments = params.name, params.arguments
+        result = await self.run_tool(principal, target, name, arguments, meta, caller, aggregate)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
+            result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
+        return result
+
+    async def run_tool(
+        self,
+        principal: Principal,
+        target: Target,
+        name: str,
+        arguments: dict[str, Any] | None,
+        meta: dict[str, Any],
+        caller: Caller,
+        aggregate: bool,
+    ) -> Result:
+        """A resolved `tools/call`, as both the SDK's handler and the `/mcp` front run it: the
+        `Invoker`'s call, URIs made public on `/mcp`, a failure as an `isError` result."""
+        wait = self.invoker.timeout(meta.get("scailink/timeout_ms"))
         try:
-            result = await self.invoker.call(
-                principal,
-                target,
-                params.name,
-                params.arguments,
-                timeout=self.invoker.timeout(meta.get("scailink/timeout_ms")),
-                caller=self.caller(ctx, meta),
-            )
-            if isinstance(scope, CatalogView):  # every URI an agent gets through /mcp reads back there
+            result = await self.invoker.call(principal, target, name, arguments, timeout=wait, caller=caller)
+            if aggregate:  # every URI an agent gets through /mcp reads back there
                 result = resource_uris.tool_result(result, target)
         except ScaiLinkError as err:
             result = tool_error_result(err)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
-            result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
         return result
 
     async def subscription(self, ctx: Ctx, scope_of: ScopeOf, uri: str, *, subscribe: bool) -> None:
@@ -230,8 +244,9 @@ class McpSurface:
         return ask
 
 
-def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
-    """One handler set; `single` is the per-server endpoint (upstream names)."""
+def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | None = None) -> Server[Any]:
+    """One handler set; `single` is the per-server endpoint (upstream names). `sessions` records each
+    initialized session's connection for the `/mcp` front (`mcp_front.py`)."""
     scope_of: ScopeOf = surface.server_scope if single else surface.aggregate_scope
     invoker = surface.invoker
 
@@ -358,4 +373,6 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
             scope_of(ctx)
 
     server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
+    if sessions is not None:
+        server.middleware = [sessions.record]
     return server

@@ -27,7 +27,7 @@ from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 if TYPE_CHECKING:
     from scailink_mcp.auth import Principal
     from scailink_mcp.catalog import ServerSnapshot
-    from scailink_mcp.relay import DownstreamCall
+    from scailink_mcp.relay import Downstream
     from scailink_mcp.remote.oauth import OAuth
 
 Kind = Literal["tool", "prompt", "resource"]
@@ -51,7 +51,7 @@ class Forwarding:
     server-to-client requests (sampling, elicitation, roots) back to the downstream session."""
 
     progress: ProgressFnT | None = None
-    relay: DownstreamCall | None = None
+    relay: Downstream | None = None
 
 
 @dataclass(frozen=True)
