@@ -131,36 +131,48 @@ class RawSession:
                 return size
 
 
-async def _timed(url: str, token: str | None, rounds: int, *, first_page_only: bool) -> dict[str, float]:
-    """Median wall time of a listing (all pages, or the first), received to its last byte: once with
-    the answer parsed (`json.loads`, as a client would), once without (what the server costs)."""
+async def _once(session: RawSession, *, page_only: bool, parse: bool) -> int:
+    """One listing (all pages, or the first); tools counted when parsed, else bytes received."""
+    if page_only and parse:
+        return len((await session.list_page(None))["tools"])
+    if page_only:
+        response = await session._post_list(None)
+        response.raise_for_status()
+        return len(response.content)
+    return await (session.list_all() if parse else session.fetch_all())
+
+
+async def listings(upstream: str, scailink: str, token: str, rounds: int) -> dict[str, dict[str, float]]:
+    """Median wall times, the targets interleaved round by round (the machine's load drifts): the
+    upstream's own listing, ScaiLink's full listing, ScaiLink's first page. Each is received to its
+    last byte once without parsing (what the server costs) and once parsed (`json.loads`, as a client
+    would)."""
+    cases = {"direct_list_100": (False, False), "scailink_list_5150": (True, False),
+             "scailink_page_500": (True, True)}  # fmt: skip
     async with httpx.AsyncClient(timeout=120) as http:
-        session = RawSession(http, url, token)
-        await session.open()
-        tools = await session.list_all()  # warm: the catalog view and its pages are built here
-        if first_page_only:
-            tools = len((await session.list_page(None))["tools"])
-        parsed: list[float] = []
-        received: list[float] = []
-        size = 0
+        sessions = {False: RawSession(http, upstream, None), True: RawSession(http, scailink, token)}
+        for session in sessions.values():
+            await session.open()
+            await session.list_all()  # warm: the catalog view and its pages are built here
+        out: dict[str, dict[str, Any]] = {name: {"received": [], "parsed": []} for name in cases}
+        for name, (proxied, page_only) in cases.items():
+            out[name]["tools"] = await _once(sessions[proxied], page_only=page_only, parse=True)
+            out[name]["bytes"] = await _once(sessions[proxied], page_only=page_only, parse=False)
         for _ in range(rounds):
-            t0 = time.perf_counter()
-            await (session.list_page(None) if first_page_only else session.list_all())
-            t1 = time.perf_counter()
-            if first_page_only:
-                response = await session._post_list(None)
-                size = len(response.content)
-            else:
-                size = await session.fetch_all()
-            t2 = time.perf_counter()
-            parsed.append(t1 - t0)
-            received.append(t2 - t1)
+            for name, (proxied, page_only) in cases.items():
+                for kind, parse in (("received", False), ("parsed", True)):
+                    t0 = time.perf_counter()
+                    await _once(sessions[proxied], page_only=page_only, parse=parse)
+                    out[name][kind].append(time.perf_counter() - t0)
     return {
-        "median_ms": statistics.median(received) * 1000,
-        "parsed_median_ms": statistics.median(parsed) * 1000,
-        "tools": float(tools),
-        "bytes": float(size),
-        "rounds": float(rounds),
+        name: {
+            "median_ms": statistics.median(v["received"]) * 1000,
+            "parsed_median_ms": statistics.median(v["parsed"]) * 1000,
+            "tools": float(v["tools"]),
+            "bytes": float(v["bytes"]),
+            "rounds": float(rounds),
+        }
+        for name, v in out.items()
     }
 
 
@@ -258,7 +270,7 @@ def scailink_env(sessions: int) -> dict[str, str]:
 
 
 async def measure(quick: bool, sessions: int | None = None) -> dict[str, Any]:
-    rounds = 5 if quick else 20
+    rounds = 5 if quick else 30
     count = sessions or (300 if quick else 10_000)
     data_dir = Path(tempfile.mkdtemp(prefix="scailink-bench-lists-"))
     up_port, sl_port = free_port(), free_port()
@@ -278,21 +290,15 @@ async def measure(quick: bool, sessions: int | None = None) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=120) as http:
             for i in range(SERVERS):
                 await _register(http, base, token, f"bench-{i}", upstream)
-        out["direct_list_100"] = await _timed(upstream, None, rounds, first_page_only=False)
-        out["scailink_list_5150"] = await _timed(base + "/mcp", token, rounds, first_page_only=False)
-        out["scailink_page_500"] = await _timed(base + "/mcp", token, rounds, first_page_only=True)
-        out["direct_list_100_again"] = await _timed(upstream, None, rounds, first_page_only=False)
-        for name in ("direct_list_100", "scailink_list_5150", "scailink_page_500", "direct_list_100_again"):
+        out.update(await listings(upstream, base + "/mcp", token, rounds))
+        for name in ("direct_list_100", "scailink_list_5150", "scailink_page_500"):
             print(f"  {name}: {json.dumps({k: round(v, 2) for k, v in out[name].items()})}", flush=True)
         tokens = _tokens(data_dir, [f"mcp-{p}" for p in range(PRINCIPALS)])
         out["idle_mcp_sessions"] = await idle_mcp_sessions(base + "/mcp", tokens, scailink.pid, count)
         print(f"  idle_mcp_sessions: {out['idle_mcp_sessions']}", flush=True)
         out["idle_desktop_sessions"] = await idle_desktops(base, data_dir, scailink.pid, count)
         print(f"  idle_desktop_sessions: {out['idle_desktop_sessions']}", flush=True)
-    direct = statistics.mean([out["direct_list_100"]["median_ms"], out["direct_list_100_again"]["median_ms"]])
-    parsed = statistics.mean(
-        [out["direct_list_100"]["parsed_median_ms"], out["direct_list_100_again"]["parsed_median_ms"]]
-    )
+    direct, parsed = out["direct_list_100"]["median_ms"], out["direct_list_100"]["parsed_median_ms"]
     out["ratios"] = {
         "list_5150_over_direct_list_100": out["scailink_list_5150"]["median_ms"] / direct,
         "page_500_over_direct_list_100": out["scailink_page_500"]["median_ms"] / direct,
