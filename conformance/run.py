@@ -32,6 +32,7 @@ NODE = HERE / "node_modules" / "node" / "bin" / "node"
 SUITE = HERE / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
 BASELINE = HERE / "expected-failures.txt"
 RESULT = re.compile(r"^[✓✗]\s+([\w-]+):\s+(\d+) passed,\s+(\d+) failed", re.MULTILINE)
+ONE_RESULT = re.compile(r"^Passed: \d+/\d+, (\d+) failed", re.MULTILINE)
 UNSCORED = re.compile(r"^\s+[✓✗]\s+([\w-]+) \(", re.MULTILINE)
 # The two requirement sets of the suite: each spec revision's scenarios, frozen at its release.
 REQUIREMENTS = ("2025-11-25", "2026-07-28")
@@ -98,16 +99,25 @@ def scored(output: str) -> dict[str, bool]:
     return {m.group(1): int(m.group(3)) == 0 for m in RESULT.finditer(head) if m.group(1) not in unscored}
 
 
-def run_suite(url: str) -> dict[str, bool]:
-    """Both requirement sets (`--requirements`), each scenario as `{revision}:{scenario}`."""
+def run_suite(
+    url: str, revisions: tuple[str, ...] = REQUIREMENTS, scenario: str | None = None
+) -> dict[str, bool]:
+    """Each requirement set (`--requirements`), each scenario as `{revision}:{scenario}`."""
     results: dict[str, bool] = {}
     logs: list[str] = []
-    for revision in REQUIREMENTS:
-        proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url, "--requirements", revision],
+    for revision in revisions:
+        # The suite takes one scenario with the revision as `--spec-version`, not `--requirements`.
+        which = (
+            ["--scenario", scenario, "--spec-version", revision] if scenario else ["--requirements", revision]
+        )
+        proc = subprocess.run([str(NODE), str(SUITE), "server", "--url", url, *which],
                               capture_output=True, text=True, timeout=900)  # fmt: skip
         output = proc.stdout + proc.stderr
         logs.append(f"==== --requirements {revision}\n{output}")
         found = scored(output)
+        single = ONE_RESULT.search(output) if scenario else None
+        if scenario and single:  # one scenario prints its checks' totals only
+            found = {scenario: int(single.group(1)) == 0}
         if not found:
             raise RuntimeError(f"the conformance suite printed no results:\n{output[-3000:]}")
         results |= {f"{revision}:{name}": ok for name, ok in found.items()}
@@ -125,7 +135,10 @@ def baseline() -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.run")
     parser.add_argument("--target", choices=["scailink", "direct"], default="scailink")
+    parser.add_argument("--requirements", choices=REQUIREMENTS, help="one requirement set (default: both)")
+    parser.add_argument("--scenario", help="one scenario (the baseline is then not compared)")
     args = parser.parse_args(argv)
+    revisions = (args.requirements,) if args.requirements else REQUIREMENTS
     ensure_npm()
     up_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream = f"http://127.0.0.1:{up_port}/mcp"
         wait_http(upstream)
         if args.target == "direct":
-            results = run_suite(upstream)
+            results = run_suite(upstream, revisions, args.scenario)
         else:
             data_dir = Path(tempfile.mkdtemp(prefix="scailink-conformance-"))
             port = free_port()
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 resp.raise_for_status()
                 server_id = resp.json()["data"]["id"]
                 with forwarder(base, token) as front:
-                    results = run_suite(f"{front}/v1/modules/scailink/remote-servers/{server_id}/mcp")
+                    url = f"{front}/v1/modules/scailink/remote-servers/{server_id}/mcp"
+                    results = run_suite(url, revisions, args.scenario)
     expected = baseline()
     failed = {name for name, ok in results.items() if not ok}
     for name, ok in sorted(results.items()):

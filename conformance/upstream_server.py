@@ -19,6 +19,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import UserMessage
 from pydantic import BaseModel, Field
 
+from conformance.mrtr_tools import add_mrtr
+
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
 WAV = "UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA="
 
@@ -252,6 +254,7 @@ def build() -> MCPServer:
         subscriptions.discard(str(params.uri))
         return types.EmptyResult()
 
+    add_mrtr(server)
     lowlevel.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
     lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)

@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 import httpx2
+import mcp_types as types
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
+from mcp_types import URL_ELICITATION_REQUIRED
 
 from scailink_mcp.app import build_components, create_app
 from scailink_mcp.config import Settings
@@ -132,3 +136,78 @@ def code_server(upstream: ProtectedUpstream, client_id: str, secret: str, **extr
         "is_tenant_shared": True,
         **extra,
     }
+
+
+async def authorized(
+    gw: Gateway, world: AuthServer, upstream: ProtectedUpstream, tok: str, **extra: Any
+) -> tuple[str, str]:
+    """Alice registers a shared authorization-code server (`extra`: more of the registration body) and
+    authorizes it: (server id, tool name)."""
+    client = world.add_client(gw.base_url + CALLBACK)
+    assert client.client_secret is not None
+    server = await register(gw, tok, **code_server(upstream, client.client_id, client.client_secret, **extra))
+    landed = await browser(
+        f"{gw.base_url}{REG}/{server['id']}/oauth/authorize", "alice", headers=auth_headers(tok)
+    )
+    assert landed.status_code == 200, landed.text
+    name: str = (await detail(gw, tok, server["id"]))["capabilities"]["tools"][0]["namespaced_name"]
+    return server["id"], name
+
+
+# ---- SDK clients of URL-mode elicitation (test_oauth_elicitation.py, test_oauth_replicas.py) --------
+
+
+class Heard:
+    """What an SDK client session heard: the server's notifications and elicitation requests."""
+
+    def __init__(self) -> None:
+        self.notifications: list[Any] = []
+        self.elicited: list[Any] = []
+        self.completion = anyio.Event()
+
+    async def on_message(self, message: Any) -> None:
+        if not isinstance(message, Exception):
+            self.notifications.append(message)
+            if isinstance(message, types.ElicitCompleteNotification):
+                self.completion.set()
+
+    async def on_elicit(self, context: Any, params: Any) -> types.ElicitResult:
+        self.elicited.append(params)  # never expected: the gateway does not wait on the user
+        return types.ElicitResult(action="decline")
+
+    def completed(self) -> list[str]:
+        return [
+            n.params.elicitation_id
+            for n in self.notifications
+            if isinstance(n, types.ElicitCompleteNotification)
+        ]
+
+
+@asynccontextmanager
+async def sdk_session(
+    url: str, tok: str, heard: Heard, *, url_mode: bool, era: str = "2025-11-25"
+) -> AsyncIterator[ClientSession]:
+    """An SDK client; `url_mode`: it has an elicitation callback, so it declares form and URL modes."""
+    async with (
+        httpx2.AsyncClient(headers=auth_headers(tok), timeout=httpx2.Timeout(30, read=60)) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(
+            read,
+            write,
+            message_handler=heard.on_message,
+            elicitation_callback=heard.on_elicit if url_mode else None,
+        ) as s,
+    ):
+        if era == "2026-07-28":
+            await s.discover()
+        else:
+            await s.initialize()
+        assert s.protocol_version == era
+        yield s
+
+
+async def elicitation_required(s: ClientSession, name: str) -> UrlElicitationRequiredError:
+    with pytest.raises(MCPError) as caught:
+        await s.call_tool(name, {})
+    assert caught.value.code == URL_ELICITATION_REQUIRED, caught.value.error
+    return UrlElicitationRequiredError.from_error(caught.value.error)

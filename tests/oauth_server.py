@@ -444,13 +444,13 @@ class _Verifier:
 
 
 class ProtectedUpstream(ThreadedServer):
-    """An MCP server at `/mcp` that answers 401 (RFC 9728 pointer) without a token of `world`.
+    """An MCP server at `/mcp` (or `/sse`) that answers 401 (RFC 9728 pointer) without a token of `world`.
 
     `whoami` answers the subject of the token that reached it (the client id for a client
     credentials token); `verifier.seen` lists who each request came from ("rejected" for a refusal).
     """
 
-    def __init__(self, world: AuthServer) -> None:
+    def __init__(self, world: AuthServer, *, transport: str = "streamable_http") -> None:
         self.verifier = _Verifier(world)
         self._port_holder: dict[str, str] = {}
         holder = self._port_holder
@@ -460,7 +460,8 @@ class ProtectedUpstream(ThreadedServer):
 
         holder_app: dict[str, Any] = {}
         super().__init__(lazy, lifespan="on", timeout_graceful_shutdown=2)
-        self.mcp_url = f"{self.base_url}/mcp"
+        # The legacy SSE transport (`/sse` and `/messages/`) when asked, else Streamable HTTP (`/mcp`).
+        self.mcp_url = f"{self.base_url}/sse" if transport == "sse" else f"{self.base_url}/mcp"
         server = MCPServer(
             "protected-upstream",
             token_verifier=self.verifier,
@@ -478,5 +479,9 @@ class ProtectedUpstream(ThreadedServer):
             token = get_access_token()
             return "anonymous" if token is None else (token.subject or f"client:{token.client_id}")
 
-        holder_app["app"] = server.streamable_http_app(host="127.0.0.1")
+        holder_app["app"] = (
+            server.sse_app(host="127.0.0.1")
+            if transport == "sse"
+            else server.streamable_http_app(host="127.0.0.1")
+        )
         holder["url"] = self.mcp_url

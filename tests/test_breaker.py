@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scailink_mcp.errors import UpstreamError, UpstreamTimeout
+from scailink_mcp.remote.breaker import BreakerPolicy
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 from scailink_mcp.remote.upstream import UpstreamTarget, open_session
 from tests.conftest import LiveApp, TokenFactory
@@ -153,7 +154,7 @@ async def test_json_rpc_errors_at_http_400_are_answers_not_failures() -> None:
                 read_timeout=5,
             )
 
-        pool = UpstreamPool(connect, idle_ttl_s=300, max_sessions=4, breaker_min_users=1)
+        pool = UpstreamPool(connect, idle_ttl_s=300, max_sessions=4, breakers=BreakerPolicy(min_users=1))
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run)
             for _ in range(6):

@@ -8,7 +8,12 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from scailink_mcp.errors import ResultTooLarge, UpstreamError
-from scailink_mcp.remote.breaker import SDK_CONNECTION_CLOSED, CircuitBreakers, counts_for_breaker
+from scailink_mcp.remote.breaker import (
+    SDK_CONNECTION_CLOSED,
+    BreakerPolicy,
+    CircuitBreakers,
+    counts_for_breaker,
+)
 
 
 class Clock:
@@ -21,13 +26,13 @@ class Clock:
 
 def breakers(clock: Clock, **kw: float) -> CircuitBreakers:
     values: dict[str, float] = {"failures": 3, "window_s": 60.0, "open_s": 30.0, "min_users": 2, **kw}
-    return CircuitBreakers(
+    policy = BreakerPolicy(
         failures=int(values["failures"]),
         window_s=values["window_s"],
         open_s=values["open_s"],
         min_users=int(values["min_users"]),
-        clock=clock,
     )
+    return CircuitBreakers(policy, clock=clock)
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from scailink_mcp.config import Settings
+from tests import oauth_harness
 from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.dashboard_client import csrf_of
+from tests.oauth_harness import text_of
+from tests.oauth_server import AuthServer, ProtectedUpstream
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.anyio
@@ -268,3 +271,46 @@ async def test_admin_walk_viewer_and_forged_posts(
     await viewer_context.close()
     await context.close()
     assert shots.taken >= 10
+
+
+# ---- Connect an upstream OAuth server (SPEC sections 11 and 12) ---------------------------------------
+
+world, gateway = oauth_harness.world, oauth_harness.gateway
+
+
+@pytest.fixture
+def oauth_upstream(world: AuthServer) -> Iterator[ProtectedUpstream]:
+    with ProtectedUpstream(world) as server:
+        yield server
+
+
+async def test_connect_an_oauth_server_in_the_browser(
+    browser: Browser,
+    gateway: oauth_harness.Gateway,
+    world: AuthServer,
+    oauth_upstream: ProtectedUpstream,
+    token: TokenFactory,
+    tmp_path: Path,
+) -> None:
+    """Bob clicks "Connect" on the servers page: Chromium goes to the authorization server (which
+    approves the user of its `as_user` cookie) and back through the callback's page to the dashboard,
+    signed in still; "Disconnect" forgets the token."""
+    alice, bob = token("alice", groups=("tenant_admin",)), token("bob", groups=("tenant_user",))
+    server_id, name = await oauth_harness.authorized(gateway, world, oauth_upstream, alice)
+    shots = Shots(tmp_path)
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    await context.add_cookies([{"name": "as_user", "value": "bob", "url": world.base_url}])
+    page = await context.new_page()
+    await sign_in(page, gateway.base_url, bob)
+    await nav(page, "Servers")
+    await shots.take(page, "oauth-connect", docs=True)
+    await page.get_by_role("link", name="Connect hosted").click()
+    await page.wait_for_url(f"{gateway.base_url}/dashboard/servers/{server_id}")
+    await expect(page.get_by_role("button", name="Disconnect hosted")).to_be_visible()
+    await expect(page.locator(".status.connected")).to_have_text("connected")
+    await shots.take(page, "oauth-connected", docs=True)
+    assert text_of(await oauth_harness.call_whoami(gateway, bob, name)) == "bob"
+    await page.get_by_role("button", name="Disconnect hosted").click()
+    await expect(page.get_by_role("link", name="Connect hosted")).to_be_visible()
+    assert "bob" not in {t.subject for t in world.issued if not t.revoked}
+    await context.close()

@@ -32,9 +32,9 @@ from tests.oauth_harness import (
     CALLBACK,
     REG,
     Gateway,
+    authorized,
     browser,
     call_whoami,
-    code_server,
     detail,
     mcp,
     register,
@@ -79,21 +79,6 @@ async def invoke(gw: Gateway, tok: str, user: str, name: str) -> tuple[int, dict
         )
     body: dict[str, Any] = resp.json()
     return resp.status_code, body
-
-
-async def authorized(
-    gw: Gateway, world: AuthServer, upstream: ProtectedUpstream, tok: str
-) -> tuple[str, str]:
-    """Alice registers a shared authorization-code server and authorizes it: (server id, tool name)."""
-    client = world.add_client(gw.base_url + CALLBACK)
-    assert client.client_secret is not None
-    server = await register(gw, tok, **code_server(upstream, client.client_id, client.client_secret))
-    landed = await browser(
-        f"{gw.base_url}{REG}/{server['id']}/oauth/authorize", "alice", headers=auth_headers(tok)
-    )
-    assert landed.status_code == 200, landed.text
-    name: str = (await detail(gw, tok, server["id"]))["capabilities"]["tools"][0]["namespaced_name"]
-    return server["id"], name
 
 
 # ---- dynamic client registration (RFC 7591) -------------------------------------------------------
@@ -342,3 +327,18 @@ async def test_a_health_check_of_a_per_user_server_sends_no_users_token(
     assert upstream.verifier.seen[seen:] == [], "the health check sent a user's token"
     upstream.__exit__(None, None, None)  # the upstream goes away: the check fails
     assert await gateway.parts.health.check(server_id) != "ok"
+
+
+async def test_a_health_check_of_a_per_user_server_over_legacy_sse_sends_no_users_token(
+    gateway: Gateway, world: AuthServer, token: TokenFactory
+) -> None:
+    """As above over the legacy SSE transport: the unauthenticated GET of the SSE endpoint answered
+    401 with a Bearer challenge counts as reachable; calls go over SSE with the user's token."""
+    alice = token("alice", groups=("tenant_admin",))
+    with ProtectedUpstream(world, transport="sse") as upstream:
+        server_id, name = await authorized(gateway, world, upstream, alice, transport="sse")
+        assert text_of(await call_whoami(gateway, alice, name)) == "alice"
+        seen = len(upstream.verifier.seen)
+        assert await gateway.parts.health.check(server_id) == "ok"
+        assert upstream.verifier.seen[seen:] == [], "the health check sent a user's token"
+    assert await gateway.parts.health.check(server_id) != "ok"  # the upstream went away: the check fails

@@ -1,4 +1,5 @@
-"""Upstream OAuth on two replicas (SPEC sections 10 and 12): one refresh per token in the cluster.
+"""Upstream OAuth on two replicas (SPEC sections 10 and 12): one refresh per token in the cluster, and
+a URL-mode elicitation completed through the other replica.
 
 Two ScaiLink apps, each served by its own uvicorn, share one database and the real Redis at
 127.0.0.1:6379 (their own key prefix); the authorization server answers token requests slowly, so
@@ -22,14 +23,30 @@ from scailink_mcp.leases import RedisLease
 from tests import oauth_harness
 from tests.cluster import REDIS_URL, require_redis
 from tests.conftest import TokenFactory
-from tests.oauth_harness import Gateway, call_whoami, text_of
+from tests.oauth_harness import (
+    Gateway,
+    Heard,
+    authorized,
+    call_whoami,
+    elicitation_required,
+    sdk_session,
+    text_of,
+)
 from tests.oauth_server import AuthServer, ProtectedUpstream
-from tests.test_oauth_lifecycle import authorized
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 world, upstream = oauth_harness.world, oauth_harness.upstream
 
 CALLS_PER_REPLICA = 4
+
+
+def cluster_settings() -> dict[str, object]:
+    require_redis()
+    return {
+        "redis_url": REDIS_URL,
+        "redis_prefix": f"scailink-test-{uuid.uuid4().hex[:12]}",
+        "encryption_local_kek": SecretStr(generate_kek()),  # one cluster: one KEK
+    }
 
 
 async def test_concurrent_calls_on_two_replicas_refresh_a_token_once(
@@ -38,12 +55,7 @@ async def test_concurrent_calls_on_two_replicas_refresh_a_token_once(
     upstream: ProtectedUpstream,
     token: TokenFactory,
 ) -> None:
-    require_redis()
-    shared = {
-        "redis_url": REDIS_URL,
-        "redis_prefix": f"scailink-test-{uuid.uuid4().hex[:12]}",
-        "encryption_local_kek": SecretStr(generate_kek()),  # one cluster: one KEK
-    }
+    shared = cluster_settings()
     alice = token("alice", groups=("tenant_admin",))
     with Gateway(settings_factory, **shared) as a, Gateway(settings_factory, **shared) as b:
         assert a.settings.effective_database_url == b.settings.effective_database_url
@@ -76,3 +88,33 @@ async def test_concurrent_calls_on_two_replicas_refresh_a_token_once(
         assert texts == ["alice"] * (2 * CALLS_PER_REPLICA)
         assert world.grant_requests["refresh_token"] == 1, world.grant_requests
         assert world.refreshes == 1
+
+
+async def test_an_elicitation_completes_when_the_callback_lands_on_the_other_replica(
+    settings_factory: Callable[..., Settings],
+    world: AuthServer,
+    upstream: ProtectedUpstream,
+    token: TokenFactory,
+) -> None:
+    """Bob's MCP session is on B; the browser flow runs through A (the callback A's): the completion
+    crosses on the Redis event channel and B sends `notifications/elicitation/complete`."""
+    shared = cluster_settings()
+    alice, bob = token("alice", groups=("tenant_admin",)), token("bob", groups=("tenant_user",))
+    with Gateway(settings_factory, **shared) as a, Gateway(settings_factory, **shared) as b:
+        _, name = await authorized(a, world, upstream, alice)  # the AS knows A's callback only
+        heard = Heard()
+        with anyio.fail_after(10):  # B learns of the new server through the event bus
+            while True:
+                if not (await call_whoami(b, alice, name)).is_error:
+                    break
+                await anyio.sleep(0.2)
+        async with sdk_session(b.mcp_url, bob, heard, url_mode=True) as s:
+            [asked] = (await elicitation_required(s, name)).elicitations
+            assert asked.url.startswith(b.base_url)
+            through_a = asked.url.replace(b.base_url, a.base_url, 1)  # the ticket works on every replica
+            assert (await oauth_harness.browser(through_a, "bob")).status_code == 200
+            with anyio.fail_after(10):
+                await heard.completion.wait()
+            assert heard.completed() == [asked.elicitation_id]
+            assert text_of(await s.call_tool(name, {})) == "bob"
+        assert b.parts.mcp.elicitations.completed == 1 and a.parts.mcp.elicitations.completed == 0

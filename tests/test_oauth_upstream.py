@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import anyio
 import httpx
@@ -199,6 +199,44 @@ async def test_state_replayed_expired_forged_or_for_another_tenant_is_refused(
             stamps.clock = old
         resp = await b.get(gateway.base_url + CALLBACK, params={"state": stale, "code": "x"})
         assert resp.status_code == 422 and resp.json()["error"]["details"][0]["reason"] == "expired"
+
+
+async def test_pkce_s256_and_the_issuer_of_the_answer_are_checked(
+    gateway: Gateway, world: AuthServer, upstream: ProtectedUpstream, token: TokenFactory
+) -> None:
+    """The authorization request carries an S256 challenge (authlib then checks the verifier at the
+    token endpoint), and an answer whose `iss` is not the issuer asked, or that lacks the `iss` the
+    server advertises, is refused (RFC 9207: a mix-up attack)."""
+    client = world.add_client(gateway.base_url + CALLBACK)
+    alice = token("alice", groups=("tenant_admin",))
+    server = await register(gateway, alice, **code_server(upstream, client.client_id, client.client_secret))
+    start = f"{gateway.base_url}{REG}/{server['id']}/oauth/authorize"
+
+    def without(url: str, name: str, value: str | None = None) -> str:
+        parts = urlsplit(url)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items() if k != name}
+        if value is not None:
+            query[name] = value
+        return parts._replace(query=urlencode(query)).geturl()
+
+    async with httpx.AsyncClient(timeout=30) as b:
+        for tampered in (
+            lambda url: without(url, "iss", "https://mix-up.example"),
+            lambda url: without(url, "iss"),
+        ):
+            landing = await stop_at_callback(start, "alice", headers=auth_headers(alice))
+            [pending] = world.codes.values()
+            assert pending.code_challenge_method == "S256" and pending.code_challenge
+            assert parse_qs(urlsplit(landing).query)["iss"] == [world.issuer]
+            resp = await b.get(tampered(landing))
+            assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "iss", resp.text
+            world.codes.clear()  # the code was never exchanged
+        assert world.grant_requests["authorization_code"] == 0
+        assert (await detail(gateway, alice, server["id"]))["oauth"]["connected"] is False
+        assert (
+            await b.get(await stop_at_callback(start, "alice", headers=auth_headers(alice)))
+        ).status_code == 200
+    assert world.grant_requests["authorization_code"] == 1
 
 
 async def test_no_token_in_responses_logs_audit_or_database(

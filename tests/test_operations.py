@@ -98,5 +98,5 @@ async def test_readyz_checks_redis_when_configured(settings_factory: object) -> 
             while (resp := await h.client.get("/readyz")).status_code != 200:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         checks = resp.json()["checks"]
-        expected = {"database", "redis", "redis_events", "redis_desktop", "redis_mcp_sessions"}
+        expected = {"database", "redis", "redis_events", "redis_desktop", "redis_mcp_sessions", "redis_mrtr"}
         assert expected <= set(checks) and set(checks.values()) == {"ok"}, checks

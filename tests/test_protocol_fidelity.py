@@ -301,12 +301,23 @@ async def test_discovery_lists_what_a_capable_client_is_offered(
         assert offered == ["always", "needs_elicitation", "needs_roots", "needs_sampling"]
         server = await register(live, tok, name="gated", endpoint_url=gated.url)
         ns = f"remote.u1.{server['slug']}"
-        async with client(live.mcp_url, tok, era) as s:
+        # 2026-07-28 has no session: an upstream that speaks it is called in that era with the calling
+        # client's own capabilities (era_bridge.py), so a client calls what it would be offered directly.
+        caller = capable if era == "2026-07-28" else {}
+        async with client(live.mcp_url, tok, era, **caller) as s:
             through = sorted(t.name for t in await list_all_tools(s))
             assert through == [f"{ns}.{name}" for name in offered]
             for name in offered:
                 result = await s.call_tool(f"{ns}.{name}", {})
                 assert not result.is_error and result.content[0].text == f"called {name}"  # type: ignore[union-attr]
+        if era == "2026-07-28":  # a client declaring nothing gets what it gets directly: "Unknown tool"
+            async with client(gated.url, tok, era) as direct, client(live.mcp_url, tok, era) as bare:
+                for name in ("needs_sampling", "needs_elicitation", "needs_roots"):
+                    with pytest.raises(MCPError) as directly:
+                        await direct.call_tool(name, {})
+                    with pytest.raises(MCPError) as through_scailink:
+                        await bare.call_tool(f"{ns}.{name}", {})
+                    assert through_scailink.value.error == directly.value.error
 
 
 # --- 7. desktop progress and resource templates -------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -267,7 +268,8 @@ async def test_subscriber_reconnects_and_is_not_ready_meanwhile(
     tok = token("u1", "t1", ("tenant_user",))
     async with two_replicas(redis_settings()) as (a, b):
         b_bus = bus(b)
-        b_bus.backoff_min_s = 3.0  # a reconnection slow enough to observe B's not-ready window, loaded too
+        # A reconnection slow enough to observe B's not-ready window, loaded too.
+        b_bus.link = replace(b_bus.link, backoff_min_s=3.0)
         admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
         try:
             name = f"{b_bus.client_name_prefix}:sub:{b_bus.worker_id}"

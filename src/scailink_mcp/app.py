@@ -45,8 +45,10 @@ from scailink_mcp.desktop.bridge import Bridge
 from scailink_mcp.desktop.cluster import DesktopCluster
 from scailink_mcp.desktop.connections import DesktopConsentGate, DesktopRegistry
 from scailink_mcp.desktop.protocol import Close
+from scailink_mcp.era_bridge import EraBridge
+from scailink_mcp.era_cluster import EraCluster
 from scailink_mcp.errors import ScaiLinkError
-from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent
+from scailink_mcp.events import DesktopCatalogChanged, EventBus, RolesChanged, ServerEvent, UpstreamAuthorized
 from scailink_mcp.iam import RoleStore
 from scailink_mcp.inflight import InFlight
 from scailink_mcp.invocation import Invoker
@@ -59,8 +61,9 @@ from scailink_mcp.metrics import Metrics
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.ratelimit import RateLimiter, RedisRateLimiter
 from scailink_mcp.redis_bus import RedisEventBus, from_peer
-from scailink_mcp.redis_link import cluster_signer
+from scailink_mcp.redis_link import cluster_key, peer_link
 from scailink_mcp.relay import Relay
+from scailink_mcp.remote.breaker import BreakerPolicy
 from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import UpstreamPool
@@ -106,12 +109,8 @@ class Components:
 def build_components(settings: Settings, db: Database | None = None) -> Components:
     db = db or Database(settings.effective_database_url)
     # Several workers or replicas: what they share travels through Redis, signed (redis_link.py).
-    signer = cluster_signer(settings) if settings.redis_url else None
-    events: EventBus = (
-        RedisEventBus(settings.redis_url, signer=signer, prefix=settings.redis_prefix)
-        if settings.redis_url and signer
-        else EventBus()
-    )
+    link = peer_link(settings)
+    events: EventBus = RedisEventBus(link) if link else EventBus()
     keyring = Keyring.from_settings(settings)
     # Several replicas: work done once per cluster takes a Redis lease, limits count in Redis.
     lease = RedisLease(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else Lease()
@@ -134,9 +133,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         max_connections_per_user=settings.ws_max_connections_per_user,
         events=events,
         # Several replicas: desktop sessions listed and reached everywhere (desktop/cluster.py).
-        cluster=DesktopCluster(settings.redis_url, signer=signer, prefix=settings.redis_prefix)
-        if settings.redis_url and signer
-        else None,
+        cluster=DesktopCluster(link) if link else None,
     )
     catalog = Catalog(directory, desktop)
     notifier = SessionNotifier(catalog, debounce_s=settings.list_changed_debounce_s)
@@ -164,13 +161,20 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         connector,
         idle_ttl_s=settings.pool_idle_ttl_s,
         max_sessions=settings.pool_max_sessions,
-        breaker_failures=settings.pool_breaker_failures,
-        breaker_window_s=settings.pool_breaker_window_s,
-        breaker_open_s=settings.pool_breaker_open_s,
-        breaker_min_users=settings.pool_breaker_min_users,
+        breakers=BreakerPolicy(
+            failures=settings.pool_breaker_failures,
+            window_s=settings.pool_breaker_window_s,
+            open_s=settings.pool_breaker_open_s,
+            min_users=settings.pool_breaker_min_users,
+        ),
         lean_calls=settings.pool_lean_calls,
     )
     connector.bind_relay(Relay(pool))
+    era_cluster = EraCluster(link) if link else None  # a retry reaches the replica holding its call
+    era_bridge = EraBridge(
+        pool, secret=cluster_key(settings), pending_timeout_s=settings.call_timeout_max_s, cluster=era_cluster
+    )
+    events.subscribe(era_bridge.on_event)
     events.subscribe(audit_registry_change)
     events.subscribe(directory.on_event)
     events.subscribe(pool.on_event)
@@ -181,13 +185,15 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     metrics = Metrics()
     invoker = Invoker(
         settings,
-        Backends(pool=pool, desktop=desktop, request_timeout_s=settings.call_timeout_s, oauth=registry.oauth),
+        Backends(pool, desktop, settings.call_timeout_s, oauth=registry.oauth, bridge=era_bridge),
         consent=DesktopConsentGate(desktop, settings.consent_timeout_s),
         metrics=metrics,
         audit=audit,
     )
     verifier = TokenVerifier(settings)
     roles = RoleStore(db, events=events)
+    surface = mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions)
+    events.subscribe(surface.elicitations.on_authorized, UpstreamAuthorized)
 
     async def roles_changed(event: RolesChanged) -> None:
         if from_peer():  # this worker's own change is already in its cache
@@ -230,7 +236,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         pool=pool,
         notifier=notifier,
         invoker=invoker,
-        mcp=mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions),
+        mcp=surface,
         desktop=desktop,
         bridge=Bridge(settings, verifier, desktop, audit),
         metrics=metrics,
@@ -239,16 +245,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         roles=roles,
         in_flight=InFlight(),
         # Several replicas: handshake-era MCP sessions served by every replica (mcp_sessions.py).
-        mcp_sessions=(
-            SessionStore(
-                settings.redis_url,
-                signer=signer,
-                prefix=settings.redis_prefix,
-                ttl_s=settings.mcp_session_idle_s,
-            )
-            if settings.redis_url and signer
-            else None
-        ),
+        mcp_sessions=SessionStore(link, ttl_s=settings.mcp_session_idle_s) if link else None,
         lease=lease,
     )
 
@@ -336,6 +333,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             logger.error("could not load the server directory", extra={"error": type(exc).__name__})
         async with anyio.create_task_group() as tg:
             tg.start_soon(parts.pool.run)
+            if parts.invoker.backends.bridge is not None:  # 2026-07-28 calls parked between rounds
+                tg.start_soon(parts.invoker.backends.bridge.run)
             tg.start_soon(parts.notifier.run)
             tg.start_soon(parts.rediscovery.run_triggered)
             tg.start_soon(parts.desktop.run_expiry)

@@ -17,6 +17,7 @@
     ├── UpstreamError                 SCAILINK_UPSTREAM_ERROR    502
     │   └── ResultTooLarge            SCAILINK_RESULT_TOO_LARGE  502
     ├── UpstreamTimeout               SCAILINK_UPSTREAM_TIMEOUT  504
+    ├── ProtocolError                 SCAILINK_PROTOCOL_ERROR    400 (a JSON-RPC error, even for tools/call)
     └── RegistryDisabled              SCAILINK_REGISTRY_DISABLED 503
 
 Routes raise these; they never build error dicts. One renderer per surface lives here: the REST
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_REQUEST
+from mcp_types import INVALID_PARAMS, INVALID_REQUEST
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -144,15 +145,17 @@ class UpstreamAuthRequired(ScaiLinkError):
     """The caller has not authorized ScaiLink for an OAuth upstream, or its refresh failed (SPEC
     section 12). 403, never 401: the caller's own token is fine. `authorize_url` (absolute, with a
     one-time ticket) is where a browser authorizes; it is in `details` and in the tool result's `_meta`.
+    `elicitation_id` names that ticket's flow for a URL-mode elicitation (never in `details`).
     """
 
     code = "SCAILINK_UPSTREAM_AUTH_REQUIRED"
     status = 403
     default_message = "authorize ScaiLink for this server first: open authorize_url in a browser"
 
-    def __init__(self, message: str | None = None, *, authorize_url: str) -> None:
+    def __init__(self, message: str | None = None, *, authorize_url: str, elicitation_id: str = "") -> None:
         super().__init__(message, details={"authorize_url": authorize_url})
         self.authorize_url = authorize_url
+        self.elicitation_id = elicitation_id
 
 
 class UpstreamError(ScaiLinkError):
@@ -173,6 +176,24 @@ class UpstreamTimeout(ScaiLinkError):
     code = "SCAILINK_UPSTREAM_TIMEOUT"
     status = 504
     default_message = "upstream MCP server did not answer in time"
+
+
+class ProtocolError(ScaiLinkError):
+    """What MCP answers with a JSON-RPC error rather than an `isError` result, `tools/call` included:
+    a bad or expired multi-round-trip `requestState` (era_bridge.py), and an upstream's own JSON-RPC
+    error on a 2026-07-28 call, passed through with its code and data (what the client would have
+    got directly)."""
+
+    code = "SCAILINK_PROTOCOL_ERROR"
+    status = 400
+    default_message = "Invalid request"
+
+    def __init__(
+        self, message: str | None = None, *, rpc_code: int = INVALID_PARAMS, data: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.rpc_code = rpc_code
+        self.data = data
 
 
 class RegistryDisabled(ScaiLinkError):
@@ -197,6 +218,7 @@ ERROR_TABLE: tuple[type[ScaiLinkError], ...] = (
     ResultTooLarge,
     UpstreamError,
     UpstreamTimeout,
+    ProtocolError,
     RegistryDisabled,
     ScaiLinkError,
 )
@@ -242,7 +264,10 @@ def error_response(err: ScaiLinkError, request_id: str) -> JSONResponse:
 
 
 def mcp_error(err: ScaiLinkError) -> MCPError:
-    """A JSON-RPC error for MCP requests other than `tools/call` (reads, prompts, subscriptions)."""
+    """A JSON-RPC error for MCP requests other than `tools/call` (reads, prompts, subscriptions), and
+    for a `ProtocolError` on any request (its own JSON-RPC code, message and data)."""
+    if isinstance(err, ProtocolError):
+        return MCPError(err.rpc_code, err.message, err.data)
     return MCPError(INVALID_REQUEST, f"{err.code}: {err.message}")
 
 

@@ -1,13 +1,13 @@
 """The catalog-change publish/subscribe interface: the one way catalog-changing signals travel.
 
-Everything that changes what a principal can see or how an upstream must be reached is published
-here: registry changes, status flips, rediscovery (`ServerEvent`), desktop catalog changes
+Everything that changes what a principal can see or how an upstream must be reached is published here:
+registry changes, status flips, rediscovery (`ServerEvent`), desktop catalog changes
 (`DesktopCatalogChanged`: a session started, updated its catalog, ended or expired) and custom-role
-changes (`RolesChanged`). The directory,
-the pool, the audit of registry changes and the list_changed notifier subscribe, each to the event
-types it cares about; nobody calls them directly. In-process by default; a Redis-backed bus can
-implement the same two methods for several workers.
-"""
+changes (`RolesChanged`); and one that is not a catalog change but must reach the replica holding an MCP
+session: a finished upstream authorization (`UpstreamAuthorized`, for URL-mode elicitations). The
+directory, the pool, the audit of registry changes and the list_changed notifier subscribe, each to the
+event types it cares about; nobody calls them directly. In-process by default; a Redis-backed bus can
+implement the same two methods for several workers."""
 
 from __future__ import annotations
 
@@ -73,8 +73,19 @@ class RolesChanged:
     tenant_id: str
 
 
-Event = ServerEvent | DesktopCatalogChanged | RolesChanged
-E = TypeVar("E", ServerEvent, DesktopCatalogChanged, RolesChanged)
+@dataclass(frozen=True)
+class UpstreamAuthorized:
+    """A user finished an upstream OAuth authorization started from a ticket (SPEC section 12): the
+    URL-mode elicitation `elicitation_id` is complete, whichever replica holds its MCP session."""
+
+    tenant_id: str
+    user_id: str
+    server_id: str
+    elicitation_id: str
+
+
+Event = ServerEvent | DesktopCatalogChanged | RolesChanged | UpstreamAuthorized
+E = TypeVar("E", ServerEvent, DesktopCatalogChanged, RolesChanged, UpstreamAuthorized)
 Handler = Callable[[E], Awaitable[None] | None]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from mcp_types import SERVER_INFO_META_KEY, RequestId
+from mcp_types import SERVER_INFO_META_KEY, ErrorData, RequestId
 from starlette.types import Send
 
 from scailink_mcp.remote.wire import dumps
@@ -45,18 +45,24 @@ _MODERN_SSE_HEADERS = [
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A JSON-RPC `result` as bytes (one JSON object, no line break) and the names of its members."""
+    """A JSON-RPC `result` as bytes (one JSON object, no line break) and the names of its members;
+    or, with `error_code`, the JSON-RPC `error` object as bytes."""
 
     raw: bytes
     keys: Collection[str]
+    error_code: int | None = None
 
     @classmethod
     def of(cls, result: dict[str, Any]) -> Reply:
         return cls(dumps(result), result.keys())
 
+    @classmethod
+    def failure(cls, error: ErrorData) -> Reply:
+        return cls(dumps(error.model_dump(by_alias=True, mode="json", exclude_none=True)), (), error.code)
 
-def envelope(request_id: RequestId, result: bytes) -> bytes:
-    return b'{"jsonrpc":"2.0","id":' + dumps(request_id) + b',"result":' + result + b"}"
+
+def envelope(request_id: RequestId, result: bytes, *, member: bytes = b"result") -> bytes:
+    return b'{"jsonrpc":"2.0","id":' + dumps(request_id) + b',"' + member + b'":' + result + b"}"
 
 
 def error_envelope(request_id: RequestId, code: int, message: str) -> bytes:
@@ -124,13 +130,14 @@ class Answer:
         comment = b": ping\r\n\r\n" if self.modern else f": ping - {datetime.now(UTC)}\r\n\r\n".encode()
         await self._body(comment, more=True)
 
-    async def finish(self, message: bytes) -> None:
-        """The answer: a JSON body in the 2026-07-28 era when nothing was streamed yet, else a frame."""
+    async def finish(self, message: bytes, status: int = 200) -> None:
+        """The answer: a JSON body in the 2026-07-28 era when nothing was streamed yet (`status`: the
+        SDK's status for an error code), else a frame."""
         if self.modern and not self.committed:
             self.committed = self.done = True
             length = str(len(message)).encode()
             headers = [(b"content-length", length), (b"content-type", b"application/json")]
-            await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self.send({"type": "http.response.start", "status": status, "headers": headers})
             await self.send({"type": "http.response.body", "body": message, "more_body": False})
             return
         await self._body(sse_frame(message), more=False)

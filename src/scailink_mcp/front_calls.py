@@ -1,7 +1,7 @@
 """`tools/call` in the `/mcp` front (`mcp_front.py`): the warm call without the SDK's server machinery.
 
 The handler resolves the name in the caller's cached scope (the aggregate `CatalogView`, or the one
-server of the per-server endpoint) and runs the one call path, `McpSurface.run_tool` ->
+server of the per-server endpoint) and runs the one call path, `mcp_tools.ToolRun` ->
 `Invoker.call` (permission, consent tier, size cap, metrics, audit, exactly as the SDK's handler
 does). The result is the upstream's bytes when the call path kept them (`remote/wire.WireResult`:
 nothing rewrote it), else the result dict serialized once.
@@ -26,12 +26,14 @@ from mcp.shared.inbound import MCP_PARAM_HEADER_PREFIX, validate_mcp_param_heade
 from starlette.datastructures import Headers
 
 from scailink_mcp import mcp_transports
+from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.front_answer import Answer, Reply
 from scailink_mcp.front_lists import list_methods
 from scailink_mcp.invocation import Caller
 from scailink_mcp.mcp_front import Call, Exchange, Handler, McpFront
 from scailink_mcp.mcp_server import McpSurface
+from scailink_mcp.mcp_tools import ToolRun
 from scailink_mcp.remote.wire import WireResult, dumps
 from scailink_mcp.sdk_sessions import SessionTable
 from scailink_mcp.targets import DesktopTarget, Forwarding, RemoteTarget, Target
@@ -81,7 +83,7 @@ def tools_call(surface: McpSurface, *, single: bool) -> Handler:
     def resolve(exchange: Exchange, name: str) -> Target | None:
         principal = exchange.principal
         if single:
-            server_id = exchange.path_param("server_id")
+            server_id = exchange.server_id
             try:
                 server = catalog.single_server_view(principal, server_id)
             except ToolNotFound:
@@ -91,7 +93,7 @@ def tools_call(surface: McpSurface, *, single: bool) -> Handler:
             if exchange.session is not None:
                 surface.notifier.track_connection(exchange.session.connection, principal, "dotted", server_id)
             return RemoteTarget("tool", name, server)
-        style = surface.style_of(exchange.query("names"))
+        style = surface.style_of(exchange.names)
         target = catalog.view(principal, style).tool_targets.get(name)
         if target is not None and exchange.session is not None:
             surface.notifier.track_connection(exchange.session.connection, principal, style)
@@ -109,13 +111,18 @@ def tools_call(surface: McpSurface, *, single: bool) -> Handler:
             return None
         if exchange.modern and _headers_disagree(exchange, target, arguments):
             return None
-        caller = Caller(
-            request_id=exchange.http_request_id, forwarding=Forwarding(relay=FrontDownstream(exchange.answer))
-        )
+        downstream = FrontDownstream(exchange.answer)
+        # A 2026-07-28 request goes through the era bridge, as the SDK's handler sends it (era_bridge.py).
+        era = EraCall(params, downstream) if exchange.modern else None
+        forwarding = Forwarding(relay=downstream, era=era)
+        caller = Caller(request_id=exchange.http_request_id, forwarding=forwarding)
 
         async def run() -> Reply:
-            who = exchange.principal
-            result = await surface.run_tool(who, target, name, arguments, meta, caller, not single)
+            call = ToolRun(surface.invoker, exchange.principal, target, name, arguments, meta, caller)
+            try:
+                result = await call.run(not single)
+            except MCPError as err:  # a ProtocolError of the call path: a JSON-RPC error, as via the SDK
+                return Reply.failure(err.error)
             return Reply(result.raw, result.keys()) if isinstance(result, WireResult) else Reply.of(result)
 
         return run

@@ -23,7 +23,8 @@ def list_methods(surface: McpSurface, *, single: bool) -> dict[str, Handler]:
     def handle(exchange: Exchange) -> Call | None:
         method, modern = exchange.method, exchange.modern
         try:
-            listing = surface.listing(exchange.principal, exchange.scope)
+            server_id = exchange.server_id if single else None
+            listing = surface.listing(exchange.principal, names=exchange.names, server_id=server_id)
             cursor = list_pages.cursor_of(exchange.params)
             reply = Reply(
                 list_pages.page_bytes(listing, method, cursor, modern=modern),
@@ -34,11 +35,11 @@ def list_methods(surface: McpSurface, *, single: bool) -> dict[str, Handler]:
         if exchange.session is not None:
             connection, principal = exchange.session.connection, exchange.principal
             if single:
-                server_id = exchange.path_param("server_id")
-                surface.notifier.track_connection(connection, principal, "dotted", server_id=server_id)
+                surface.notifier.track_connection(
+                    connection, principal, "dotted", server_id=exchange.server_id
+                )
             else:
-                style = surface.style_of(exchange.query("names"))
-                surface.notifier.track_connection(connection, principal, style)
+                surface.notifier.track_connection(connection, principal, surface.style_of(exchange.names))
 
         async def run() -> Reply:
             return reply

@@ -25,10 +25,11 @@ from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import Principal
 from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import consent_denied
+from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
 from scailink_mcp.remote.wire import WireResult
-from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, Result, Target, ToolCall
+from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, PromptResult, Result, Target, ToolCall
 
 
 class ConsentGate(Protocol):
@@ -143,9 +144,13 @@ class Invoker:
         return await target.read(self.backends, principal)
 
     async def get_prompt(
-        self, principal: Principal, target: Target, arguments: dict[str, str] | None
-    ) -> types.GetPromptResult:
-        return await target.get_prompt(self.backends, principal, arguments)
+        self,
+        principal: Principal,
+        target: Target,
+        arguments: dict[str, str] | None,
+        era: EraCall | None = None,
+    ) -> PromptResult:
+        return await target.get_prompt(self.backends, principal, arguments, era)
 
     async def _approve(
         self, principal: Principal, target: Target, public: str, args: dict[str, Any] | None, caller: Caller

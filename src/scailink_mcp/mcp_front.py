@@ -30,6 +30,8 @@ A 2026-07-28 request is cancelled when its client disconnects, as in the SDK's s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorizat
 from mcp.server.streamable_http import check_accept_headers
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
     InboundModernRoute,
     classify_inbound_request,
     find_duplicated_routing_header,
@@ -70,11 +73,12 @@ logger = logging.getLogger(__name__)
 MCP_SESSION_ID = "mcp-session-id"
 MCP_PROTOCOL_VERSION = "mcp-protocol-version"
 BACK_CHANNEL = ("sampling", "elicitation", "roots")  # client capabilities the front cannot relay
+WATCH_AFTER_S = 1.0  # a 2026-07-28 call's disconnect is watched once it has run this long
 
 
 @dataclass(frozen=True, slots=True)
 class Exchange:
-    """One request the front may own, as a handler sees it."""
+    """One request the front may own, as a handler sees it (plain data: a handler never calls back)."""
 
     scope: Scope
     principal: Principal
@@ -84,24 +88,27 @@ class Exchange:
     protocol_version: str
     session: Established | None  # the handshake-era session; None in the 2026-07-28 era
     answer: Answer
+    modern: bool  # the 2026-07-28 era (no session)
+    http_request_id: str | None  # the X-Request-ID (`RequestIdMiddleware`), for the audit
+    names: str | None  # `?names=` (the aggregate endpoint's naming style)
+    server_id: str  # the per-server endpoint's `{server_id}`, else ""
 
-    @property
-    def modern(self) -> bool:
-        return self.session is None
 
-    @property
-    def http_request_id(self) -> str | None:
-        """The X-Request-ID of the HTTP request (`RequestIdMiddleware`), for the audit."""
-        value = self.scope.get("state", {}).get("request_id")
-        return str(value) if value else None
-
-    def query(self, name: str) -> str | None:
-        raw = self.scope.get("query_string", b"")
-        values = parse_qs(raw.decode("latin-1")).get(name) if raw else None
-        return values[0] if values else None
-
-    def path_param(self, name: str) -> str:
-        return str(self.scope.get("path_params", {}).get(name, ""))
+def _exchange(
+    scope: Scope,
+    principal: Principal,
+    plain: tuple[RequestId, str, dict[str, Any]],
+    version: str,
+    session: Established | None,
+    answer: Answer,
+) -> Exchange:
+    state, raw_query = scope.get("state", {}).get("request_id"), scope.get("query_string", b"")
+    names = parse_qs(raw_query.decode("latin-1")).get("names") if raw_query else None
+    server_id = str(scope.get("path_params", {}).get("server_id", ""))
+    return Exchange(
+        scope, principal, *plain, version, session, answer, session is None,
+        str(state) if state else None, names[0] if names else None, server_id,
+    )  # fmt: skip
 
 
 Call = Callable[[], Awaitable[Reply]]
@@ -166,7 +173,7 @@ class McpFront:
         if check_accept_headers(request) != (True, True):
             return False
         version = request.headers.get(MCP_PROTOCOL_VERSION)
-        request_id, method, params = plain
+        method, params = plain[1], plain[2]
         session: Established | None = None
         if version is None or version in HANDSHAKE_PROTOCOL_VERSIONS:
             session = self._session(request)
@@ -178,7 +185,7 @@ class McpFront:
             if version is None:
                 return False
         answer = Answer(send, modern=session is None, session_id=session.session_id if session else None)
-        exchange = Exchange(scope, principal, request_id, method, params, version, session, answer)
+        exchange = _exchange(scope, principal, plain, version, session, answer)
         call = self.methods[method](exchange)
         if call is None:
             return False
@@ -224,18 +231,17 @@ class McpFront:
             if exchange.session is not None:
                 key = (exchange.session.session_id, exchange.request_id)
                 self._running[key] = cancelled
+            watch = Watch(answer, receive, cancelled if exchange.modern else None)
             try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_keepalive, answer, receive, cancelled if exchange.modern else None)
-                    try:
-                        reply = await call()
-                    except Exception:
-                        logger.exception("the MCP front's handler failed", extra={"method": exchange.method})
-                        failed = True
-                    tg.cancel_scope.cancel()
+                reply = await call()
+            except Exception:
+                logger.exception("the MCP front's handler failed", extra={"method": exchange.method})
+                failed = True
             finally:
                 if key is not None:
                     self._running.pop(key, None)
+                with anyio.CancelScope(shield=True):
+                    await watch.stop()
         if cancelled.cancelled_caught:
             if not exchange.modern:  # the 2026-07-28 client is gone; a handshake-era stream is told
                 cancelled_answer = error_envelope(exchange.request_id, REQUEST_CANCELLED, "Request cancelled")
@@ -243,6 +249,10 @@ class McpFront:
             return
         if reply is None or failed:
             await answer.finish(error_envelope(exchange.request_id, INTERNAL_ERROR, "Internal error"))
+            return
+        if reply.error_code is not None:  # a JSON-RPC error the call path raised (as the SDK answers it)
+            status = ERROR_CODE_HTTP_STATUS.get(reply.error_code, 200)
+            await answer.finish(envelope(exchange.request_id, reply.raw, member=b"error"), status)
             return
         result = modern_result(reply, self.server_info) if exchange.modern else reply.raw
         await answer.finish(envelope(exchange.request_id, result))
@@ -267,16 +277,45 @@ class McpFront:
         return True
 
 
-async def _keepalive(answer: Answer, receive: Receive, cancel: anyio.CancelScope | None) -> None:
-    """A ping comment every 15 s while the call runs; with `cancel` (2026-07-28), a disconnect
-    cancels the call."""
+class Watch:
+    """The keep-alive of a call the front serves: a ping comment every 15 s while it runs and, in the
+    2026-07-28 era (`cancel`), a disconnect cancels it, as in the SDK's single-exchange entry.
+
+    Its task starts only once the call has run `WATCH_AFTER_S` (2026-07-28) or a ping interval
+    (handshake era): most calls end sooner and cost no task (a timer of the event loop).
+    """
+
+    def __init__(self, answer: Answer, receive: Receive, cancel: anyio.CancelScope | None) -> None:
+        self._args = answer, receive, cancel
+        self._task: asyncio.Task[None] | None = None
+        delay = WATCH_AFTER_S if cancel is not None else PING_INTERVAL_S
+        self._timer = asyncio.get_running_loop().call_later(delay, self._start, delay)
+
+    def _start(self, waited: float) -> None:
+        self._task = asyncio.get_running_loop().create_task(_keepalive(*self._args, PING_INTERVAL_S - waited))
+
+    async def stop(self) -> None:
+        self._timer.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _keepalive(
+    answer: Answer, receive: Receive, cancel: anyio.CancelScope | None, first: float
+) -> None:
+    """Pings (the first after `first` s, then every 15 s); with `cancel`, the disconnect watch."""
+    wait = first
     while True:
-        with anyio.move_on_after(PING_INTERVAL_S):
+        with anyio.move_on_after(wait):
             if cancel is None:  # handshake era: the SDK keeps serving a request whose client left
                 await anyio.sleep_forever()
-                continue
             while (await receive())["type"] != "http.disconnect":
                 pass
-            cancel.cancel()
+            if cancel is not None:
+                cancel.cancel()
             return
         await answer.ping()
+        wait = PING_INTERVAL_S

@@ -29,16 +29,23 @@ from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
-from scailink_mcp.errors import ScaiLinkError, ToolNotFound, mcp_error, tool_error_result
+from scailink_mcp.era_pending import era_call
+from scailink_mcp.errors import (
+    ScaiLinkError,
+    ToolNotFound,
+    mcp_error,
+)
 from scailink_mcp.invocation import Caller, Invoker
 from scailink_mcp.list_pages import PageKey
 from scailink_mcp.mcp_auth import current_principal
+from scailink_mcp.mcp_elicitation import UrlElicitations, supports_url_elicitation
+from scailink_mcp.mcp_tools import ToolRun
 from scailink_mcp.mcp_transports import ListChangedServer
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.sdk_sessions import SessionTable, connection_of
 from scailink_mcp.subscriptions import Subscriptions
-from scailink_mcp.targets import Forwarding, RemoteTarget, Result, Target
+from scailink_mcp.targets import Forwarding, PromptResult, RemoteTarget, Result, Target
 
 Ctx = ServerRequestContext[Any, Any]
 INSTRUCTIONS = "ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced."
@@ -93,6 +100,7 @@ class McpSurface:
         self.invoker = invoker
         self.notifier = notifier
         self.subscriptions = subscriptions
+        self.elicitations = UrlElicitations(ttl_s=settings.oauth_state_ttl_s)
 
     def style(self, ctx: Ctx) -> NameStyle:
         request = ctx.request
@@ -139,26 +147,28 @@ class McpSurface:
             )
         return self.catalog.server_scope(server)
 
-    def listing(self, principal: Principal, scope: Scope) -> McpScope:
-        """For the `/mcp` front (no SDK context): the listing a request arriving as the ASGI `scope`
-        sees, aggregate or per-server endpoint by its `server_id` path parameter. Raises `MCPError`
-        (-32602) for an unknown or unlisted server."""
-        server_id = scope.get("path_params", {}).get("server_id")
+    def listing(self, principal: Principal, *, names: str | None, server_id: str | None) -> McpScope:
+        """For the `/mcp` front (no SDK context): the listing of the aggregate endpoint in the style
+        `names` asks for, or of the per-server endpoint of `server_id`. Raises `MCPError` (-32602)
+        for an unknown or unlisted server."""
         if server_id is None:
-            return self.catalog.view(principal, self.style_of(Request(scope).query_params.get("names")))
-        return self._listed_server(principal, str(server_id))
+            return self.catalog.view(principal, self.style_of(names))
+        return self._listed_server(principal, server_id)
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
+        relay = DownstreamCall(ctx.session, ctx.request_id)
+        # A 2026-07-28 request goes through the era bridge (era_bridge.py); the handshake era's warm
+        # path stays as it was.
+        era = era_call(ctx, relay) if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS else None
         return Caller(
             request_id=request_id_of(ctx),
-            forwarding=Forwarding(
-                progress=self._progress(ctx, meta or {}), relay=DownstreamCall(ctx.session, ctx.request_id)
-            ),
+            forwarding=Forwarding(progress=self._progress(ctx, meta or {}), relay=relay, era=era),
             elicit=self._elicit(ctx),
         )
 
     async def call_tool(self, ctx: Ctx, scope_of: ScopeOf, params: types.CallToolRequestParams) -> Result:
-        """`tools/call`: an unknown name is -32602; other failures are `isError` results."""
+        """`tools/call`: an unknown name is -32602; an upstream authorization missing is -32042 for a
+        client of URL-mode elicitation (mcp_elicitation.py); other failures are `isError` results."""
         principal, scope = scope_of(ctx)
         try:
             target = scope.resolve_tool(params.name)
@@ -167,31 +177,11 @@ class McpSurface:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}") from None
         meta: dict[str, Any] = dict(params.meta or {})
         caller, aggregate = self.caller(ctx, meta), isinstance(scope, CatalogView)
-        name, arguments = params.name, params.arguments
-        result = await self.run_tool(principal, target, name, arguments, meta, caller, aggregate)
+        url_auth = (lambda e: self.elicitations.required(ctx, e)) if supports_url_elicitation(ctx) else None
+        call = ToolRun(self.invoker, principal, target, params.name, params.arguments, meta, caller)
+        result = await call.run(aggregate, url_auth)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
             result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
-        return result
-
-    async def run_tool(
-        self,
-        principal: Principal,
-        target: Target,
-        name: str,
-        arguments: dict[str, Any] | None,
-        meta: dict[str, Any],
-        caller: Caller,
-        aggregate: bool,
-    ) -> Result:
-        """A resolved `tools/call`, as both the SDK's handler and the `/mcp` front run it: the
-        `Invoker`'s call, URIs made public on `/mcp`, a failure as an `isError` result."""
-        wait = self.invoker.timeout(meta.get("scailink/timeout_ms"))
-        try:
-            result = await self.invoker.call(principal, target, name, arguments, timeout=wait, caller=caller)
-            if aggregate:  # every URI an agent gets through /mcp reads back there
-                result = resource_uris.tool_result(result, target)
-        except ScaiLinkError as err:
-            result = tool_error_result(err)
         return result
 
     async def subscription(self, ctx: Ctx, scope_of: ScopeOf, uri: str, *, subscribe: bool) -> None:
@@ -232,8 +222,8 @@ class McpSurface:
     def _elicit(self, ctx: Ctx) -> Callable[[str], Any] | None:
         session = ctx.session
         caps = session.client_capabilities
-        if caps is None or caps.elicitation is None:
-            return None
+        if caps is None or caps.elicitation is None or ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return None  # 2026-07-28 has no back-channel to ask on: the desktop is asked instead
 
         async def ask(message: str) -> bool:
             answer = await session.elicit_form(
@@ -263,14 +253,14 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
     async def call_tool(ctx: Ctx, params: types.CallToolRequestParams) -> Result:
         return await surface.call_tool(ctx, scope_of, params)
 
-    async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+    async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> PromptResult:
         principal, scope = scope_of(ctx)
         try:
             target = scope.resolve_prompt(params.name)
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
         try:
-            return await invoker.get_prompt(principal, target, params.arguments)
+            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx))
         except ScaiLinkError as err:
             raise mcp_error(err) from None
 

@@ -42,7 +42,7 @@ from scailink_mcp import sdk_sessions
 from scailink_mcp.auth import Principal
 from scailink_mcp.mcp_auth import scope_principal
 from scailink_mcp.mcp_guard import replay
-from scailink_mcp.redis_link import Signer, Subscription, check_url, connect
+from scailink_mcp.redis_link import PeerLink, Subscription, connect
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -57,25 +57,21 @@ Revived = Callable[[Connection, Principal, Scope], None]
 class SessionStore:
     """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages."""
 
-    def __init__(
-        self, url: str, *, signer: Signer, prefix: str, ttl_s: float, timeout_s: float = 2.0
-    ) -> None:
-        check_url(url)
-        self.url = url
-        self.signer = signer
-        self.prefix = prefix
+    def __init__(self, link: PeerLink, *, ttl_s: float) -> None:
+        self.link = link
         self.ttl_ms = int(ttl_s * 1000)
-        self.timeout_s = timeout_s
         self._client: Redis | None = None
         self._managers: dict[str, StreamableHTTPSessionManager] = {}
-        self._subscription = Subscription("MCP session", on_message=self._ended, backoff_s=lambda: (0.1, 5.0))
+        self._subscription = Subscription(
+            "MCP session", on_message=self._ended, backoff_s=lambda: (link.backoff_min_s, link.backoff_max_s)
+        )
 
     def _key(self, endpoint: str, session_id: str) -> str:
-        return f"{self.prefix}:mcp:{endpoint}:{session_id}"
+        return f"{self.link.prefix}:mcp:{endpoint}:{session_id}"
 
     @property
     def _channel(self) -> str:
-        return f"{self.prefix}:mcp"
+        return f"{self.link.prefix}:mcp"
 
     def health(self) -> str:
         return self._subscription.health()
@@ -91,18 +87,18 @@ class SessionStore:
     def _redis(self) -> Redis:
         if self._client is None:
             self._client = connect(
-                self.url, name=f"{self.prefix}:mcp:cmd", retries=1, timeout_s=self.timeout_s
+                self.link.url, name=f"{self.link.prefix}:mcp:cmd", retries=1, timeout_s=self.link.timeout_s
             )
         return self._client
 
     async def save(self, endpoint: str, session_id: str, state: dict[str, Any]) -> None:
-        value = self.signer.sign(json.dumps(state))
+        value = self.link.signer.sign(json.dumps(state))
         await self._redis().set(self._key(endpoint, session_id), value, px=self.ttl_ms)
 
     async def load(self, endpoint: str, session_id: str) -> dict[str, Any] | None:
         raw = await self._redis().get(self._key(endpoint, session_id))
         try:
-            state = json.loads(self.signer.verify(raw)) if raw else None
+            state = json.loads(self.link.signer.verify(raw)) if raw else None
         except ValueError:
             logger.warning("ignored an MCP session state not signed by this gateway")
             return None
@@ -115,12 +111,14 @@ class SessionStore:
         client = self._redis()
         await client.delete(self._key(endpoint, session_id))
         message = json.dumps({"v": 1, "endpoint": endpoint, "session_id": session_id})
-        await client.publish(self._channel, self.signer.sign(message))
+        await client.publish(self._channel, self.link.signer.sign(message))
 
     async def run(self) -> None:
         """The `ended` subscription (owned by the app lifespan)."""
         self._subscription.state = "connecting"
-        receiver = connect(self.url, name=f"{self.prefix}:mcp:sub", retries=0, timeout_s=self.timeout_s)
+        receiver = connect(
+            self.link.url, name=f"{self.link.prefix}:mcp:sub", retries=0, timeout_s=self.link.timeout_s
+        )
         try:
             await self._subscription.run(receiver, self._channel)
         finally:
@@ -131,7 +129,7 @@ class SessionStore:
 
     async def _ended(self, data: bytes | str) -> None:
         try:
-            message = json.loads(self.signer.verify(data))
+            message = json.loads(self.link.signer.verify(data))
             manager = self._managers.get(str(message["endpoint"]))
             if manager is not None:
                 await sdk_sessions.discard(manager, str(message["session_id"]))

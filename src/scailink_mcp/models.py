@@ -45,6 +45,17 @@ class Sealed(SQLModel):
     ciphertext: bytes = Field(sa_type=LargeBinary, nullable=False)
 
 
+class ServerRow(SQLModel):
+    """The keys of a row that belongs to one server (a credential field, a capability, a user's OAuth
+    tokens): its own id, and the server's, whose deletion takes the row with it. `sa_type` and
+    `foreign_key` rather than `sa_column`: each table gets its own columns."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    server_id: str = Field(
+        sa_type=String(32), foreign_key="remote_server.id", ondelete="CASCADE", index=True, nullable=False
+    )
+
+
 class TenantQuota(SQLModel, table=True):
     """One row per tenant holding its server count; the cap is enforced by a conditional UPDATE on it."""
 
@@ -83,36 +94,24 @@ class RemoteServer(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
-class Credential(Sealed, table=True):
+class Credential(ServerRow, Sealed, table=True):
     """One encrypted credential field of a server (envelope encryption, see `crypto.py`)."""
 
     __tablename__ = "credential"
     __table_args__ = (UniqueConstraint("server_id", "field", name="uq_credential_field"),)
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
-    server_id: str = Field(
-        sa_column=Column(
-            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), index=True, nullable=False
-        )
-    )
     tenant_id: str = Field(max_length=128)
     field: str = Field(max_length=128)
     created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
-class Capability(SQLModel, table=True):
+class Capability(ServerRow, table=True):
     """One tool, resource, resource template or prompt seen by discovery, in its MCP wire shape."""
 
     __tablename__ = "capability"
     __table_args__ = (UniqueConstraint("server_id", "kind", "name", name="uq_capability"),)
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
-    server_id: str = Field(
-        sa_column=Column(
-            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), index=True, nullable=False
-        )
-    )
     kind: str = Field(max_length=24)  # tool | resource | resource_template | prompt
     # The upstream name (a resource's URI, a template's uriTemplate).
     name: str = Field(max_length=1024)
@@ -179,7 +178,7 @@ class OAuthClient(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
-class OAuthToken(Sealed, table=True):
+class OAuthToken(ServerRow, Sealed, table=True):
     """The tokens of one (server, user): sealed like a credential, with the user in the associated
     data (`oauth_tokens.py`). `user_id` is empty for a `client_credentials` server's one token.
     `version` moves on every new token: part of the upstream pool's key."""
@@ -187,12 +186,6 @@ class OAuthToken(Sealed, table=True):
     __tablename__ = "oauth_token"
     __table_args__ = (UniqueConstraint("server_id", "user_id", name="uq_oauth_token_user"),)
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
-    server_id: str = Field(
-        sa_column=Column(
-            String(32), ForeignKey("remote_server.id", ondelete="CASCADE"), index=True, nullable=False
-        )
-    )
     tenant_id: str = Field(max_length=128)
     user_id: str = Field(max_length=128)
     version: int = Field(default=1)

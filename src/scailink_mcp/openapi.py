@@ -126,6 +126,12 @@ def _oauth_paths(one: str, server_id: dict[str, Any]) -> dict[str, Any]:
             "schema": {"type": "string"},
         }
     ]
+    connected = _success(
+        "the caller is connected (JSON; for a flow started from the dashboard's Connect, a page that"
+        " goes back to the dashboard)",
+        "OAuthConnectedEnvelope",
+    )
+    connected["content"]["text/html"] = {"schema": {"type": "string"}}
     callback = {
         "operationId": "oauthCallback",
         "summary": "The authorization server's redirect back (public: the one-time `state` is the proof)",
@@ -141,7 +147,7 @@ def _oauth_paths(one: str, server_id: dict[str, Any]) -> dict[str, Any]:
             for name in ("state", "code", "iss", "error")
         ],
         "responses": {
-            "200": _success("the caller is connected", "OAuthConnectedEnvelope"),
+            "200": connected,
             **_errors(RateLimited, RegistryDisabled, NotFound, ValidationFailed, UpstreamError),
         },
     }
@@ -295,14 +301,6 @@ def build_openapi() -> dict[str, Any]:
             "schema": {"type": "string"},
         },
     ]
-    update = _op(
-        "updateServer",
-        "Change name, description, endpoint_url, transport or consent_tier",
-        manage,
-        {"200": detail},
-        (NotFound, Conflict, EndpointForbidden),
-        "UpdateServer",
-    )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -324,7 +322,14 @@ def build_openapi() -> dict[str, Any]:
             one: {
                 "parameters": [server_id],
                 "get": _op("getServer", "Server detail", "scailink:remote.use", {"200": detail}, (NotFound,)),
-                "patch": update,
+                "patch": _op(
+                    "updateServer",
+                    "Change name, description, endpoint_url, transport or consent_tier",
+                    manage,
+                    {"200": detail},
+                    (NotFound, Conflict, EndpointForbidden),
+                    "UpdateServer",
+                ),
                 "delete": _op(
                     "deleteServer",
                     "Delete (cascades credentials and capabilities, closes pooled sessions)",

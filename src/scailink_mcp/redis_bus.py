@@ -10,9 +10,9 @@ any replica refreshes every replica's directory, closes its pooled sessions when
 `list_changed` to the downstream sessions it holds. Subscribers re-read the database (the source of
 truth): an event only says which server moved.
 
-`ServerEvent` and `RolesChanged` cross workers here. `DesktopCatalogChanged` stays local: desktop
-sessions travel through `desktop/cluster.py`, whose announcements make each peer publish its own
-`DesktopCatalogChanged` locally.
+`ServerEvent`, `RolesChanged` and `UpstreamAuthorized` cross workers here. `DesktopCatalogChanged` stays
+local: desktop sessions travel through `desktop/cluster.py`, whose announcements make each peer publish
+its own `DesktopCatalogChanged` locally.
 
 Worker identity (`host:pid:random`) is made when `run()` starts, in the lifespan of the worker process
 itself, never at import or construction time: a process forked afterwards (a preloading server) would
@@ -44,8 +44,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from scailink_mcp.events import Event, EventBus, RolesChanged, ServerEvent, ServerEventKind
-from scailink_mcp.redis_link import Signer, Subscription, check_url, connect, make_worker_id
+from scailink_mcp.events import (
+    Event,
+    EventBus,
+    RolesChanged,
+    ServerEvent,
+    ServerEventKind,
+    UpstreamAuthorized,
+)
+from scailink_mcp.redis_link import PeerLink, Subscription, connect, make_worker_id
 
 if TYPE_CHECKING:  # redis is imported only when a Redis URL is configured (the single process never needs it)
     from redis.asyncio import Redis
@@ -55,7 +62,9 @@ logger = logging.getLogger(__name__)
 WIRE_VERSION = 1
 SERVER_EVENT = "server_event"
 ROLES_CHANGED = "roles_changed"
+UPSTREAM_AUTHORIZED = "upstream_authorized"
 _SERVER_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(ServerEvent))
+_AUTHORIZED_FIELDS = tuple(f.name for f in dataclasses.fields(UpstreamAuthorized))
 
 _from_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("scailink_event_from_peer", default=False)
 
@@ -65,13 +74,16 @@ def from_peer() -> bool:
     return _from_peer.get()
 
 
-Shared = ServerEvent | RolesChanged  # the events that cross workers here
+Shared = ServerEvent | RolesChanged | UpstreamAuthorized  # the events that cross workers here
 
 
 def encode(event: Shared, origin: str) -> str:
     if isinstance(event, RolesChanged):
         fields: dict[str, Any] = {"tenant_id": event.tenant_id}
         return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": ROLES_CHANGED, "event": fields})
+    if isinstance(event, UpstreamAuthorized):
+        fields = dataclasses.asdict(event)
+        return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": UPSTREAM_AUTHORIZED, "event": fields})
     fields = {name: getattr(event, name) for name in _SERVER_EVENT_FIELDS}
     fields["kind"] = event.kind.value
     return json.dumps({"v": WIRE_VERSION, "origin": origin, "type": SERVER_EVENT, "event": fields})
@@ -87,6 +99,10 @@ def decode(data: bytes | str) -> tuple[str, Shared]:
         raise ValueError("not a ScaiLink event")
     if kind == ROLES_CHANGED and isinstance(fields.get("tenant_id"), str):
         return origin, RolesChanged(fields["tenant_id"])
+    if kind == UPSTREAM_AUTHORIZED:
+        if not all(isinstance(fields.get(name), str) for name in _AUTHORIZED_FIELDS):
+            raise ValueError("bad upstream_authorized event")
+        return origin, UpstreamAuthorized(**{name: fields[name] for name in _AUTHORIZED_FIELDS})
     if kind != SERVER_EVENT:
         raise ValueError("not a server event")
     values: dict[str, Any] = {}
@@ -104,6 +120,8 @@ def _describe(event: Shared) -> dict[str, str]:
     """What a log line says of an event."""
     if isinstance(event, RolesChanged):
         return {"event": ROLES_CHANGED, "tenant_id": event.tenant_id}
+    if isinstance(event, UpstreamAuthorized):
+        return {"event": UPSTREAM_AUTHORIZED, "server_id": event.server_id}
     return {"event": event.kind.value, "server_id": event.server_id}
 
 
@@ -112,26 +130,11 @@ class RedisEventBus(EventBus):
     lifespan: it makes the worker id, then runs the sender and the supervised subscriber until
     cancelled."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        signer: Signer,
-        prefix: str = "scailink",
-        queue_size: int = 10_000,
-        connect_timeout_s: float = 2.0,
-        backoff_min_s: float = 0.1,
-        backoff_max_s: float = 5.0,
-    ) -> None:
+    def __init__(self, link: PeerLink, *, queue_size: int = 10_000) -> None:
         super().__init__()
-        check_url(url)
-        self.url = url
-        self.signer = signer
-        self.channel = f"{prefix}:events"
-        self.client_name_prefix = f"{prefix}:events"
-        self.connect_timeout_s = connect_timeout_s
-        self.backoff_min_s = backoff_min_s
-        self.backoff_max_s = backoff_max_s
+        self.link = link
+        self.channel = f"{link.prefix}:events"
+        self.client_name_prefix = f"{link.prefix}:events"
         self.worker_id = ""  # made by run(), in the worker process
         self._outbox: MemoryObjectSendStream[Shared]
         self._pending: MemoryObjectReceiveStream[Shared]
@@ -140,7 +143,7 @@ class RedisEventBus(EventBus):
             "event",
             on_message=self._receive,
             on_subscribed=self._subscribed,
-            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
+            backoff_s=lambda: (self.link.backoff_min_s, self.link.backoff_max_s),
         )
         # Counters (tests, logs): events sent, not sent, received from peers.
         self.published = 0
@@ -150,7 +153,7 @@ class RedisEventBus(EventBus):
     # ---- the EventBus interface ------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        if isinstance(event, ServerEvent | RolesChanged):
+        if isinstance(event, ServerEvent | RolesChanged | UpstreamAuthorized):
             try:  # queued before the local dispatch: a cancelled caller cannot keep it from peers
                 self._outbox.send_nowait(event)
             except anyio.WouldBlock:
@@ -180,7 +183,7 @@ class RedisEventBus(EventBus):
     # ---- the background tasks --------------------------------------------------------------------
 
     def _client(self, *, name: str, retries: int) -> Redis:
-        return connect(self.url, name=name, retries=retries, timeout_s=self.connect_timeout_s)
+        return connect(self.link.url, name=name, retries=retries, timeout_s=self.link.timeout_s)
 
     async def run(self) -> None:
         self.worker_id = make_worker_id()
@@ -199,8 +202,8 @@ class RedisEventBus(EventBus):
     async def _send_forever(self, client: Redis) -> None:
         async for event in self._pending:
             try:
-                with anyio.fail_after(self.connect_timeout_s * 3):
-                    await client.publish(self.channel, self.signer.sign(encode(event, self.worker_id)))
+                with anyio.fail_after(self.link.timeout_s * 3):
+                    await client.publish(self.channel, self.link.signer.sign(encode(event, self.worker_id)))
                 self.published += 1
             except Exception as exc:
                 self.publish_failures += 1
@@ -215,7 +218,7 @@ class RedisEventBus(EventBus):
 
     async def _receive(self, data: bytes | str) -> None:
         try:
-            origin, event = decode(self.signer.verify(data))
+            origin, event = decode(self.link.signer.verify(data))
         except (ValueError, TypeError) as exc:
             logger.warning("ignored a malformed event from Redis", extra={"error": str(exc)[:200]})
             return

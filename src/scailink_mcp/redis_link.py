@@ -26,6 +26,7 @@ import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -61,14 +62,47 @@ class Signer:
         return text
 
 
-def cluster_signer(settings: Settings) -> Signer:
-    """The signer of this gateway's Redis traffic: `SCAILINK_CLUSTER_SECRET`, else the primary KEK."""
+def cluster_key(settings: Settings) -> bytes | None:
+    """The secret all replicas share: `SCAILINK_CLUSTER_SECRET`, else derived from the primary KEK;
+    None when neither is set (a single process)."""
     if settings.cluster_secret is not None:
-        return Signer(base64.b64decode(settings.cluster_secret.get_secret_value().strip()))
+        return base64.b64decode(settings.cluster_secret.get_secret_value().strip())
     if settings.encryption_local_kek is not None:
         kek = base64.b64decode(settings.encryption_local_kek.get_secret_value().strip())
-        return Signer(hashlib.sha256(b"scailink-cluster-secret" + kek).digest())
-    raise ValueError("several replicas need SCAILINK_CLUSTER_SECRET (or SCAILINK_ENCRYPTION_LOCAL_KEK)")
+        return hashlib.sha256(b"scailink-cluster-secret" + kek).digest()
+    return None
+
+
+def cluster_signer(settings: Settings) -> Signer:
+    """The signer of this gateway's Redis traffic (`cluster_key`)."""
+    key = cluster_key(settings)
+    if key is None:
+        raise ValueError("several replicas need SCAILINK_CLUSTER_SECRET (or SCAILINK_ENCRYPTION_LOCAL_KEK)")
+    return Signer(key)
+
+
+@dataclass(frozen=True)
+class PeerLink:
+    """How one worker reaches the others through Redis: where, the signer of all it puts there, the
+    prefix that keeps one gateway apart from another sharing the Redis, and its clients' connect
+    timeout and reconnection backoff. One per app, handed to each part that talks to peers."""
+
+    url: str
+    signer: Signer
+    prefix: str = "scailink"
+    timeout_s: float = 2.0
+    backoff_min_s: float = 0.1
+    backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_url(self.url)
+
+
+def peer_link(settings: Settings) -> PeerLink | None:
+    """Several workers or replicas (`SCAILINK_REDIS_URL` set): their link; one alone: None."""
+    if not settings.redis_url:
+        return None
+    return PeerLink(settings.redis_url, cluster_signer(settings), settings.redis_prefix)
 
 
 def make_worker_id() -> str:

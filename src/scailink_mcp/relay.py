@@ -6,7 +6,9 @@ MCP session whose call is in flight on that pooled upstream session, and sends t
 
 The SDK does not tell a client which of its requests a server-initiated request relates to, so when
 several downstream calls share one pooled session (same user, same server) the most recent in-flight
-call receives it. Pooled sessions are per user, so this never crosses users.
+call receives it. Pooled sessions are per user, so this never crosses users. A 2026-07-28 caller has
+no back-channel: its call's `PendingCall` parks the request for the caller's next round instead
+(era_bridge.py).
 
 Having these callbacks is also what makes an SDK client declare `sampling`, `elicitation` and `roots`,
 and servers may offer some tools only to clients that declare them. So discovery's session declares
@@ -26,6 +28,7 @@ from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 
+from scailink_mcp.era_pending import PendingCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -75,9 +78,14 @@ class Relay:
 
     def _call(self, key: PoolKey) -> Downstream | None:
         current = self.pool.current_relay(key)
+        if isinstance(current, PendingCall):  # a 2026-07-28 caller's round (era_bridge.py)
+            current = current.downstream
         return current if isinstance(current, Downstream) else None
 
     async def _forward(self, key: PoolKey, request: Any, result_type: Any, capability: str) -> Any:
+        current = self.pool.current_relay(key)
+        if isinstance(current, PendingCall):  # no back-channel: parked for the caller's next round
+            return await current.ask(request, result_type, capability)
         call = self._call(key)
         if call is None:
             return types.ErrorData(

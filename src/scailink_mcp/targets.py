@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
+from mcp_types.methods import is_input_required
 from pydantic import ValidationError
 
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession, needs_consent
@@ -27,12 +28,25 @@ from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 if TYPE_CHECKING:
     from scailink_mcp.auth import Principal
     from scailink_mcp.catalog import ServerSnapshot
+    from scailink_mcp.era_bridge import EraBridge
+    from scailink_mcp.era_pending import EraCall
     from scailink_mcp.relay import Downstream
     from scailink_mcp.remote.oauth import OAuth
 
 Kind = Literal["tool", "prompt", "resource"]
 # A result in its wire form (camelCase keys), passed through from the upstream or device unchanged.
 Result = dict[str, Any]
+# A prompt, or (2026-07-28) the upstream's request for the caller's input first.
+PromptResult = types.GetPromptResult | types.InputRequiredResult
+
+
+def prompt_result(raw: Result) -> PromptResult:
+    try:
+        if is_input_required(raw):
+            return types.InputRequiredResult.model_validate(raw)
+        return types.GetPromptResult.model_validate(raw)
+    except ValidationError:
+        raise UpstreamError("the upstream answered with an invalid prompt") from None
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,7 @@ class Backends:
     desktop: DesktopRegistry
     request_timeout_s: float  # resource reads and prompt gets
     oauth: OAuth | None = None  # OAuth upstreams' tokens (SPEC section 12)
+    bridge: EraBridge | None = None  # 2026-07-28 callers' remote calls (era_bridge.py)
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class Forwarding:
 
     progress: ProgressFnT | None = None
     relay: Downstream | None = None
+    # A 2026-07-28 caller's request (era_bridge.py): remote calls then go through the era bridge.
+    era: EraCall | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,18 @@ class RemoteTarget:
 
     async def call(self, b: Backends, call: ToolCall) -> Result:
         key = await self.key(b, call.principal)
+        era = call.forwarding.era
         try:
+            if era is not None and b.bridge is not None:
+                return await b.bridge.call_tool(
+                    key,
+                    call.principal,
+                    self.upstream_name,
+                    call.arguments,
+                    era,
+                    timeout=call.timeout,
+                    progress=call.forwarding.progress,
+                )
             return await b.pool.call_tool(
                 key,
                 self.upstream_name,
@@ -119,8 +147,14 @@ class RemoteTarget:
         return result
 
     async def get_prompt(
-        self, b: Backends, principal: Principal, arguments: dict[str, str] | None
-    ) -> types.GetPromptResult:
+        self, b: Backends, principal: Principal, arguments: dict[str, str] | None, era: EraCall | None = None
+    ) -> PromptResult:
+        if era is not None and b.bridge is not None:
+            key = await self.key(b, principal)
+            raw = await b.bridge.get_prompt(
+                key, principal, self.upstream_name, arguments, era, timeout=b.request_timeout_s
+            )
+            return prompt_result(raw)
         result: types.GetPromptResult = await self.use(
             b, principal, lambda s: s.get_prompt(self.upstream_name, arguments)
         )
@@ -174,8 +208,8 @@ class DesktopTarget:
             raise UpstreamError("the desktop device answered with an invalid resource") from None
 
     async def get_prompt(
-        self, b: Backends, principal: Principal, arguments: dict[str, str] | None
-    ) -> types.GetPromptResult:
+        self, b: Backends, principal: Principal, arguments: dict[str, str] | None, era: EraCall | None = None
+    ) -> PromptResult:
         params = {"name": self.upstream_name, "arguments": arguments}
         raw = await b.desktop.invoke(self.session, PROMPT_GET, params, timeout=b.request_timeout_s)
         try:

@@ -17,7 +17,6 @@ from scailink_mcp import auth
 from scailink_mcp.api.envelope import (
     components,
     decode_cursor,
-    encode_cursor,
     page,
     page_limit,
     path_param,
@@ -80,7 +79,7 @@ async def _query(request: Request, who: Principal, user_id: str | None) -> Respo
     since, until = _time(request, "since"), _time(request, "until")
     if since is not None and until is not None and until <= since:
         raise _invalid("until", "must be after since")
-    limit = page_limit(request, parts.settings.page_limit_default, parts.settings.page_limit_max)
+    limit = page_limit(request)
     items, next_cursor = await audit.query(
         who.tenant_id,
         user_id=user_id if user_id is not None else _text(request, "user_id"),
@@ -92,8 +91,7 @@ async def _query(request: Request, who: Principal, user_id: str | None) -> Respo
         limit=limit,
         after=_cursor(request),
     )
-    cursor = encode_cursor((next_cursor[0].isoformat(), next_cursor[1])) if next_cursor else None
-    return page(request, list(items), cursor)
+    return page(request, list(items), (next_cursor[0].isoformat(), next_cursor[1]) if next_cursor else None)
 
 
 async def tenant_audit(request: Request) -> Response:

@@ -6,6 +6,7 @@ The error envelope lives in `errors.py`; this module only builds successes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # app.py imports the routes: the type only, no import cycle
     from scailink_mcp.app import Components
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def request_id(request: Request) -> str:
@@ -40,9 +42,21 @@ def no_content() -> Response:
     return Response(status_code=204)
 
 
-def page(request: Request, items: list[Any], next_cursor: str | None) -> JSONResponse:
+def page(request: Request, items: list[Any], next_key: Sequence[str] | None) -> JSONResponse:
+    """One page of a list; `next_key` (the keyset of its last item when more follow) becomes the
+    opaque `next_cursor`."""
     dumped = [i.model_dump(mode="json", by_alias=True) if isinstance(i, BaseModel) else i for i in items]
+    next_cursor = encode_cursor(tuple(next_key)) if next_key else None
     return ok(request, {"items": dumped, "next_cursor": next_cursor})
+
+
+def sorted_page(request: Request, items: Sequence[T], key: Callable[[T], str]) -> JSONResponse:
+    """A page of a list held in memory (not a query): sorted by `key`, the items after `?cursor=`,
+    at most `?limit=` of them."""
+    limit, after = page_limit(request), decode_cursor(request, 1)
+    ordered = sorted((i for i in items if after is None or key(i) > after[0]), key=key)
+    more = len(ordered) > limit
+    return page(request, list(ordered[:limit]), (key(ordered[limit - 1]),) if more else None)
 
 
 def _invalid_json(reason: str) -> ValidationFailed:
@@ -138,10 +152,12 @@ async def principal(request: Request) -> Principal:
     return result
 
 
-def page_limit(request: Request, default: int, maximum: int) -> int:
-    raw = request.query_params.get("limit")
+def page_limit(request: Request) -> int:
+    """The `?limit=` of a list request: 1 to the app's `page_limit_max`, `page_limit_default` if absent."""
+    settings = components(request).settings
+    raw, maximum = request.query_params.get("limit"), settings.page_limit_max
     if raw is None:
-        return default
+        return settings.page_limit_default
     # isascii: str.isdigit() is also true for digits int() refuses ("²")
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise ValidationFailed(

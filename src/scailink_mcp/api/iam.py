@@ -21,15 +21,12 @@ from starlette.routing import Route
 from scailink_mcp import auth
 from scailink_mcp.api.envelope import (
     components,
-    decode_cursor,
-    encode_cursor,
     no_content,
     ok,
-    page,
-    page_limit,
     parse_body,
     path_param,
     principal,
+    sorted_page,
 )
 from scailink_mcp.errors import Forbidden, ValidationFailed
 from scailink_mcp.iam import RoleBody, RoleStore, ungrantable
@@ -79,12 +76,7 @@ async def permissions(request: Request) -> Response:
 async def list_roles(request: Request) -> Response:
     who = await principal(request)
     who.require(auth.MANAGE)
-    settings = components(request).settings
-    limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
-    after = decode_cursor(request, 1)
-    views = [v for v in await _roles(request).list(who.tenant_id) if after is None or v["name"] > after[0]]
-    more = len(views) > limit
-    return page(request, list(views[:limit]), encode_cursor((views[limit - 1]["name"],)) if more else None)
+    return sorted_page(request, await _roles(request).list(who.tenant_id), key=lambda view: view["name"])
 
 
 async def get_role(request: Request) -> Response:

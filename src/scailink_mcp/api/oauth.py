@@ -3,13 +3,18 @@
 `GET .../remote-servers/{id}/oauth/authorize` redirects to the upstream's authorization server; it
 takes the caller's bearer token, or (from a browser, which has none) the one-time `ticket` of an
 auth-required answer. `GET /v1/modules/scailink/oauth/callback` is public: the `state` it carries is
-the proof. The rules are `remote/oauth.py`'s; these only translate HTTP.
+the proof; it answers JSON, or, for a flow started from the dashboard's "Connect", a small page that
+sends the browser back to the dashboard (a same-site navigation from this page, so the dashboard's
+`SameSite=Strict` cookie goes with it, which a redirect straight from the authorization server's site
+would not carry). The rules are `remote/oauth.py`'s; these only translate HTTP.
 """
 
 from __future__ import annotations
 
+import html
+
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from scailink_mcp import auth
@@ -17,6 +22,7 @@ from scailink_mcp.api.envelope import components, no_content, ok, path_param, pr
 from scailink_mcp.errors import ValidationFailed
 from scailink_mcp.remote.access import register_permission
 from scailink_mcp.remote.oauth import CALLBACK_PATH, OAuth
+from scailink_mcp.remote.oauth_stamps import same_origin_path
 
 MAX_PARAM_CHARS = 4096
 
@@ -62,9 +68,26 @@ async def callback(request: Request) -> Response:
         iss=_param(request, "iss"),
         error=_param(request, "error"),
     )
+    if stamp.back and same_origin_path(stamp.back):
+        return _back_page(stamp.back)
     response = ok(request, {"server_id": stamp.server_id, "connected": True})
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def _back_page(path: str) -> HTMLResponse:
+    target = html.escape(path, quote=True)
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="0;url={target}"><title>Connected</title></head>'
+        f'<body><p>Connected. <a href="{target}">Back to the dashboard</a></p></body></html>'
+    )
+    headers = {
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": "default-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        "Referrer-Policy": "no-referrer",  # the callback URL holds the code and the state
+    }
+    return HTMLResponse(page, headers=headers)
 
 
 async def disconnect(request: Request) -> Response:

@@ -48,6 +48,9 @@ async def readyz(request: Request) -> Response:
         sessions = request.app.state.scailink.mcp_sessions
         if sessions is not None:  # subscribed now: MCP sessions ended on other replicas end here
             checks["redis_mcp_sessions"] = sessions.health()
+        bridge = request.app.state.scailink.invoker.backends.bridge
+        if bridge is not None and bridge.cluster is not None:  # retries of calls parked here arrive
+            checks["redis_mrtr"] = bridge.cluster.health()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
 

@@ -12,7 +12,6 @@ from starlette.routing import Route
 from scailink_mcp.api.envelope import (
     components,
     decode_cursor,
-    encode_cursor,
     no_content,
     ok,
     page,
@@ -52,8 +51,7 @@ async def create_server(request: Request) -> Response:
 async def list_servers(request: Request) -> Response:
     who = await principal(request)
     registry = _registry(request)
-    settings = components(request).settings
-    limit = page_limit(request, settings.page_limit_default, settings.page_limit_max)
+    limit = page_limit(request)
     after = decode_cursor(request, 2)
     if after is not None:
         try:  # (created_at, id): a decodable cursor with a bad time is still not one of ours
@@ -63,9 +61,7 @@ async def list_servers(request: Request) -> Response:
                 "invalid cursor", details=[{"field": "cursor", "reason": "not a cursor from this API"}]
             ) from None
     result = await registry.list(who, limit=limit, after=(after[0], after[1]) if after else None)
-    return page(
-        request, list(result.items), encode_cursor(result.next_cursor) if result.next_cursor else None
-    )
+    return page(request, list(result.items), result.next_cursor)
 
 
 async def update_server(request: Request) -> Response:

@@ -24,6 +24,7 @@ from scailink_mcp.api.middleware import MethodNotAllowed
 from scailink_mcp.dashboard import (
     access,
     audit,
+    connections,
     desktops,
     overview,
     server_actions,
@@ -133,6 +134,8 @@ def dashboard_routes() -> list[BaseRoute]:
         Route("/servers/{server_id}/delete", server_actions.confirm_delete, methods=get),
         Route("/servers/{server_id}/delete", server_actions.delete, methods=post),
         Route("/servers/{server_id}/credentials", server_actions.rotate_credential, methods=post),
+        Route("/servers/{server_id}/connect", connections.connect, methods=get),
+        Route("/servers/{server_id}/disconnect", connections.disconnect, methods=post),
         Route(
             "/servers/{server_id}/credentials/{field}/delete", server_actions.remove_credential, methods=post
         ),

@@ -38,7 +38,7 @@ from anyio.abc import TaskGroup
 
 from scailink_mcp.desktop.sessions import DesktopSession, Pending
 from scailink_mcp.errors import DeviceOffline, ScaiLinkError, UpstreamTimeout, error_class
-from scailink_mcp.redis_link import Signer, Subscription, check_url, connect, make_worker_id
+from scailink_mcp.redis_link import PeerLink, Subscription, connect, make_worker_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -69,23 +69,8 @@ def _text(value: bytes | str) -> str:
 class DesktopCluster:
     """One per worker; `run()` is owned by the app lifespan. `registry` is bound by `DesktopRegistry`."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        signer: Signer,
-        prefix: str = "scailink",
-        timeout_s: float = 2.0,
-        backoff_min_s: float = 0.1,
-        backoff_max_s: float = 5.0,
-    ) -> None:
-        check_url(url)
-        self.url = url
-        self.signer = signer
-        self.prefix = prefix
-        self.timeout_s = timeout_s
-        self.backoff_min_s = backoff_min_s
-        self.backoff_max_s = backoff_max_s
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
         self.worker_id = ""  # made by run(), in the worker process
         self.registry: DesktopRegistry | None = None
         self._client: Redis | None = None
@@ -94,7 +79,7 @@ class DesktopCluster:
             "desktop",
             on_message=self._receive,
             on_subscribed=self._resubscribed,
-            backoff_s=lambda: (self.backoff_min_s, self.backoff_max_s),
+            backoff_s=lambda: (self.link.backoff_min_s, self.link.backoff_max_s),
         )
         self._outbox: dict[str, str] = {}  # session id -> "upsert" | "withdraw", latest wins
         self._epochs: dict[str, int] = {}  # session id -> the epoch this worker last wrote
@@ -107,17 +92,17 @@ class DesktopCluster:
     # ---- names -------------------------------------------------------------------------------------
 
     def _key(self, session_id: str) -> str:
-        return f"{self.prefix}:desktop:s:{session_id}"
+        return f"{self.link.prefix}:desktop:s:{session_id}"
 
     def _inbox(self, worker: str) -> str:
-        return f"{self.prefix}:inbox:{worker}"
+        return f"{self.link.prefix}:inbox:{worker}"
 
     def _heartbeat(self, worker: str) -> str:
-        return f"{self.prefix}:worker:{worker}"
+        return f"{self.link.prefix}:worker:{worker}"
 
     @property
     def _channel(self) -> str:
-        return f"{self.prefix}:desktop"
+        return f"{self.link.prefix}:desktop"
 
     # ---- health ------------------------------------------------------------------------------------
 
@@ -157,7 +142,7 @@ class DesktopCluster:
             try:
                 receivers = await self._client.publish(
                     self._inbox(session.owner),
-                    self.signer.sign(json.dumps({**message, "session_id": session.session_id, **body})),
+                    self.link.signer.sign(json.dumps({**message, "session_id": session.session_id, **body})),
                 )
             except Exception as exc:
                 raise DeviceOffline(f"Redis is unreachable ({type(exc).__name__})") from None
@@ -186,9 +171,9 @@ class DesktopCluster:
     async def run(self) -> None:
         self.worker_id = make_worker_id()
         self._subscription.state = "connecting"
-        name = f"{self.prefix}:desktop:{self.worker_id}"
-        self._client = connect(self.url, name=f"{name}:cmd", retries=2, timeout_s=self.timeout_s)
-        receiver = connect(self.url, name=f"{name}:sub", retries=0, timeout_s=self.timeout_s)
+        name = f"{self.link.prefix}:desktop:{self.worker_id}"
+        self._client = connect(self.link.url, name=f"{name}:cmd", retries=2, timeout_s=self.link.timeout_s)
+        receiver = connect(self.link.url, name=f"{name}:sub", retries=0, timeout_s=self.link.timeout_s)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -276,12 +261,12 @@ class DesktopCluster:
         session = self.registry.sessions.get(session_id)
         if session is None:
             return
-        epoch = int(await self._client.incr(f"{self.prefix}:desktop:epoch"))
+        epoch = int(await self._client.incr(f"{self.link.prefix}:desktop:epoch"))
         session.epoch = epoch
         self._epochs[session_id] = epoch
         record = session.record()
         key = self._key(session_id)
-        signed = self.signer.sign(json.dumps(record))
+        signed = self.link.signer.sign(json.dumps(record))
         await self._client.hset(key, mapping={"epoch": epoch, "owner": self.worker_id, "record": signed})
         await self._client.pexpire(key, SESSION_TTL_MS)
         await self._send(
@@ -302,7 +287,7 @@ class DesktopCluster:
     async def _send(self, channel: str, message: dict[str, Any]) -> int:
         assert self._client is not None
         text = json.dumps({"v": WIRE_VERSION, **message})
-        return int(await self._client.publish(channel, self.signer.sign(text)))
+        return int(await self._client.publish(channel, self.link.signer.sign(text)))
 
     async def _resubscribed(self) -> None:
         """Both channels confirmed: reload the directory, then wake the announcer (it runs once the
@@ -320,7 +305,7 @@ class DesktopCluster:
             if owner and owner != self.worker_id:  # a dead owner's sessions leave at the next sweeps
                 try:
                     found.append(
-                        (json.loads(self.signer.verify(entry["record"])), owner, int(entry["epoch"]))
+                        (json.loads(self.link.signer.verify(entry["record"])), owner, int(entry["epoch"]))
                     )
                 except (ValueError, KeyError):
                     logger.warning("ignored a desktop session key not signed by this gateway")
@@ -333,7 +318,7 @@ class DesktopCluster:
     async def _receive(self, data: bytes | str) -> None:
         assert self.registry is not None and self._tg is not None
         try:
-            message = json.loads(self.signer.verify(data))
+            message = json.loads(self.link.signer.verify(data))
             if not isinstance(message, dict) or message.get("v") != WIRE_VERSION:
                 raise ValueError("not a ScaiLink desktop message of this version")
             op = message.get("op")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import mcp_types as types
 from mcp.shared.exceptions import MCPError
 
-from scailink_mcp.errors import ResultTooLarge, UpstreamError
+from scailink_mcp.errors import ProtocolError, ResultTooLarge, UpstreamError
 
 # The SDK transports resolve a request whose stream broke with this code (`SSE stream failed`, `SSE
 # stream ended without a response`, reconnection exhausted): a transport failure, not an answer.
@@ -40,7 +40,7 @@ def counts_for_breaker(exc: BaseException) -> bool:
     the tool's own failure; it is the caller's, and the upstream is evidently up) and an answer over
     the size limit (`ResultTooLarge`: it depends on the call, not on the upstream's health).
     """
-    if isinstance(exc, ResultTooLarge):
+    if isinstance(exc, ResultTooLarge | ProtocolError):  # ProtocolError: an answer, as MCPError is
         return False
     if isinstance(exc, MCPError):
         return exc.error.code == SDK_CONNECTION_CLOSED
@@ -60,22 +60,30 @@ class _Breaker:
         return not self.failures and self.open_until <= now
 
 
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When a circuit opens (see the module docstring): `failures` within `window_s` open it for
+    `open_s`; the server's own needs them from at least `min_users` distinct users."""
+
+    failures: int = 5
+    window_s: float = 60.0
+    open_s: float = 30.0
+    min_users: int = 3
+
+
+DEFAULT_POLICY = BreakerPolicy()
+
+
 class CircuitBreakers:
     """The breakers of every (server, user) and server that failed lately; `len()` counts them."""
 
     def __init__(
-        self,
-        *,
-        failures: int = 5,
-        window_s: float = 60.0,
-        open_s: float = 30.0,
-        min_users: int = 3,
-        clock: Callable[[], float] = time.monotonic,
+        self, policy: BreakerPolicy = DEFAULT_POLICY, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.failures = failures
-        self.window_s = window_s
-        self.open_s = open_s
-        self.min_users = max(1, min_users)
+        self.failures = policy.failures
+        self.window_s = policy.window_s
+        self.open_s = policy.open_s
+        self.min_users = max(1, policy.min_users)
         self.clock = clock
         self._breakers: dict[BreakerName, _Breaker] = {}
 

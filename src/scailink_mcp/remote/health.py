@@ -100,7 +100,7 @@ class HealthChecker:
             try:
                 if await self.registry.oauth.per_user(server_id):
                     # No user's token checks a server for everybody: its Bearer 401 says it is up.
-                    await self.registry.oauth.http.challenged(target.endpoint_url)
+                    await self.registry.oauth.http.challenged(target.endpoint_url, target.transport)
                 else:
                     await self.probe(target)
             except Exception as exc:

@@ -48,7 +48,15 @@ from scailink_mcp.remote.oauth_config import (
     pin_issuer,
     save_client,
 )
-from scailink_mcp.remote.oauth_stamps import STATE, TICKET, Stamp, Stamps, refused
+from scailink_mcp.remote.oauth_stamps import (
+    STATE,
+    TICKET,
+    Stamp,
+    Stamps,
+    new_nonce,
+    refused,
+    same_origin_path,
+)
 from scailink_mcp.remote.oauth_tokens import AuthorizationMissing, BearerAuth, Held, TokenOwner, TokenStore
 from scailink_mcp.remote.upstream import Network
 
@@ -66,9 +74,10 @@ class OAuth:
         keyring: Keyring | None,
         allowed: list[Network],
         *,
-        lease: Lease | None = None,
-        audit: AuditLog | None = None,
+        lease: Lease | None,
+        audit: AuditLog | None,
     ) -> None:
+        # Built by the registry only, which always hands on its lease and audit log (no defaults).
         self.settings = settings
         self.db = db
         self.keyring = keyring
@@ -80,6 +89,8 @@ class OAuth:
         self._servers: dict[str, AuthServer] = {}
         # Set by the registry: discovery of a pending server once its owner has authorized.
         self.on_connected: Callable[[str], Awaitable[None]] | None = None
+        # Set by the registry: every completed authorization (URL-mode elicitations hear of it).
+        self.on_authorized: Callable[[Stamp], Awaitable[None]] | None = None
 
     # ---- configuration (cold path) -----------------------------------------------------------------
 
@@ -112,7 +123,7 @@ class OAuth:
         found = self._servers.get(config.server_id)
         if found is not None:
             return found
-        found = await self.http.discover(config.endpoint_url)
+        found = await self.http.discover(config.endpoint_url, config.transport)
         if config.issuer is not None and found.issuer != config.issuer:
             raise OAuthFailed("the upstream now names another authorization server than at first use")
         if config.issuer is None:
@@ -149,12 +160,29 @@ class OAuth:
     def public_base(self) -> str:
         return (self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}").rstrip("/")
 
-    def authorize_url(self, config: ClientConfig, user_id: str) -> str:
+    def authorize_url(
+        self,
+        config: ClientConfig,
+        user_id: str,
+        *,
+        nonce: str | None = None,
+        back: str = "",
+        base: str | None = None,
+    ) -> str:
+        """An absolute URL with a one-time ticket; `back`: the dashboard page the callback returns to;
+        `base`: the origin a browser reached this gateway at (default: `public_base()`)."""
+        if back and not same_origin_path(back):
+            raise ValueError("a callback returns only to a page of this gateway")
         ticket = self._stamps().mint(
-            TICKET, tenant_id=config.tenant_id, user_id=user_id, server_id=config.server_id
+            TICKET,
+            tenant_id=config.tenant_id,
+            user_id=user_id,
+            server_id=config.server_id,
+            nonce=nonce,
+            back=back,
         )
         path = AUTHORIZE_PATH.format(server_id=config.server_id)
-        return f"{self.public_base()}{path}?{urlencode({'ticket': ticket})}"
+        return f"{(base or self.public_base()).rstrip('/')}{path}?{urlencode({'ticket': ticket})}"
 
     async def current(self, config: ClientConfig, user_id: str) -> Held:
         """The caller's fresh token (memory on a warm call); `UpstreamAuthRequired` when there is none."""
@@ -167,7 +195,10 @@ class OAuth:
         except AuthorizationMissing as exc:
             if config.grant == CLIENT_CREDENTIALS:
                 raise OAuthFailed(f"no client-credentials token for this server ({exc})") from None
-            raise UpstreamAuthRequired(authorize_url=self.authorize_url(config, user_id)) from None
+            nonce = new_nonce()  # the ticket's, and the id of a URL-mode elicitation of it
+            raise UpstreamAuthRequired(
+                authorize_url=self.authorize_url(config, user_id, nonce=nonce), elicitation_id=nonce
+            ) from None
 
     async def _renew(self, config: ClientConfig, owner: TokenOwner, held: Held | None) -> OAuthToken | None:
         if config.grant != CLIENT_CREDENTIALS and (held is None or held.refresh_token is None):
@@ -228,6 +259,7 @@ class OAuth:
     ) -> str:
         """The authorization server's URL to send the browser to; `principal` or a one-time `ticket`."""
         stamps = self._stamps()
+        elicitation = back = ""
         if principal is not None:
             tenant_id, user_id = principal.tenant_id, principal.user_id
         elif ticket is not None:
@@ -235,6 +267,7 @@ class OAuth:
             if stamp.server_id != server_id:
                 raise refused(TICKET, "issued for another server")
             tenant_id, user_id = stamp.tenant_id, stamp.user_id
+            elicitation, back = stamp.nonce, stamp.back
         else:  # pragma: no cover  (the route passes one of them)
             raise refused(TICKET, "missing")
         await self.db.run(lambda s: load_visible_to(s, server_id, tenant_id=tenant_id, user_id=user_id))
@@ -257,13 +290,21 @@ class OAuth:
                 details=[{"field": "endpoint_url", "reason": exc.message}],
             ) from None
         identity = await self.client(config, auth_server, redirect_uri)
-        state = stamps.mint(STATE, tenant_id=tenant_id, user_id=user_id, server_id=server_id, base=base)
+        state = stamps.mint(
+            STATE,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            server_id=server_id,
+            base=base,
+            elicitation=elicitation,
+            back=back,
+        )
         params = {
             "response_type": "code",
             "client_id": identity.client_id,
             "redirect_uri": redirect_uri,
             "state": state,
-            "code_challenge": _challenge(stamps.verifier(state)),
+            "code_challenge": stamps.challenge(state),
             "code_challenge_method": "S256",
             "resource": auth_server.resource,
         }
@@ -309,6 +350,8 @@ class OAuth:
         self._audit(stamp.tenant_id, stamp.user_id, "oauth.authorize", "ok", server.id)
         if stamp.user_id == server.owner_user_id and self.on_connected is not None:
             await self.on_connected(server.id)
+        if self.on_authorized is not None:
+            await self.on_authorized(stamp)
         return stamp
 
     async def disconnect(self, principal: Principal, server_id: str, *, may_manage: bool) -> None:
@@ -349,10 +392,3 @@ class OAuth:
                     detail_level=self.settings.audit_detail_level,
                 )
             )
-
-
-def _challenge(verifier: str) -> str:
-    import base64
-    import hashlib
-
-    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")

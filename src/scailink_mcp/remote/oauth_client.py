@@ -99,23 +99,20 @@ class OAuthHttp:
             trust_env=False,
         )
 
-    async def discover(self, endpoint_url: str) -> AuthServer:
+    async def discover(self, endpoint_url: str, transport: str = "streamable_http") -> AuthServer:
         """The upstream's authorization server, from its 401 (RFC 9728, then RFC 8414)."""
         async with self._client() as client:
             try:
-                return await _discover(client, endpoint_url)
+                return await _discover(client, endpoint_url, transport)
             except (httpx2.HTTPError, OSError) as exc:  # OSError: a host that does not resolve
                 raise OAuthFailed(f"cannot reach the authorization server ({type(exc).__name__})") from None
 
-    async def challenged(self, endpoint_url: str) -> None:
+    async def challenged(self, endpoint_url: str, transport: str = "streamable_http") -> None:
         """A health check of a per-user server (no user's token is sent): the upstream must answer an
         unauthenticated request with 401 and a Bearer challenge (RFC 6750; RFC 9728's pointer where
         given). Anything else raises (`OAuthFailed`, or the transport's error)."""
         async with self._client() as client:
-            probe = await client.post(
-                endpoint_url, json=_PROBE, headers={"accept": "application/json, text/event-stream"}
-            )
-            await probe.aclose()
+            probe = await _unauthenticated(client, endpoint_url, transport)
         challenge = probe.headers.get("www-authenticate", "")
         if probe.status_code != 401 or not challenge.lower().startswith("bearer"):
             raise OAuthFailed(f"the upstream did not ask for authorization (HTTP {probe.status_code})")
@@ -202,11 +199,23 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) and code.isascii() and len(code) <= 64 else None
 
 
-async def _discover(client: httpx2.AsyncClient, endpoint_url: str) -> AuthServer:
+async def _unauthenticated(client: httpx2.AsyncClient, endpoint_url: str, transport: str) -> httpx2.Response:
+    """The upstream asked as a client would first, without a token; the answer's body is not read.
+
+    Streamable HTTP: POST an `initialize`. Legacy SSE: GET the event stream (its endpoint takes no
+    POST), closed as soon as the status is in (an upstream that opened the stream answered no 401)."""
+    if transport == "sse":
+        async with client.stream("GET", endpoint_url, headers={"accept": "text/event-stream"}) as probe:
+            return probe
     probe = await client.post(
         endpoint_url, json=_PROBE, headers={"accept": "application/json, text/event-stream"}
     )
     await probe.aclose()
+    return probe
+
+
+async def _discover(client: httpx2.AsyncClient, endpoint_url: str, transport: str) -> AuthServer:
+    probe = await _unauthenticated(client, endpoint_url, transport)
     if probe.status_code != 401:
         raise OAuthFailed(f"the upstream did not ask for authorization (HTTP {probe.status_code})")
     pointer = extract_resource_metadata_from_www_auth(probe)

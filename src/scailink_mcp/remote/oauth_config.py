@@ -39,6 +39,7 @@ class ClientConfig:
     client_id: str | None
     scopes: tuple[str, ...]
     issuer: str | None
+    transport: str = "streamable_http"  # how the upstream is asked without a token (oauth_client.py)
 
     def owner(self, user_id: str) -> TokenOwner:
         return TokenOwner(self.server_id, self.tenant_id, "" if self.grant == CLIENT_CREDENTIALS else user_id)
@@ -58,6 +59,7 @@ def config_of(session: Session, server_id: str) -> ClientConfig | None:
         client_id=row.client_id,
         scopes=tuple(row.scopes),
         issuer=row.issuer,
+        transport=server.transport,
     )
 
 

@@ -29,8 +29,14 @@ from mcp.shared.exceptions import MCPError
 
 from scailink_mcp.errors import ResultTooLarge, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
-from scailink_mcp.remote.breaker import SDK_CONNECTION_CLOSED, CircuitBreakers, counts_for_breaker
-from scailink_mcp.remote.pooled_session import PooledSession
+from scailink_mcp.remote.breaker import (
+    DEFAULT_POLICY,
+    SDK_CONNECTION_CLOSED,
+    BreakerPolicy,
+    CircuitBreakers,
+    counts_for_breaker,
+)
+from scailink_mcp.remote.pooled_session import LogSink, PooledSession
 from scailink_mcp.remote.upstream import error_class_name
 from scailink_mcp.remote.wire import SessionGone
 
@@ -58,12 +64,11 @@ Opener = Callable[[PoolKey], AbstractAsyncContextManager[ClientSession]]
 
 @dataclass
 class PoolStats:
+    """What the metrics (`scailink_pool_*`) and tests read."""
+
     hits: int = 0
-    misses: int = 0
-    opened: int = 0
-    closed: int = 0
+    misses: int = 0  # each a new handshake
     evictions: int = 0
-    failures: int = 0
 
 
 @dataclass(eq=False)
@@ -84,8 +89,7 @@ class _Entry:
 
 class UpstreamPool:
     """Warm sessions, one owner task each, behind circuit breakers that one user cannot open for
-    others (`breaker.CircuitBreakers`: the `breaker_*` arguments are its `failures`, `window_s`,
-    `open_s` and `min_users`)."""
+    others (`breaker.CircuitBreakers`, opening as `breakers` says)."""
 
     def __init__(
         self,
@@ -93,10 +97,7 @@ class UpstreamPool:
         *,
         idle_ttl_s: float,
         max_sessions: int,
-        breaker_failures: int = 5,
-        breaker_window_s: float = 60.0,
-        breaker_open_s: float = 30.0,
-        breaker_min_users: int = 3,
+        breakers: BreakerPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic,
         reap_interval_s: float = 10.0,
         lean_calls: bool = True,
@@ -108,13 +109,7 @@ class UpstreamPool:
         self.clock = clock
         self.reap_interval_s = reap_interval_s
         self._entries: OrderedDict[PoolKey, _Entry] = OrderedDict()
-        self._breakers = CircuitBreakers(
-            failures=breaker_failures,
-            window_s=breaker_window_s,
-            open_s=breaker_open_s,
-            min_users=breaker_min_users,
-            clock=clock,
-        )
+        self._breakers = CircuitBreakers(breakers, clock=clock)
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = anyio.Event()
         self.stats = PoolStats()
@@ -145,7 +140,6 @@ class UpstreamPool:
         try:
             async with self.connector(entry.key) as session:
                 entry.session = PooledSession.of(session)
-                self.stats.opened += 1
                 entry.ready.set()
                 await entry.stop.wait()
         except Exception as exc:
@@ -160,7 +154,6 @@ class UpstreamPool:
             entry.closed.set()
             for scope in list(entry.scopes):
                 scope.cancel()
-            self.stats.closed += 1
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
 
@@ -231,9 +224,32 @@ class UpstreamPool:
         entry = self._entries.get(key)
         return entry.relays[-1] if entry is not None and entry.relays else None
 
-    async def use(self, key: PoolKey, fn: Callable[[ClientSession], Awaitable[T]], *, timeout: float) -> T:
+    async def use(
+        self,
+        key: PoolKey,
+        fn: Callable[[ClientSession], Awaitable[T]],
+        *,
+        timeout: float,
+        relay: object | None = None,
+    ) -> T:
         """Run `fn` on the SDK session of the key's warm (or new) session; see `_run`."""
-        return await self._run(key, lambda pooled: fn(pooled.client), timeout=timeout)
+        return await self._run(key, lambda pooled: fn(pooled.client), timeout=timeout, relay=relay)
+
+    async def call_modern(
+        self,
+        key: PoolKey,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float,
+        progress_callback: ProgressFnT | None = None,
+        log: LogSink | None = None,
+    ) -> dict[str, Any]:
+        """`method` in the 2026-07-28 era over the key's session's HTTP client (`PooledSession.modern`);
+        `log` receives the upstream's log messages on the call's stream."""
+        return await self._run(
+            key, lambda pooled: pooled.modern(method, params, progress_callback, log), timeout=timeout
+        )
 
     async def _run(
         self,
@@ -297,7 +313,6 @@ class UpstreamPool:
                 self._close(entry)
             return too_large
         if counts_for_breaker(exc):
-            self.stats.failures += 1
             self._breakers.failure(key.server_id, key.user_id)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"the upstream did not answer within {timeout:g} s")

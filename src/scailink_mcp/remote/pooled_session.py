@@ -10,17 +10,23 @@ an upstream's `tools/call` result (a proxy passes it through unchanged).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_REQUEST
 
+from scailink_mcp.errors import ProtocolError
 from scailink_mcp.remote.upstream import AnswerLimit, UpstreamSession
-from scailink_mcp.remote.wire import MessageSink, Wire
+from scailink_mcp.remote.wire import MessageSink, UpstreamHTTPError, Wire
 
 PROGRESS_TOKEN = "scailink-progress"
+# Where an upstream's `notifications/message` params go during a 2026-07-28 call.
+LogSink = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,25 @@ class PooledSession:
         result = await self.client.send_request(request, types.CallToolResult, progress_callback=progress)
         return result.model_dump(by_alias=True, mode="json", exclude_none=True)
 
+    async def modern(
+        self, method: str, params: dict[str, Any], progress: ProgressFnT | None, log: LogSink | None = None
+    ) -> dict[str, Any]:
+        """`method` sent in the 2026-07-28 era over this session's HTTP client (its credentials, its
+        answer bound), the result dict unchanged. The upstream's JSON-RPC error, or a 4xx (a server
+        that does not speak the era), is a `ProtocolError` the caller may pass on as it came."""
+        if self.wire is None:
+            raise ProtocolError("the upstream is reached over legacy SSE", rpc_code=INVALID_REQUEST)
+        try:
+            envelope = params.get("_meta")
+            params = _with_progress(params, envelope if isinstance(envelope, dict) else None, progress)
+            return await self.wire.request(method, params, _sink(self.wire, progress, log), modern=True)
+        except MCPError as exc:
+            raise ProtocolError(exc.error.message, rpc_code=exc.error.code, data=exc.error.data) from None
+        except UpstreamHTTPError as exc:
+            if 400 <= exc.status < 500:
+                raise ProtocolError(str(exc), rpc_code=INVALID_REQUEST) from None
+            raise
+
 
 def _with_progress(
     params: dict[str, Any], meta: dict[str, Any] | None, progress: ProgressFnT | None
@@ -78,15 +103,19 @@ def _with_progress(
     return {**params, "_meta": meta} if meta else params
 
 
-def _sink(wire: Wire, progress: ProgressFnT | None) -> MessageSink | None:
-    """Where a call's other messages go: its own progress to `progress`, the rest to the SDK session."""
-    if progress is None:
+def _sink(wire: Wire, progress: ProgressFnT | None, log: LogSink | None = None) -> MessageSink | None:
+    """Where a call's other messages go: its own progress to `progress`, its log messages to `log` (in
+    order, before the answer: a 2026-07-28 caller's stream ends with it), the rest to the SDK session."""
+    if progress is None and log is None:
         return None  # the wire hands everything to the session
 
     async def deliver(message: dict[str, Any]) -> None:
         params = message.get("params")
-        if (
-            message.get("method") == "notifications/progress"
+        if log is not None and message.get("method") == "notifications/message" and isinstance(params, dict):
+            await log(params)
+        elif (
+            progress is not None
+            and message.get("method") == "notifications/progress"
             and isinstance(params, dict)
             and params.get("progressToken") == PROGRESS_TOKEN
             and isinstance(params.get("progress"), int | float)

@@ -30,7 +30,7 @@ from scailink_mcp.config import Settings
 from scailink_mcp.crypto import Keyring
 from scailink_mcp.db import Database
 from scailink_mcp.errors import Conflict, RegistryDisabled, ValidationFailed
-from scailink_mcp.events import EventBus, ServerEvent, ServerEventKind
+from scailink_mcp.events import EventBus, ServerEvent, ServerEventKind, UpstreamAuthorized
 from scailink_mcp.leases import Lease
 from scailink_mcp.models import (
     Capability,
@@ -39,6 +39,7 @@ from scailink_mcp.models import (
     OAuthToken,
     RemoteServer,
     new_id,
+    same_named,
     utcnow,
 )
 from scailink_mcp.naming import slugify
@@ -56,6 +57,7 @@ from scailink_mcp.remote.discovery import aware
 from scailink_mcp.remote.discovery_runner import DiscoveryRunner
 from scailink_mcp.remote.netguard import validate_endpoint_url
 from scailink_mcp.remote.oauth import OAuth
+from scailink_mcp.remote.oauth_stamps import Stamp
 from scailink_mcp.remote.quota import release_slot, take_slot
 from scailink_mcp.remote.schemas import RegisterServer, ServerDetail, UpdateServer
 from scailink_mcp.remote.server_detail import server_detail
@@ -78,6 +80,18 @@ CredentialChange = Callable[[Session, RemoteServer], None]
 class Page:
     items: list[ServerDetail]
     next_cursor: tuple[str, str] | None
+
+
+# The fields of a registration that the server's row stores as they are given.
+STORED_AS_GIVEN = (
+    "name",
+    "description",
+    "endpoint_url",
+    "transport",
+    "auth_type",
+    "consent_tier",
+    "is_tenant_shared",
+)
 
 
 class Registry:
@@ -104,8 +118,15 @@ class Registry:
         # Upstream OAuth (SPEC section 12): an owner's first authorization lets discovery run.
         self.oauth = OAuth(settings, db, keyring, self.allowed, lease=lease, audit=audit)
         self.oauth.on_connected = self.discovery.run_first
+        self.oauth.on_authorized = self._authorized
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    async def _authorized(self, stamp: Stamp) -> None:
+        if stamp.elicitation:  # a flow from a ticket: a URL-mode elicitation may wait for it
+            await self.events.publish(
+                UpstreamAuthorized(stamp.tenant_id, stamp.user_id, stamp.server_id, stamp.elicitation)
+            )
 
     def _keyring(self) -> Keyring:
         if self.keyring is None:
@@ -166,24 +187,19 @@ class Registry:
 
         def _insert(session: Session) -> RemoteServer:
             take_slot(session, principal.tenant_id, cap)
+            slug = slugify(
+                body.name, tenant_id=principal.tenant_id, owner_user_id=principal.user_id, server_id=server_id
+            )
             server = RemoteServer(
-                id=server_id,
-                tenant_id=principal.tenant_id,
-                owner_user_id=principal.user_id,
-                owner_scope=scope,
-                name=body.name,
-                slug=slugify(
-                    body.name,
+                **same_named(
+                    body,
+                    STORED_AS_GIVEN,
+                    id=server_id,
                     tenant_id=principal.tenant_id,
                     owner_user_id=principal.user_id,
-                    server_id=server_id,
-                ),
-                description=body.description,
-                endpoint_url=body.endpoint_url,
-                transport=body.transport,
-                auth_type=body.auth_type,
-                consent_tier=body.consent_tier,
-                is_tenant_shared=body.is_tenant_shared,
+                    owner_scope=scope,
+                    slug=slug,
+                )
             )
             try:
                 session.add(server)
