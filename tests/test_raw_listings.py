@@ -1,5 +1,6 @@
 """Listings keep every field the upstream sent (issue 14): a real upstream on 127.0.0.1 that lists
-objects with fields the SDK does not know (`tests/raw_upstream.py`), registered through REST, listed
+objects with fields the SDK does not know (`tests/raw_upstream.py`; a desktop device announcing them,
+and a desktop client's local stdio server sending them, `tests/raw_mcp.py`), registered through REST, listed
 through `/mcp` and the per-server endpoint by a raw JSON-RPC client (an SDK client would drop the
 fields on its own side), in both eras: a handshake-era session (2025-11-25) and 2026-07-28 requests.
 
@@ -10,7 +11,10 @@ Only the name (namespaced) or the URI (`scailink://`) changes; 2026-07-28 result
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -18,8 +22,11 @@ import httpx
 import pytest
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 
+from scailink_mcp.desktop.local_servers import LocalServers, ServerSpec
 from tests.conftest import LiveApp, TokenFactory, auth_headers
-from tests.raw_upstream import NEWER_PROMPT, NEWER_RESOURCE, NEWER_TEMPLATE, NEWER_TOOL, RawUpstream
+from tests.raw_mcp import NEWER_PROMPT, NEWER_RESOURCE, NEWER_TEMPLATE, NEWER_TOOL, PLAIN_TOOL
+from tests.raw_upstream import RawUpstream
+from tests.test_desktop_bridge import device
 from tests.test_mcp_gateway import register
 
 pytestmark = pytest.mark.anyio
@@ -27,6 +34,7 @@ pytestmark = pytest.mark.anyio
 Era = Literal["2025-11-25", "2026-07-28"]
 ERAS: tuple[Era, ...] = ("2025-11-25", "2026-07-28")
 SINGLE = "/v1/modules/scailink/remote-servers/{id}/mcp"
+RAW_STDIO = str(Path(__file__).with_name("raw_mcp.py"))
 
 
 @pytest.fixture
@@ -168,3 +176,36 @@ async def test_a_refresh_drops_the_serialized_pages(
         assert refresh.status_code == 200, refresh.text
         after = await rpc.request("tools/list")
         assert after["tools"] == [{**changed, "name": f"{ns}.future_tool"}]
+
+
+async def test_a_desktop_local_servers_items_are_kept_as_sent() -> None:
+    """The desktop client lists its local (stdio) servers raw too: what it announces in
+    `session_init` is each object as the server sent it (one server: names unchanged)."""
+    servers = LocalServers({"raw": ServerSpec(command=sys.executable, args=[RAW_STDIO])})
+    async with AsyncExitStack() as stack:
+        await servers.start(stack)
+        caps = servers.capabilities()
+    assert caps["tools"] == [NEWER_TOOL, PLAIN_TOOL]
+    assert caps["prompts"] == [NEWER_PROMPT]
+    assert caps["resources"] == [NEWER_RESOURCE]
+    assert caps["resource_templates"] == [NEWER_TEMPLATE]
+
+
+async def test_desktop_tools_are_listed_as_the_device_sent_them(
+    live: LiveApp, token: TokenFactory, era: Era
+) -> None:
+    tok = token("u1", "t1", ("tenant_user",))
+    capabilities = {"tools": [NEWER_TOOL], "prompts": [NEWER_PROMPT]}
+    async with (
+        device(live, tok, device_name="raw", capabilities=capabilities),
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        rpc = RawClient(http, live.mcp_url, tok, era)
+        await rpc.open()
+        tools = await rpc.request("tools/list")
+        _check_era(tools, era)
+        (listed,) = tools["tools"]
+        assert listed["name"].startswith("desktop.u1.") and listed["name"].endswith(".future_tool")
+        assert listed == {**NEWER_TOOL, "name": listed["name"]}
+        (prompt,) = (await rpc.request("prompts/list"))["prompts"]
+        assert prompt == {**NEWER_PROMPT, "name": prompt["name"]}

@@ -1,6 +1,7 @@
 """Discovery: what an upstream offers (tools, resources, resource templates, prompts).
 
-`discover` talks to the upstream (following pagination, bounded in time); `store_discovery` upserts one
+`discover` talks to the upstream (following pagination, bounded in time; each item kept as the upstream
+sent it, `raw_listing.py`); `store_discovery` upserts one
 capability row per (server, kind, name) with `last_seen_at` and evicts rows unseen for longer than the
 retention. The catalog shows only the rows the latest successful discovery saw
 (`last_seen_at >= server.last_discovery_at`).
@@ -14,36 +15,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
-import mcp_types as types
 from mcp.client.session import ClientSession
-from mcp.shared.exceptions import MCPError
-from mcp.shared.inbound import find_invalid_x_mcp_header
-from mcp.types import PaginatedRequestParams
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, ConfigDict
 from sqlmodel import Session, col, delete, select
 
 from scailink_mcp.models import Capability, RemoteServer
+from scailink_mcp.raw_listing import list_raw, text_of
 from scailink_mcp.relay import unrelayed_options
 from scailink_mcp.remote.upstream import Network, UpstreamTarget, open_session
 
 KINDS = ("tool", "resource", "resource_template", "prompt")
-MAX_PAGES = 1000
-METHOD_NOT_FOUND = -32601
-
-
-class _RawPage(BaseModel):
-    """A listing's result kept as sent: every member lands in `model_extra`, nothing is re-dumped."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-_LIST_REQUESTS: dict[str, Any] = {
-    "tools/list": types.ListToolsRequest,
-    "resources/list": types.ListResourcesRequest,
-    "resources/templates/list": types.ListResourceTemplatesRequest,
-    "prompts/list": types.ListPromptsRequest,
-}
 
 
 @dataclass(frozen=True)
@@ -67,68 +47,23 @@ def aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
-async def _paginate(session: ClientSession, method: str, key: str) -> list[dict[str, Any]]:
-    """Every item of a paginated listing, each object exactly as the upstream sent it.
-
-    Raw (`send_request` into a plain dict, validated by the SDK against the negotiated version but not
-    re-dumped): the SDK's result models drop every field they do not know, and a proxy passes fields
-    newer than its SDK (or vendor `_meta`) through unchanged.
-    """
-    items: list[dict[str, Any]] = []
-    cursor: str | None = None
-    seen: set[str] = set()
-    request_type = _LIST_REQUESTS[method]
-    for _ in range(MAX_PAGES):
-        params = PaginatedRequestParams(cursor=cursor) if cursor else None
-        try:
-            answer = await session.send_request(request_type(params=params), _RawPage)
-        except MCPError as exc:
-            # A server that advertises resources may still not serve resources/templates/list.
-            if exc.error.code == METHOD_NOT_FOUND and not items:
-                return []
-            raise
-        page = answer.model_extra or {}
-        listed = page.get(key)
-        if isinstance(listed, list):
-            items.extend(item for item in listed if isinstance(item, dict))
-        next_cursor = page.get("nextCursor")
-        cursor = next_cursor if isinstance(next_cursor, str) else None
-        if not cursor or cursor in seen:
-            break
-        seen.add(cursor)
-    return items
-
-
-def _text(item: dict[str, Any], key: str) -> str | None:
-    value = item.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _usable_tools(session: ClientSession, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """2026-07-28: a client MUST drop tools whose `x-mcp-header` annotations are invalid (the SDK's
-    `list_tools` does the same; the raw listing bypasses it)."""
-    if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-        return tools
-    return [t for t in tools if find_invalid_x_mcp_header(t.get("inputSchema")) is None]
-
-
 async def list_capabilities(session: ClientSession) -> DiscoveryResult:
     """List everything the upstream advertises; kinds it does not advertise are skipped."""
     caps = session.server_capabilities
     result = DiscoveryResult()
     if caps is None or caps.tools is not None:
-        for tool in _usable_tools(session, await _paginate(session, "tools/list", "tools")):
-            result.items.append(DiscoveredItem("tool", str(tool["name"]), _text(tool, "description"), tool))
+        for tool in await list_raw(session, "tools/list"):
+            result.items.append(DiscoveredItem("tool", str(tool["name"]), text_of(tool, "description"), tool))
     if caps is not None and caps.resources is not None:
-        for res in await _paginate(session, "resources/list", "resources"):
-            result.items.append(DiscoveredItem("resource", str(res["uri"]), _text(res, "description"), res))
-        for tpl in await _paginate(session, "resources/templates/list", "resourceTemplates"):
+        for res in await list_raw(session, "resources/list"):
+            result.items.append(DiscoveredItem("resource", str(res["uri"]), text_of(res, "description"), res))
+        for tpl in await list_raw(session, "resources/templates/list"):
             name = str(tpl["uriTemplate"])
-            result.items.append(DiscoveredItem("resource_template", name, _text(tpl, "description"), tpl))
+            result.items.append(DiscoveredItem("resource_template", name, text_of(tpl, "description"), tpl))
     if caps is not None and caps.prompts is not None:
-        for prompt in await _paginate(session, "prompts/list", "prompts"):
+        for prompt in await list_raw(session, "prompts/list"):
             result.items.append(
-                DiscoveredItem("prompt", str(prompt["name"]), _text(prompt, "description"), prompt)
+                DiscoveredItem("prompt", str(prompt["name"]), text_of(prompt, "description"), prompt)
             )
     return result
 
