@@ -29,6 +29,7 @@ from scailink_mcp import mcp_transports
 from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.front_answer import Answer, Reply
+from scailink_mcp.front_lists import list_methods
 from scailink_mcp.invocation import Caller
 from scailink_mcp.mcp_front import Call, Exchange, Handler, McpFront
 from scailink_mcp.mcp_server import McpSurface
@@ -130,8 +131,8 @@ def tools_call(surface: McpSurface, *, single: bool) -> Handler:
 
 
 def methods(surface: McpSurface, *, single: bool) -> dict[str, Handler]:
-    """The front's dispatch table of one endpoint (list pages are added next to `tools/call`)."""
-    return {"tools/call": tools_call(surface, single=single)}
+    """The front's dispatch table of one endpoint: `tools/call` and the list pages (`front_lists.py`)."""
+    return {"tools/call": tools_call(surface, single=single), **list_methods(surface, single=single)}
 
 
 def front(surface: McpSurface, server: Server[Any], sessions: SessionTable, *, single: bool) -> McpFront:

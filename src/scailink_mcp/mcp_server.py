@@ -9,7 +9,6 @@ query, no handshake when a pooled session is warm.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol
@@ -25,7 +24,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.types import Scope
 
-from scailink_mcp import __version__, resource_uris
+from scailink_mcp import __version__, list_pages, resource_uris
 from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
@@ -37,6 +36,7 @@ from scailink_mcp.errors import (
     mcp_error,
 )
 from scailink_mcp.invocation import Caller, Invoker
+from scailink_mcp.list_pages import PageKey
 from scailink_mcp.mcp_auth import current_principal
 from scailink_mcp.mcp_elicitation import UrlElicitations, supports_url_elicitation
 from scailink_mcp.mcp_tools import ToolRun
@@ -60,11 +60,12 @@ SINGLE_TITLE = "ScaiLink (one registered server, upstream names)"
 class McpScope(Protocol):
     """What an endpoint lists and resolves (`CatalogView` or `ServerScope`)."""
 
-    tools: list[types.Tool]
+    tools: list[dict[str, Any]]
     tool_pages: list[tuple[int, int]]
-    prompts: list[types.Prompt]
-    resources: list[types.Resource]
-    resource_templates: list[types.ResourceTemplate]
+    prompts: list[dict[str, Any]]
+    resources: list[dict[str, Any]]
+    resource_templates: list[dict[str, Any]]
+    pages: dict[PageKey, bytes]
 
     def resolve_tool(self, name: str) -> Target: ...
     def resolve_prompt(self, name: str) -> Target: ...
@@ -81,22 +82,6 @@ def request_id_of(ctx: Ctx | None) -> str | None:
         value = request.scope.get("state", {}).get("request_id")
         return str(value) if value else None
     return None
-
-
-def _page_cursor(index: int) -> str:
-    return base64.urlsafe_b64encode(f"p{index}".encode()).decode()
-
-
-def _page_index(cursor: str | None) -> int:
-    if not cursor:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
-        if raw.startswith("p") and raw[1:].isdigit():
-            return int(raw[1:])
-    except (ValueError, UnicodeDecodeError):
-        pass
-    raise MCPError(INVALID_PARAMS, "invalid cursor")
 
 
 class McpSurface:
@@ -149,6 +134,9 @@ class McpSurface:
         request = ctx.request
         server_id = request.path_params.get("server_id", "") if isinstance(request, Request) else ""
         self.notifier.track(ctx.session, principal, "dotted", server_id=server_id)
+        return principal, self._listed_server(principal, server_id)
+
+    def _listed_server(self, principal: Principal, server_id: str) -> ServerScope:
         try:
             server = self.catalog.single_server_view(principal, server_id)
         except ToolNotFound:
@@ -157,7 +145,15 @@ class McpSurface:
             raise MCPError(
                 INVALID_PARAMS, f"server is not available (status {server.status}, {server.consent_tier})"
             )
-        return principal, ServerScope.of(server)
+        return self.catalog.server_scope(server)
+
+    def listing(self, principal: Principal, *, names: str | None, server_id: str | None) -> McpScope:
+        """For the `/mcp` front (no SDK context): the listing of the aggregate endpoint in the style
+        `names` asks for, or of the per-server endpoint of `server_id`. Raises `MCPError` (-32602)
+        for an unknown or unlisted server."""
+        if server_id is None:
+            return self.catalog.view(principal, self.style_of(names))
+        return self._listed_server(principal, server_id)
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
         relay = DownstreamCall(ctx.session, ctx.request_id)
@@ -244,22 +240,18 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
     scope_of: ScopeOf = surface.server_scope if single else surface.aggregate_scope
     invoker = surface.invoker
 
-    async def list_tools(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        _, scope = scope_of(ctx)
-        index = _page_index(params.cursor if params else None)
-        if index >= len(scope.tool_pages):
-            return types.ListToolsResult(tools=[])
-        start, end = scope.tool_pages[index]
-        more = index + 1 < len(scope.tool_pages)
-        return types.ListToolsResult(
-            tools=scope.tools[start:end], next_cursor=_page_cursor(index + 1) if more else None
-        )
+    def lister(method: str) -> Callable[[Ctx, types.PaginatedRequestParams], Any]:
+        """A list handler: the page of `list_pages.py` as a dict, shaped per era by the SDK."""
+
+        async def handler(ctx: Ctx, params: types.PaginatedRequestParams) -> dict[str, Any]:
+            modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+            result = list_pages.page_result(scope_of(ctx)[1], method, params.cursor, modern=modern)
+            return {**result, "resultType": "complete"} if modern else result
+
+        return handler
 
     async def call_tool(ctx: Ctx, params: types.CallToolRequestParams) -> Result:
         return await surface.call_tool(ctx, scope_of, params)
-
-    async def list_prompts(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
-        return types.ListPromptsResult(prompts=scope_of(ctx)[1].prompts)
 
     async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> PromptResult:
         principal, scope = scope_of(ctx)
@@ -271,16 +263,6 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
             return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx))
         except ScaiLinkError as err:
             raise mcp_error(err) from None
-
-    async def list_resources(
-        ctx: Ctx, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourcesResult:
-        return types.ListResourcesResult(resources=scope_of(ctx)[1].resources)
-
-    async def list_templates(
-        ctx: Ctx, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourceTemplatesResult:
-        return types.ListResourceTemplatesResult(resource_templates=scope_of(ctx)[1].resource_templates)
 
     async def read_resource(ctx: Ctx, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         principal, scope = scope_of(ctx)
@@ -346,11 +328,7 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
         return await surface.notifier.modern.handler(principal, surface.style(ctx))(ctx, params)
 
     handlers: dict[str, Any] = {
-        "on_list_tools": list_tools,
-        "on_list_prompts": list_prompts,
         "on_get_prompt": get_prompt,
-        "on_list_resources": list_resources,
-        "on_list_resource_templates": list_templates,
         "on_read_resource": read_resource,
         "on_subscribe_resource": subscribe,
         "on_unsubscribe_resource": unsubscribe,
@@ -374,6 +352,9 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
     # Registered directly: the handler returns the upstream's result dict, passed through unchanged.
     server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
+    # Registered directly: the handlers return the catalog's raw items (a dict, not result models).
+    for method in list_pages.LIST_METHODS:
+        server.add_request_handler(method, types.PaginatedRequestParams, lister(method))
 
     async def initialized(ctx: Ctx, params: types.NotificationParams) -> None:
         """Tracked from the handshake on: a session that has not listed anything yet still hears of
