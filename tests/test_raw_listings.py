@@ -63,8 +63,16 @@ def _answer(response: httpx.Response, request_id: int) -> dict[str, Any]:
 class RawClient:
     """JSON-RPC over Streamable HTTP by hand: the bytes ScaiLink sends are what the test reads."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str, tok: str, era: Era) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        tok: str,
+        era: Era,
+        capabilities: dict[str, Any] | None = None,
+    ) -> None:
         self.http, self.url, self.era = http, url, era
+        self.capabilities = capabilities or {}
         self.headers = {**auth_headers(tok), "accept": "application/json, text/event-stream"}
         self.ids = 0
 
@@ -73,7 +81,7 @@ class RawClient:
             return  # no handshake: every request carries its own protocol version
         init = {
             "protocolVersion": self.era,
-            "capabilities": {},
+            "capabilities": self.capabilities,
             "clientInfo": {"name": "raw-test", "version": "1"},
         }
         response = await self._post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init})
@@ -94,7 +102,7 @@ class RawClient:
             params["_meta"] = {
                 PROTOCOL_VERSION_META_KEY: self.era,
                 CLIENT_INFO_META_KEY: {"name": "raw-test", "version": "1"},
-                CLIENT_CAPABILITIES_META_KEY: {},
+                CLIENT_CAPABILITIES_META_KEY: self.capabilities,
             }
             headers = {"mcp-protocol-version": self.era, "mcp-method": method}
         message = {"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}
@@ -139,6 +147,24 @@ async def test_aggregate_listings_keep_unknown_fields(
         assert templates["resourceTemplates"] == [{**NEWER_TEMPLATE, "uriTemplate": public}]
         # Served from the pre-serialized page the second time: the same bytes, parsed the same.
         assert await rpc.request("tools/list") == tools
+
+
+async def test_a_client_declaring_a_back_channel_gets_the_raw_listing_too(
+    live: LiveApp, token: TokenFactory, raw_upstream: RawUpstream, era: Era
+) -> None:
+    """Listing needs no back-channel: a client declaring roots, sampling and elicitation (many real
+    clients declare roots) is listed from the same raw pages, unknown fields included."""
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="raw", endpoint_url=raw_upstream.url)
+    ns = f"remote.u1.{server['slug']}"
+    capabilities = {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {"form": {}}}
+    async with httpx.AsyncClient(timeout=30) as http:
+        rpc = RawClient(http, live.mcp_url, tok, era, capabilities)
+        await rpc.open()
+        tools = await rpc.request("tools/list")
+        _check_era(tools, era)
+        by_name = {t["name"]: t for t in tools["tools"]}
+        assert by_name[f"{ns}.future_tool"] == {**NEWER_TOOL, "name": f"{ns}.future_tool"}
 
 
 async def test_per_server_listing_is_the_upstreams_objects(

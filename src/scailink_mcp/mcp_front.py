@@ -15,7 +15,8 @@ Owned (anything else, or in doubt, falls through to the SDK, which answers as it
 - handshake era (no `MCP-Protocol-Version` header, or a handshake version): the `Mcp-Session-Id` of
   an established session of this endpoint (`sdk_sessions.SessionTable`: held by the SDK's manager,
   opened by the same credential, handshake done) whose client declared none of sampling, elicitation
-  and roots (the upstream's requests of those need the SDK's back-channel). An unknown session, or
+  and roots (the upstream's requests of those need the SDK's back-channel; the list methods, which
+  never need it, are served whatever the client declared). An unknown session, or
   another principal's, falls through: the SDK answers its 404;
 - 2026-07-28 era: a request the SDK's own inbound ladder accepts (`classify_inbound_request`), without
   a log-level opt-in and without capabilities the front cannot serve;
@@ -73,6 +74,10 @@ logger = logging.getLogger(__name__)
 MCP_SESSION_ID = "mcp-session-id"
 MCP_PROTOCOL_VERSION = "mcp-protocol-version"
 BACK_CHANNEL = ("sampling", "elicitation", "roots")  # client capabilities the front cannot relay
+# Methods whose answer never needs the client's back-channel (no upstream request travels back while
+# they run): the front serves them whatever the client declared, so a client declaring roots (many do)
+# still gets the pre-serialized pages, with every field the upstream sent.
+NO_BACK_CHANNEL = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
 WATCH_AFTER_S = 1.0  # a 2026-07-28 call's disconnect is watched once it has run this long
 
 
@@ -175,13 +180,14 @@ class McpFront:
         version = request.headers.get(MCP_PROTOCOL_VERSION)
         method, params = plain[1], plain[2]
         session: Established | None = None
+        relays = method not in NO_BACK_CHANNEL  # the client's back-channel may be needed while it runs
         if version is None or version in HANDSHAKE_PROTOCOL_VERSIONS:
-            session = self._session(request)
+            session = self._session(request, relays)
             if session is None:
                 return False
             version = session.connection.protocol_version
         else:
-            version = self._modern_version(request, message, params)
+            version = self._modern_version(request, message, params, relays)
             if version is None:
                 return False
         answer = Answer(send, modern=session is None, session_id=session.session_id if session else None)
@@ -197,25 +203,27 @@ class McpFront:
             await self._run(exchange, call, receive)
         return True
 
-    def _session(self, request: Request) -> Established | None:
+    def _session(self, request: Request, relays: bool) -> Established | None:
         session_id = request.headers.get(MCP_SESSION_ID)
         user = request.scope.get("user")
         if session_id is None or not isinstance(user, AuthenticatedUser):
             return None
         session = self.sessions.established(session_id, authorization_context(user))
-        if session is None or _client_capable(session.connection.client_capabilities):
+        if session is None or (relays and _client_capable(session.connection.client_capabilities)):
             return None
         return session
 
     def _modern_version(
-        self, request: Request, message: dict[str, Any], params: dict[str, Any]
+        self, request: Request, message: dict[str, Any], params: dict[str, Any], relays: bool
     ) -> str | None:
         """The 2026-07-28 request's version if the SDK's inbound ladder accepts it and the front can
         serve it, else None (the SDK then answers, rejections included)."""
         if find_duplicated_routing_header(request.headers.items()) is not None:
             return None
         verdict = classify_inbound_request(message, headers=dict(request.headers))
-        if not isinstance(verdict, InboundModernRoute) or _client_capable(verdict.client_capabilities):
+        if not isinstance(verdict, InboundModernRoute):
+            return None
+        if relays and _client_capable(verdict.client_capabilities):
             return None
         meta = params.get("_meta")
         if isinstance(meta, dict) and meta.get(LOG_LEVEL_META_KEY) is not None:
