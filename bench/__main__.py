@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import httpx
 
-from bench import big_answers
+from bench import big_answers, listings
 from bench import replicas as several
 from bench.calls import concurrent, percentiles
 from bench.catalog_flood import catalog_flood
@@ -298,6 +298,8 @@ async def run(quick: bool, setup_peers: bool) -> dict[str, Any]:
     results["targets"] = targets(results["ratios"])
     print("several replicas (issue 13):", flush=True)
     results["replicas"] = await several.measure(quick)
+    print("issue 14, listings and idle sessions (bench/listings.py):", flush=True)
+    results["listings"] = await listings.measure(quick)
     results["not_measured"] = {}
     if "skipped" in results["replicas"]:
         results["not_measured"]["replicas"] = results["replicas"]["skipped"]
@@ -380,6 +382,9 @@ def main() -> None:
     flood = results["catalog_flood"]["healthz_during_flood"]["p99_ms"]
     verdict = "met" if flood < 50 else "NOT met"
     print(f"  /healthz p99 while one device floods catalog updates: {flood} ms (goal < 50 ms): {verdict}")
+    print("\ntargets (issue 14, listings and memory):")
+    for line in listings.report(results["listings"]):
+        print(f"  {line}")
     print(f"\nwritten to {args.out}")
 
 

@@ -6,6 +6,11 @@ CPU time of each process is read from `/proc/PID/stat` (utime + stime) before an
 figures are CPU per call of the ScaiLink process and of the upstream process, next to p50/p99.
 Ratios within one run are what count (the machine is shared).
 
+Throughput: C concurrent clients (16 by default, `--clients`), each its own session doing N calls
+(`--each`, 50), against the upstream directly and through ScaiLink, alternately, two rounds, after a
+warm-up round of 2 calls each; calls/s of each (`bench.calls.concurrent`, sessions opened inside the
+timed span as in `python -m bench`).
+
 `--profile FILE` also records the ScaiLink process with py-spy (when installed) during a second
 ScaiLink round and writes its top functions to FILE.
 """
@@ -27,6 +32,7 @@ from typing import Any
 import anyio
 
 from bench.__main__ import percentiles, register, scailink_command
+from bench.calls import concurrent
 from bench.procs import client, free_port, process, wait_http
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -58,7 +64,7 @@ async def sequential(
     return out
 
 
-async def run(calls: int, profile: str | None) -> dict[str, Any]:
+async def run(calls: int, profile: str | None, clients: int = 16, each: int = 50) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="scailink-hotpath-"))
     up_port, sl_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAILINK_")}
@@ -81,6 +87,17 @@ async def run(calls: int, profile: str | None) -> dict[str, Any]:
             results[f"scailink_{round_}"] = await sequential(
                 base + "/mcp", tool, calls, token, {"scailink": sl.pid, "upstream": up.pid}
             )
+        await concurrent(upstream, "echo", clients, 2, None)
+        await concurrent(base + "/mcp", tool, clients, 2, token)
+        for round_ in (1, 2):
+            direct_rate = await concurrent(upstream, "echo", clients, each, None)
+            proxied_rate = await concurrent(base + "/mcp", tool, clients, each, token)
+            results[f"throughput_{round_}"] = {
+                "clients": clients,
+                "each": each,
+                "direct_calls_per_s": direct_rate["calls_per_s"],
+                "scailink_calls_per_s": proxied_rate["calls_per_s"],
+            }
         if profile:
             recorder = start_profile(sl.pid, profile)
             if recorder is not None:
@@ -134,8 +151,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hotpath")
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--profile", default=None, help="write py-spy's top functions of ScaiLink here")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the throughput figure")
+    parser.add_argument("--each", type=int, default=50, help="calls per client of the throughput figure")
     args = parser.parse_args()
-    results = anyio.run(run, args.calls, args.profile)
+    results = anyio.run(run, args.calls, args.profile, args.clients, args.each)
     for round_ in (1, 2):
         direct, proxied = results[f"direct_{round_}"], results[f"scailink_{round_}"]
         results[f"ratios_{round_}"] = {
@@ -143,6 +162,8 @@ def main() -> None:
             "p99_over_direct": proxied["p99_ms"] / direct["p99_ms"],
             "scailink_cpu_over_upstream_cpu": proxied["scailink_cpu_ms_per_call"]
             / max(1e-9, proxied["upstream_cpu_ms_per_call"]),
+            "throughput_over_direct": results[f"throughput_{round_}"]["scailink_calls_per_s"]
+            / results[f"throughput_{round_}"]["direct_calls_per_s"],
         }
     print(json.dumps(results, indent=2))
 

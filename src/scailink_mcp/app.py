@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Scope
 
-from scailink_mcp import dashboard, mcp_server, mcp_transports
+from scailink_mcp import dashboard, front_calls, mcp_server, mcp_transports
 from scailink_mcp.api import audit as audit_api
 from scailink_mcp.api import desktop as desktop_api
 from scailink_mcp.api import iam as iam_api
@@ -68,6 +68,7 @@ from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import UpstreamPool
 from scailink_mcp.remote.registry import Registry
+from scailink_mcp.sdk_sessions import SessionTable
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Backends
 
@@ -256,10 +257,19 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
     resource = resource_url(settings)
     base = resource.removesuffix("/mcp")
     metadata = f"{base}/.well-known/oauth-protected-resource/mcp"
-    aggregate_server = mcp_server.build_server(parts.mcp, single=False)
-    aggregate = mcp_transports.session_manager(aggregate_server, settings)
-    sse = mcp_transports.LegacySse(aggregate_server, settings)
-    single = mcp_transports.session_manager(mcp_server.build_server(parts.mcp, single=True), settings)
+    # Per endpoint (False: /mcp, True: per-server): its SDK server, and its session table
+    # (sdk_sessions.py), which the front and the replicas layer read.
+    tables = {False: SessionTable(), True: SessionTable()}
+    servers = {s: mcp_server.build_server(parts.mcp, single=s, sessions=tables[s]) for s in tables}
+    aggregate = mcp_transports.session_manager(servers[False], settings)
+    sse = mcp_transports.LegacySse(servers[False], settings)
+    single = mcp_transports.session_manager(servers[True], settings)
+    tables[False].bind(aggregate)
+    tables[True].bind(single)
+    # The front answers the warm calls it owns; everything else reaches the SDK's app (mcp_front.py).
+    fronts = {s: front_calls.front(parts.mcp, servers[s], tables[s], single=s) for s in tables}
+    answered = lambda: sum(f.answered for f in fronts.values())  # noqa: E731
+    parts.metrics.gauge("scailink_mcp_front_answers", "MCP requests the front answered", answered)
     issuer = settings.jwt_issuer if (settings.jwt_issuer or "").startswith("http") else base
 
     def guarded(manager: StreamableHTTPSessionManager | None) -> Callable[[ASGIApp], ASGIApp]:
@@ -281,12 +291,13 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
         return protect_mcp(app, verifier, metadata, guarded(manager))
 
     def served(manager: StreamableHTTPSessionManager, *, single: bool) -> ASGIApp:
-        app = mcp_transports.asgi(manager)
+        app: ASGIApp = fronts[single]
         if parts.mcp_sessions is None:
             return app
         endpoint = "single" if single else "aggregate"
 
         def revived(connection: Connection, principal: Principal, scope: Scope) -> None:
+            tables[single].known(connection)
             parts.mcp.revived(connection, principal, scope, single=single)
 
         return SharedSessions(

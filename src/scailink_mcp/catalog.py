@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
-import mcp_types as types
 from sqlmodel import Session, select
 
 from scailink_mcp import auth
@@ -29,6 +28,7 @@ from scailink_mcp.db import Database
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.events import ServerEvent, ServerEventKind
+from scailink_mcp.list_pages import PageKey, dumps
 from scailink_mcp.models import RemoteServer, same_named
 from scailink_mcp.naming import Qualified, compat_names, namespaced_name, remote_namespace
 from scailink_mcp.remote.discovery import visible_capabilities
@@ -166,7 +166,7 @@ def paginate(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
     pages: list[tuple[int, int]] = []
     start, size = 0, 0
     for index, item in enumerate(items):
-        item_size = len(json.dumps(item, separators=(",", ":")))
+        item_size = len(dumps(item))  # UTF-8 bytes, as on the wire
         if index > start and (index - start >= PAGE_MAX_ITEMS or size + item_size > PAGE_MAX_BYTES):
             pages.append((start, index))
             start, size = index, 0
@@ -177,13 +177,20 @@ def paginate(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
 
 @dataclass(kw_only=True)
 class Listing:
-    """What an MCP endpoint lists (the handlers of `mcp_server.py` read only this and `resolve_*`)."""
+    """What an MCP endpoint lists (the handlers of `mcp_server.py` read only this and `resolve_*`).
 
-    tools: list[types.Tool] = field(default_factory=list)
+    Items are raw JSON objects as the upstream or the device sent them (validated where they entered:
+    discovery, the desktop protocol), only the name or URI rewritten, so fields newer than the SDK
+    and vendor `_meta` are listed unchanged. `pages` holds the serialized pages (`list_pages.py`); it
+    goes with the listing when the catalog replaces it.
+    """
+
+    tools: list[dict[str, Any]] = field(default_factory=list)
     tool_pages: list[tuple[int, int]] = field(default_factory=list)
-    prompts: list[types.Prompt] = field(default_factory=list)
-    resources: list[types.Resource] = field(default_factory=list)
-    resource_templates: list[types.ResourceTemplate] = field(default_factory=list)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    resource_templates: list[dict[str, Any]] = field(default_factory=list)
+    pages: dict[PageKey, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass(kw_only=True)
@@ -224,14 +231,10 @@ def _list_resources(
 ) -> None:
     """A server's or a device's resources and templates under `scailink://{ns}/...` URIs."""
     for res in resources:
-        view.resources.append(
-            types.Resource.model_validate(_with_name(res, "uri", public_uri(ns, res["uri"])))
-        )
+        view.resources.append(_with_name(res, "uri", public_uri(ns, res["uri"])))
     for tpl in templates:
         public = public_uri(ns, tpl["uriTemplate"], template=True)
-        view.resource_templates.append(
-            types.ResourceTemplate.model_validate(_with_name(tpl, "uriTemplate", public))
-        )
+        view.resource_templates.append(_with_name(tpl, "uriTemplate", public))
 
 
 def build_view(
@@ -271,21 +274,19 @@ def build_view(
             view.tool_targets[public] = RemoteTarget("tool", payload["name"], owner)
         else:
             view.tool_targets[public] = DesktopTarget("tool", payload["name"], owner)
-    view.tools = [types.Tool.model_validate(p) for p in payloads]
+    view.tools = payloads
     view.tool_pages = paginate(payloads)
     for qualified, payload, owner in sorted(prompts, key=lambda t: namespaced_name(*t[0])):
         public = public_name(qualified)
-        view.prompts.append(types.Prompt.model_validate(_with_name(payload, "name", public)))
+        view.prompts.append(_with_name(payload, "name", public))
         if isinstance(owner, ServerSnapshot):
             view.prompt_targets[public] = RemoteTarget("prompt", payload["name"], owner)
         else:
             view.prompt_targets[public] = DesktopTarget("prompt", payload["name"], owner)
     view.fingerprint = (
         digest(payloads),
-        digest([p.model_dump(by_alias=True, mode="json") for p in view.prompts]),
-        digest(
-            [r.model_dump(by_alias=True, mode="json") for r in [*view.resources, *view.resource_templates]]
-        ),
+        digest(view.prompts),
+        digest([*view.resources, *view.resource_templates]),
     )
     return view
 
@@ -311,6 +312,7 @@ class Catalog:
         self.directory = directory
         self.desktop = desktop
         self._views: dict[tuple[str, str, bool, bool, str], CatalogView] = {}
+        self._scopes: dict[str, ServerScope] = {}  # server id -> its per-server endpoint's listing
 
     def view(self, principal: Principal, style: NameStyle) -> CatalogView:
         remote = principal.has(auth.REMOTE_USE)
@@ -344,6 +346,18 @@ class Catalog:
             raise ToolNotFound("unknown server")
         return server
 
+    def server_scope(self, server: ServerSnapshot) -> ServerScope:
+        """The per-server endpoint's listing of `server`, kept (with its serialized pages) until the
+        directory replaces the snapshot: the same for every principal who may see the server."""
+        cached = self._scopes.get(server.id)
+        if cached is not None and cached.server is server:
+            return cached
+        scope = ServerScope.of(server)
+        for stale in [sid for sid in self._scopes if self.directory.get(sid) is None]:
+            del self._scopes[stale]
+        self._scopes[server.id] = scope
+        return scope
+
 
 @dataclass(kw_only=True)
 class ServerScope(Listing):
@@ -356,11 +370,11 @@ class ServerScope(Listing):
     def of(cls, server: ServerSnapshot) -> ServerScope:
         return cls(
             server=server,
-            tools=[types.Tool.model_validate(t) for t in server.tools],
+            tools=list(server.tools),
             tool_pages=paginate(list(server.tools)),
-            prompts=[types.Prompt.model_validate(p) for p in server.prompts],
-            resources=[types.Resource.model_validate(r) for r in server.resources],
-            resource_templates=[types.ResourceTemplate.model_validate(r) for r in server.resource_templates],
+            prompts=list(server.prompts),
+            resources=list(server.resources),
+            resource_templates=list(server.resource_templates),
         )
 
     def resolve_tool(self, name: str) -> Target:

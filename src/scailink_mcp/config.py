@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     ws_init_timeout_s: float = 10.0
     ws_max_connections_per_user: int = 5
     ws_max_frame_bytes: int = 1024 * 1024
+    # permessage-deflate keeps a zlib compressor and decompressor per connection: measured ~50 KiB of
+    # the ~88 KiB an idle desktop session cost (issue 14, tracemalloc); frames are small JSON, so off.
+    ws_per_message_deflate: bool = False
     # Tools one desktop session may hold (session_init and after each catalog_update), and one
     # (tenant, user) across all its sessions; over either the frame is refused (4002 / 4003).
     ws_max_tools_per_session: int = 2000

@@ -35,7 +35,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from scailink_mcp.errors import ClientCapabilityMissing, UpstreamError, UpstreamTimeout
-from scailink_mcp.relay import DownstreamCall
+from scailink_mcp.relay import Downstream, DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ CAPABILITY_OF: dict[str, tuple[str, type[BaseModel]]] = {
     "elicitation/create": ("elicitation", types.ElicitResult),
     "roots/list": ("roots", types.ListRootsResult),
 }
+BACK_CHANNEL = ("sampling", "elicitation", "roots")
 _REQUEST: TypeAdapter[types.InputRequest] = TypeAdapter(types.InputRequest)
 # The other methods with rounds: the request, its params and its result types.
 REQUESTS: dict[str, tuple[Any, type[types.InputResponseRequestParams], TypeAdapter[Any]]] = {
@@ -69,13 +70,16 @@ def asks_for_input(result: Mapping[str, Any]) -> bool:
     return result.get("resultType") == "input_required"
 
 
-def caller_capabilities(relay: DownstreamCall | None) -> dict[str, Any]:
-    """What the downstream client declared at `initialize` (nothing for a caller without a session)."""
-    caps = relay.session.client_capabilities if relay is not None else None
-    if caps is None:
-        return {}
-    dumped: dict[str, Any] = caps.model_dump(by_alias=True, mode="json", exclude_none=True)
-    return dumped
+def caller_capabilities(relay: Downstream | None) -> dict[str, Any]:
+    """What the downstream client declared at `initialize` (nothing for a caller without a session;
+    the `/mcp` front serves only sessions that declared none of these)."""
+    if isinstance(relay, DownstreamCall):
+        caps = relay.session.client_capabilities
+        dumped: dict[str, Any] = (
+            caps.model_dump(by_alias=True, mode="json", exclude_none=True) if caps else {}
+        )
+        return dumped
+    return {c: {} for c in BACK_CHANNEL if relay is not None and relay.supports(c)}
 
 
 class ReverseBridge:
@@ -90,7 +94,7 @@ class ReverseBridge:
         key: PoolKey,
         name: str,
         arguments: dict[str, Any] | None,
-        relay: DownstreamCall | None,
+        relay: Downstream | None,
         *,
         timeout: float,
         progress: ProgressFnT | None,
@@ -116,7 +120,7 @@ class ReverseBridge:
         key: PoolKey,
         method: str,
         params: dict[str, Any],
-        relay: DownstreamCall | None,
+        relay: Downstream | None,
         *,
         timeout: float,
     ) -> Result:
@@ -140,7 +144,7 @@ class ReverseBridge:
     async def _rounds(
         self,
         send: Callable[[dict[str, Any] | None], Awaitable[Result]],
-        relay: DownstreamCall | None,
+        relay: Downstream | None,
         caps: Mapping[str, Any],
         timeout: float,
     ) -> Result:
@@ -157,7 +161,7 @@ class ReverseBridge:
         )
 
     async def _answer(
-        self, result: Result, relay: DownstreamCall | None, caps: Mapping[str, Any], timeout: float
+        self, result: Result, relay: Downstream | None, caps: Mapping[str, Any], timeout: float
     ) -> dict[str, Any]:
         """One round: every input request asked of the caller; the retry's fields."""
         requests = result.get("inputRequests")
@@ -192,11 +196,11 @@ class ReverseBridge:
             retry["requestState"] = state
         return retry
 
-    async def _ask(self, relay: DownstreamCall, question: types.InputRequest, timeout: float) -> Any:
+    async def _ask(self, relay: Downstream, question: types.InputRequest, timeout: float) -> Any:
         capability, answer_type = CAPABILITY_OF[question.method]
         try:
             with anyio.fail_after(timeout):
-                answer = await relay.session.send_request(question, answer_type, metadata=relay.metadata())
+                answer = await relay.ask(question, answer_type)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"the client did not answer the {capability} request within {timeout:g} s"

@@ -27,7 +27,8 @@ from scailink_mcp.desktop.connections import consent_denied
 from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
-from scailink_mcp.relay import DownstreamCall
+from scailink_mcp.relay import Downstream
+from scailink_mcp.remote.wire import WireResult
 from scailink_mcp.targets import (
     Backends,
     DesktopTarget,
@@ -63,7 +64,10 @@ def _text_size(item: Any) -> int:
 
 
 def result_size(result: Result) -> int:
-    """A cheap estimate of the result's wire size: text and base64 payloads dominate it."""
+    """The result's wire size: exact for an upstream's bytes (`WireResult`); otherwise a cheap
+    estimate (text and base64 payloads dominate it)."""
+    if isinstance(result, WireResult):
+        return len(result.raw)
     size = 0
     content = result.get("content")
     for block in content if isinstance(content, list) else ():
@@ -150,7 +154,7 @@ class Invoker:
         principal: Principal,
         target: Target,
         era: EraCall | None = None,
-        relay: DownstreamCall | None = None,
+        relay: Downstream | None = None,
     ) -> ReadResult:
         return await target.read(self.backends, principal, era, relay)
 
@@ -160,7 +164,7 @@ class Invoker:
         target: Target,
         arguments: dict[str, str] | None,
         era: EraCall | None = None,
-        relay: DownstreamCall | None = None,
+        relay: Downstream | None = None,
     ) -> PromptResult:
         return await target.get_prompt(self.backends, principal, arguments, era, relay)
 

@@ -12,7 +12,9 @@ What the SDK's transport does not do for a multi-tenant gateway, checked before 
   more closes that principal's oldest session, so one principal can never exhaust the SDK's global
   table (10,000 sessions) for every tenant.
 
-POSTs are counted in `in_flight` until answered, so a shutdown can drain them (`inflight.py`).
+POSTs are counted in `in_flight` until answered, so a shutdown can drain them (`inflight.py`). The
+parsed message is left in the ASGI scope (`PARSED_MESSAGE`) for the `/mcp` front (`mcp_front.py`),
+so a message is parsed once.
 
 Errors are JSON-RPC error objects (id `null`) with the HTTP status a client expects (400, 413, 429).
 """
@@ -41,6 +43,7 @@ from scailink_mcp.ratelimit import RateLimiter
 logger = logging.getLogger(__name__)
 
 MCP_SESSION_ID = "mcp-session-id"
+PARSED_MESSAGE = "scailink.mcp.message"
 
 
 def _rpc_error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -95,7 +98,7 @@ class McpGuard:
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
-        problem = self._check(body)
+        problem = self._check(scope, body)
         if problem is not None:
             await _rpc_error(400, *problem)(scope, receive, send)
             return
@@ -129,13 +132,14 @@ class McpGuard:
             if not message.get("more_body", False):
                 return bytes(chunks)
 
-    def _check(self, body: bytes) -> tuple[int, str] | None:
+    def _check(self, scope: Scope, body: bytes) -> tuple[int, str] | None:
         if too_deep(body, self.max_json_depth):
             return PARSE_ERROR, f"Parse error: JSON nested deeper than {self.max_json_depth} levels"
         try:
             parsed = json.loads(body)
         except (ValueError, RecursionError):
             return PARSE_ERROR, "Parse error: the body is not valid JSON"
+        scope[PARSED_MESSAGE] = parsed
         messages = parsed if isinstance(parsed, list) else [parsed]
         for message in messages:
             reason = invalid_message(message)

@@ -9,7 +9,6 @@ query, no handshake when a pooled session is warm.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol
@@ -25,27 +24,26 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.types import Scope
 
-from scailink_mcp import __version__, resource_uris
+from scailink_mcp import __version__, list_pages, resource_uris
 from scailink_mcp import mcp_forwarding as forwarding
 from scailink_mcp.auth import Principal
 from scailink_mcp.catalog import Catalog, CatalogView, NameStyle, ServerScope
 from scailink_mcp.config import Settings
 from scailink_mcp.era_pending import era_call
 from scailink_mcp.errors import (
-    ProtocolError,
     ScaiLinkError,
     ToolNotFound,
-    UpstreamAuthRequired,
     mcp_error,
-    tool_error_result,
 )
 from scailink_mcp.invocation import Caller, Invoker
+from scailink_mcp.list_pages import PageKey
 from scailink_mcp.mcp_auth import current_principal
 from scailink_mcp.mcp_elicitation import UrlElicitations, supports_url_elicitation
+from scailink_mcp.mcp_tools import ToolRun
 from scailink_mcp.mcp_transports import ListChangedServer
 from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
-from scailink_mcp.sdk_sessions import connection_of
+from scailink_mcp.sdk_sessions import SessionTable, connection_of
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Forwarding, PromptResult, ReadResult, RemoteTarget, Result, Target
 
@@ -62,11 +60,12 @@ SINGLE_TITLE = "ScaiLink (one registered server, upstream names)"
 class McpScope(Protocol):
     """What an endpoint lists and resolves (`CatalogView` or `ServerScope`)."""
 
-    tools: list[types.Tool]
+    tools: list[dict[str, Any]]
     tool_pages: list[tuple[int, int]]
-    prompts: list[types.Prompt]
-    resources: list[types.Resource]
-    resource_templates: list[types.ResourceTemplate]
+    prompts: list[dict[str, Any]]
+    resources: list[dict[str, Any]]
+    resource_templates: list[dict[str, Any]]
+    pages: dict[PageKey, bytes]
 
     def resolve_tool(self, name: str) -> Target: ...
     def resolve_prompt(self, name: str) -> Target: ...
@@ -83,22 +82,6 @@ def request_id_of(ctx: Ctx | None) -> str | None:
         value = request.scope.get("state", {}).get("request_id")
         return str(value) if value else None
     return None
-
-
-def _page_cursor(index: int) -> str:
-    return base64.urlsafe_b64encode(f"p{index}".encode()).decode()
-
-
-def _page_index(cursor: str | None) -> int:
-    if not cursor:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
-        if raw.startswith("p") and raw[1:].isdigit():
-            return int(raw[1:])
-    except (ValueError, UnicodeDecodeError):
-        pass
-    raise MCPError(INVALID_PARAMS, "invalid cursor")
 
 
 class McpSurface:
@@ -121,8 +104,14 @@ class McpSurface:
 
     def style(self, ctx: Ctx) -> NameStyle:
         request = ctx.request
-        if isinstance(request, Request) and request.query_params.get("names") in ("compat", "dotted"):
-            return request.query_params["names"]  # type: ignore[return-value]
+        return self.style_of(request.query_params.get("names") if isinstance(request, Request) else None)
+
+    def style_of(self, names: str | None) -> NameStyle:
+        """The naming style a request asks for (`?names=compat|dotted`), else the configured one."""
+        if names == "compat":
+            return "compat"
+        if names == "dotted":
+            return "dotted"
         return self.settings.tool_name_style
 
     def aggregate_scope(self, ctx: Ctx) -> tuple[Principal, CatalogView]:
@@ -137,8 +126,7 @@ class McpSurface:
             server_id = str(scope.get("path_params", {}).get("server_id", ""))
             self.notifier.track_connection(connection, principal, "dotted", server_id=server_id)
             return
-        names = Request(scope).query_params.get("names")
-        style: NameStyle = names if names in ("compat", "dotted") else self.settings.tool_name_style  # type: ignore[assignment]
+        style = self.style_of(Request(scope).query_params.get("names"))
         self.notifier.track_connection(connection, principal, style)
 
     def server_scope(self, ctx: Ctx) -> tuple[Principal, ServerScope]:
@@ -146,6 +134,9 @@ class McpSurface:
         request = ctx.request
         server_id = request.path_params.get("server_id", "") if isinstance(request, Request) else ""
         self.notifier.track(ctx.session, principal, "dotted", server_id=server_id)
+        return principal, self._listed_server(principal, server_id)
+
+    def _listed_server(self, principal: Principal, server_id: str) -> ServerScope:
         try:
             server = self.catalog.single_server_view(principal, server_id)
         except ToolNotFound:
@@ -154,7 +145,15 @@ class McpSurface:
             raise MCPError(
                 INVALID_PARAMS, f"server is not available (status {server.status}, {server.consent_tier})"
             )
-        return principal, ServerScope.of(server)
+        return self.catalog.server_scope(server)
+
+    def listing(self, principal: Principal, *, names: str | None, server_id: str | None) -> McpScope:
+        """For the `/mcp` front (no SDK context): the listing of the aggregate endpoint in the style
+        `names` asks for, or of the per-server endpoint of `server_id`. Raises `MCPError` (-32602)
+        for an unknown or unlisted server."""
+        if server_id is None:
+            return self.catalog.view(principal, self.style_of(names))
+        return self._listed_server(principal, server_id)
 
     def caller(self, ctx: Ctx, meta: dict[str, Any] | None) -> Caller:
         relay = DownstreamCall(ctx.session, ctx.request_id)
@@ -177,23 +176,10 @@ class McpSurface:
             self.invoker.unknown(principal, params.name, request_id_of(ctx))
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {params.name}") from None
         meta: dict[str, Any] = dict(params.meta or {})
-        try:
-            result = await self.invoker.call(
-                principal,
-                target,
-                params.name,
-                params.arguments,
-                timeout=self.invoker.timeout(meta.get("scailink/timeout_ms")),
-                caller=self.caller(ctx, meta),
-            )
-            if isinstance(scope, CatalogView):  # every URI an agent gets through /mcp reads back there
-                result = resource_uris.tool_result(result, target)
-        except ProtocolError as err:  # a bad requestState, an upstream's own JSON-RPC error (2026)
-            raise mcp_error(err) from None
-        except ScaiLinkError as err:
-            if isinstance(err, UpstreamAuthRequired) and supports_url_elicitation(ctx):
-                raise self.elicitations.required(ctx, err) from None
-            result = tool_error_result(err)
+        caller, aggregate = self.caller(ctx, meta), isinstance(scope, CatalogView)
+        url_auth = (lambda e: self.elicitations.required(ctx, e)) if supports_url_elicitation(ctx) else None
+        call = ToolRun(self.invoker, principal, target, params.name, params.arguments, meta, caller)
+        result = await call.run(aggregate, url_auth)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and "resultType" not in result:
             result = {**result, "resultType": "complete"}  # required from 2026-07-28 on
         return result
@@ -248,27 +234,24 @@ class McpSurface:
         return ask
 
 
-def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
-    """One handler set; `single` is the per-server endpoint (upstream names)."""
+def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | None = None) -> Server[Any]:
+    """One handler set; `single` is the per-server endpoint (upstream names). `sessions` records each
+    initialized session's connection for the `/mcp` front (`mcp_front.py`)."""
     scope_of: ScopeOf = surface.server_scope if single else surface.aggregate_scope
     invoker = surface.invoker
 
-    async def list_tools(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        _, scope = scope_of(ctx)
-        index = _page_index(params.cursor if params else None)
-        if index >= len(scope.tool_pages):
-            return types.ListToolsResult(tools=[])
-        start, end = scope.tool_pages[index]
-        more = index + 1 < len(scope.tool_pages)
-        return types.ListToolsResult(
-            tools=scope.tools[start:end], next_cursor=_page_cursor(index + 1) if more else None
-        )
+    def lister(method: str) -> Callable[[Ctx, types.PaginatedRequestParams], Any]:
+        """A list handler: the page of `list_pages.py` as a dict, shaped per era by the SDK."""
+
+        async def handler(ctx: Ctx, params: types.PaginatedRequestParams) -> dict[str, Any]:
+            modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+            result = list_pages.page_result(scope_of(ctx)[1], method, params.cursor, modern=modern)
+            return {**result, "resultType": "complete"} if modern else result
+
+        return handler
 
     async def call_tool(ctx: Ctx, params: types.CallToolRequestParams) -> Result:
         return await surface.call_tool(ctx, scope_of, params)
-
-    async def list_prompts(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
-        return types.ListPromptsResult(prompts=scope_of(ctx)[1].prompts)
 
     async def get_prompt(ctx: Ctx, params: types.GetPromptRequestParams) -> PromptResult:
         principal, scope = scope_of(ctx)
@@ -281,16 +264,6 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
             return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx), relay)
         except ScaiLinkError as err:
             raise mcp_error(err) from None
-
-    async def list_resources(
-        ctx: Ctx, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourcesResult:
-        return types.ListResourcesResult(resources=scope_of(ctx)[1].resources)
-
-    async def list_templates(
-        ctx: Ctx, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourceTemplatesResult:
-        return types.ListResourceTemplatesResult(resource_templates=scope_of(ctx)[1].resource_templates)
 
     async def read_resource(ctx: Ctx, params: types.ReadResourceRequestParams) -> ReadResult:
         principal, scope = scope_of(ctx)
@@ -359,11 +332,7 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
         return await surface.notifier.modern.handler(principal, surface.style(ctx))(ctx, params)
 
     handlers: dict[str, Any] = {
-        "on_list_tools": list_tools,
-        "on_list_prompts": list_prompts,
         "on_get_prompt": get_prompt,
-        "on_list_resources": list_resources,
-        "on_list_resource_templates": list_templates,
         "on_read_resource": read_resource,
         "on_subscribe_resource": subscribe,
         "on_unsubscribe_resource": unsubscribe,
@@ -387,6 +356,9 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
     server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_level)
     # Registered directly: the handler returns the upstream's result dict, passed through unchanged.
     server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
+    # Registered directly: the handlers return the catalog's raw items (a dict, not result models).
+    for method in list_pages.LIST_METHODS:
+        server.add_request_handler(method, types.PaginatedRequestParams, lister(method))
 
     async def initialized(ctx: Ctx, params: types.NotificationParams) -> None:
         """Tracked from the handshake on: a session that has not listed anything yet still hears of
@@ -395,4 +367,6 @@ def build_server(surface: McpSurface, *, single: bool) -> Server[Any]:
             scope_of(ctx)
 
     server.add_notification_handler("notifications/initialized", types.NotificationParams, initialized)
+    if sessions is not None:
+        server.middleware = [sessions.record]
     return server

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import mcp_types as types
 from mcp.client.session import ClientRequestContext
@@ -37,9 +37,19 @@ METHOD_NOT_FOUND = -32601
 INTERNAL_ERROR = -32603
 
 
+@runtime_checkable
+class Downstream(Protocol):
+    """Where relayed traffic of one downstream call goes: the SDK's session of the call
+    (`DownstreamCall`) or the `/mcp` front's answer stream (`mcp_front.py`)."""
+
+    def supports(self, capability: str) -> bool: ...
+    async def ask(self, request: Any, result_type: Any) -> Any: ...
+    async def log(self, params: types.LoggingMessageNotificationParams) -> None: ...
+
+
 @dataclass(frozen=True)
 class DownstreamCall:
-    """The downstream request an upstream call serves: where relayed traffic goes."""
+    """The downstream request an upstream call serves, in the SDK's server: where relayed traffic goes."""
 
     session: ServerSession
     request_id: types.RequestId | None
@@ -49,16 +59,28 @@ class DownstreamCall:
             ServerMessageMetadata(related_request_id=self.request_id) if self.request_id is not None else None
         )
 
+    def supports(self, capability: str) -> bool:
+        caps = self.session.client_capabilities
+        return caps is not None and getattr(caps, capability, None) is not None
+
+    async def ask(self, request: Any, result_type: Any) -> Any:
+        return await self.session.send_request(request, result_type, metadata=self.metadata())
+
+    async def log(self, params: types.LoggingMessageNotificationParams) -> None:
+        await self.session.send_notification(
+            types.LoggingMessageNotification(params=params), related_request_id=self.request_id
+        )
+
 
 class Relay:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
 
-    def _call(self, key: PoolKey) -> DownstreamCall | None:
+    def _call(self, key: PoolKey) -> Downstream | None:
         current = self.pool.current_relay(key)
         if isinstance(current, PendingCall):  # a 2026-07-28 caller's round (era_bridge.py)
             current = current.downstream
-        return current if isinstance(current, DownstreamCall) else None
+        return current if isinstance(current, Downstream) else None
 
     async def _forward(self, key: PoolKey, request: Any, result_type: Any, capability: str) -> Any:
         current = self.pool.current_relay(key)
@@ -69,13 +91,12 @@ class Relay:
             return types.ErrorData(
                 code=METHOD_NOT_FOUND, message=f"no downstream call to relay {capability} to"
             )
-        caps = call.session.client_capabilities
-        if caps is None or getattr(caps, capability, None) is None:
+        if not call.supports(capability):
             return types.ErrorData(
                 code=METHOD_NOT_FOUND, message=f"the calling client does not support {capability}"
             )
         try:
-            return await call.session.send_request(request, result_type, metadata=call.metadata())
+            return await call.ask(request, result_type)
         except MCPError as exc:
             return exc.error
         except Exception as exc:
@@ -103,9 +124,7 @@ class Relay:
             if call is None:
                 return
             try:
-                await call.session.send_notification(
-                    types.LoggingMessageNotification(params=params), related_request_id=call.request_id
-                )
+                await call.log(params)
             except Exception as exc:
                 logger.debug("log relay failed", extra={"error": type(exc).__name__})
 

@@ -28,19 +28,34 @@ factory (`mcp.shared._httpx_utils`), and the read-stream protocol a client trans
 API but exports neither the type nor the defaults, and ScaiLink's guarded clients must use the same
 defaults as the SDK's own.
 
+5. The table the `/mcp` front (`mcp_front.py`) answers established sessions from: `SessionTable`.
+A session is the SDK's when its id is in `_server_instances` (its transport not terminated, its idle
+scope not fired) and `_session_owners` names the same credential; what the handshake established
+(negotiated version, client capabilities) lives on the session's `Connection`, which the SDK keeps
+inside its serve loop only, so the table records each connection when ScaiLink first sees it
+(`notifications/initialized`, or a revival by `mcp_sessions.py`) and forgets it with the
+connection's own exit stack (`record`, the SDK server middleware ScaiLink installs, records each
+session when its `initialize` is answered). A call the front serves counts as a request in flight on the
+transport (`SessionTable.serving`), exactly as `StreamableHTTPServerTransport.handle_request` counts
+its own, so the SDK's idle expiry sees front-served calls.
+
 Keep every such access here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 from mcp.server.auth.middleware.bearer_auth import AuthorizationContext
 from mcp.server.connection import Connection
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.runner import ServerRunner, serve_connection
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import StreamableHTTPServerTransport
@@ -139,3 +154,90 @@ async def revive(
             await manager._discard_session(session_id, transport)
 
     await manager._task_group.start(run)
+
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """A handshake-era session the front may answer for: its transport and its connection."""
+
+    session_id: str
+    transport: StreamableHTTPServerTransport
+    connection: Connection
+
+
+class SessionTable:
+    """The established sessions of one session manager (one table per endpoint, one owner: the SDK's
+    manager decides existence and ownership, this table only adds what the handshake established).
+
+    Used by the `/mcp` front (`established`, `serving`) and by the replicas layer (`holds`, and the
+    revived sessions it records with `known`).
+    """
+
+    def __init__(self) -> None:
+        self.manager: StreamableHTTPSessionManager | None = None
+        self._connections: dict[str, Connection] = {}
+
+    def bind(self, manager: StreamableHTTPSessionManager) -> None:
+        self.manager = manager
+
+    def known(self, connection: Connection) -> None:
+        """Record a session's connection (idempotent); forgotten when the connection closes."""
+        session_id = connection.session_id
+        if session_id is None or self._connections.get(session_id) is connection:
+            return
+        self._connections[session_id] = connection
+        connection.exit_stack.callback(self._forget, session_id, connection)
+
+    async def record(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        """SDK server middleware: a session's connection is recorded when its `initialize` is answered
+        (before the client reads the answer, so its next request can be served by the front)."""
+        result = await call_next(ctx)
+        if ctx.method == "initialize":
+            self.known(connection_of(ctx.session))
+        return result
+
+    def _forget(self, session_id: str, connection: Connection) -> None:
+        if self._connections.get(session_id) is connection:
+            del self._connections[session_id]
+
+    def holds(self, session_id: str) -> bool:
+        return self.manager is not None and session_id in self.manager._server_instances
+
+    def established(self, session_id: str, requestor: AuthorizationContext | None) -> Established | None:
+        """The session if the SDK would serve `requestor` on it right now and its handshake is done;
+        None for anything else (unknown, another credential's, ending, not initialized): the caller
+        then lets the SDK answer, with the SDK's own 404."""
+        manager = self.manager
+        connection = self._connections.get(session_id)
+        if manager is None or connection is None or not connection.initialize_accepted:
+            return None
+        transport = manager._server_instances.get(session_id)
+        if transport is None or transport.is_terminated:
+            return None
+        if manager._session_owners.get(session_id) != requestor:
+            return None
+        idle = transport.idle_scope
+        if idle is not None and idle.cancel_called:
+            return None
+        return Established(session_id, transport, connection)
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    @staticmethod
+    @asynccontextmanager
+    async def serving(session: Established) -> AsyncIterator[None]:
+        """A request in flight on the session, for the SDK's idle expiry (as `handle_request` counts)."""
+        transport = session.transport
+        idle, timeout = transport.idle_scope, transport._idle_timeout
+        if idle is None or timeout is None:
+            yield
+            return
+        transport._requests_in_flight += 1
+        idle.deadline = math.inf
+        try:
+            yield
+        finally:
+            transport._requests_in_flight -= 1
+            if not transport._requests_in_flight:
+                idle.deadline = anyio.current_time() + timeout

@@ -29,6 +29,7 @@ def uvicorn_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Co
         "ws": WebSocketProtocol,  # answers an upgrade over the header limits (431) instead of hanging
         "ws_max_size": settings.ws_max_frame_bytes,  # a larger frame closes with 1009
         "ws_ping_interval": 20.0,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,  # memory per session (config.py)
     }
     return uvicorn.Config(app, **(options | overrides))
 

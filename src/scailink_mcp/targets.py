@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from scailink_mcp.catalog import ServerSnapshot
     from scailink_mcp.era_bridge import EraBridge
     from scailink_mcp.era_pending import EraCall
-    from scailink_mcp.relay import DownstreamCall
+    from scailink_mcp.relay import Downstream
     from scailink_mcp.remote.oauth import OAuth
 
 Kind = Literal["tool", "prompt", "resource"]
@@ -76,7 +76,7 @@ class Forwarding:
     server-to-client requests (sampling, elicitation, roots) back to the downstream session."""
 
     progress: ProgressFnT | None = None
-    relay: DownstreamCall | None = None
+    relay: Downstream | None = None
     # A 2026-07-28 caller's request (era_bridge.py): remote calls then go through the era bridge.
     era: EraCall | None = None
 
@@ -164,7 +164,7 @@ class RemoteTarget:
         b: Backends,
         principal: Principal,
         era: EraCall | None = None,
-        relay: DownstreamCall | None = None,
+        relay: Downstream | None = None,
     ) -> ReadResult:
         if b.bridge is not None:
             key, timeout = await self.key(b, principal), b.request_timeout_s
@@ -187,7 +187,7 @@ class RemoteTarget:
         principal: Principal,
         arguments: dict[str, str] | None,
         era: EraCall | None = None,
-        relay: DownstreamCall | None = None,
+        relay: Downstream | None = None,
     ) -> PromptResult:
         if b.bridge is not None:
             key, timeout = await self.key(b, principal), b.request_timeout_s
@@ -250,7 +250,7 @@ class DesktopTarget:
         b: Backends,
         principal: Principal,
         era: EraCall | None = None,
-        relay: DownstreamCall | None = None,
+        relay: Downstream | None = None,
     ) -> ReadResult:
         raw = await b.desktop.invoke(
             self.session, RESOURCE_READ, {"uri": self.upstream_name}, timeout=b.request_timeout_s
@@ -266,7 +266,7 @@ class DesktopTarget:
         principal: Principal,
         arguments: dict[str, str] | None,
         era: EraCall | None = None,
-        relay: DownstreamCall | None = None,
+        relay: Downstream | None = None,
     ) -> PromptResult:
         params = {"name": self.upstream_name, "arguments": arguments}
         raw = await b.desktop.invoke(self.session, PROMPT_GET, params, timeout=b.request_timeout_s)

@@ -137,8 +137,8 @@ async def capabilities(request: Request) -> Response:
     for public, target in sorted(view.prompt_targets.items()):
         items.append(_item("prompt", public, target))
     for resource in view.resources:
-        target = view.resolve_resource(str(resource.uri))
-        items.append(_item("resource", str(resource.uri), target))
+        uri = str(resource["uri"])
+        items.append(_item("resource", uri, view.resolve_resource(uri)))
     return page(request, items, None)
 
 

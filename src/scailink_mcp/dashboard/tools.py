@@ -41,16 +41,18 @@ def catalog_entries(visit: Visit) -> list[Entry]:
     for public, target in views["compat"].tool_targets.items():
         compat[(source_of(target).owner_id, target.upstream_name)] = public
     entries: list[Entry] = []
-    for tool in views["dotted"].tools:
-        target = views["dotted"].tool_targets[tool.name]
+    for tool in views["dotted"].tools:  # raw items (catalog.Listing)
+        name = str(tool["name"])
+        target = views["dotted"].tool_targets[name]
         source = source_of(target)
+        description, schema = tool.get("description"), tool.get("inputSchema")
         entries.append(
             Entry(
-                dotted=tool.name,
-                compat=compat.get((source.owner_id, target.upstream_name), tool.name),
-                description=tool.description or "",
+                dotted=name,
+                compat=compat.get((source.owner_id, target.upstream_name), name),
+                description=description if isinstance(description, str) else "",
                 source=source,
-                input_schema=dict(tool.input_schema),
+                input_schema=dict(schema) if isinstance(schema, dict) else {},
             )
         )
     return entries

@@ -1,10 +1,10 @@
 """The desktop client's local side: the `mcpServers` config and the stdio MCP servers it starts.
 
 Owns: parsing the config (the shape desktop MCP hosts use); running each server through the SDK's
-stdio client; listing its tools, prompts, resources and resource templates (following
-`nextCursor`); the names ScaiLink sees and the way back from them (a resource URI that no server
-lists goes to the first server with a template matching it); re-listing a server's tools after its
-`tools/list_changed`.
+stdio client; listing its tools, prompts, resources and resource templates (each item as the server
+sent it, `raw_listing.py`; following `nextCursor`); the names ScaiLink sees and the way back from
+them (a resource URI that no server lists goes to the first server with a template matching it);
+re-listing a server's tools after its `tools/list_changed`.
 
 Names: with one local server its tool and prompt names are kept as they are; with several, each is
 `{server}__{name}` (`server` is the config key reduced to `[A-Za-z0-9_-]`), so two servers' `search`
@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import Any, TextIO
 
 import anyio
 import mcp_types as types
@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scailink_mcp import __version__
 from scailink_mcp.desktop.client_errors import ConfigError
 from scailink_mcp.desktop.protocol import first_error_field
+from scailink_mcp.raw_listing import list_raw
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0  # a local server's initialize and listings
-MAX_PAGES = 1000
 CLIENT_INFO = types.Implementation(name="scailink-desktop", version=__version__)
 
 
@@ -147,29 +147,8 @@ class Offers:
         return route
 
 
-class _Paged(Protocol):
-    next_cursor: str | None
-
-
-P = TypeVar("P", bound=_Paged)
-
-
-async def _all_pages(fetch: Callable[..., Awaitable[P]]) -> list[P]:
-    pages: list[P] = []
-    cursor: str | None = None
-    seen: set[str] = set()
-    while len(pages) < MAX_PAGES:
-        page = await fetch(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
-        pages.append(page)
-        cursor = page.next_cursor
-        if not cursor or cursor in seen:  # a server repeating a cursor would loop forever
-            break
-        seen.add(cursor)
-    return pages
-
-
-def _wire(item: BaseModel, key: str, value: str) -> dict[str, Any]:
-    return {**item.model_dump(by_alias=True, exclude_none=True, mode="json"), key: value}
+def _wire(item: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    return {**item, key: value}
 
 
 class LocalServers:
@@ -219,32 +198,38 @@ class LocalServers:
         logger.info("local MCP server started", extra={"server": name})
 
     async def _list(self, server: str, session: ClientSession, *, tools_only: bool = False) -> None:
+        """Each item kept as the server sent it (`raw_listing.py`), only the name made public."""
         caps = session.server_capabilities
         if caps is None or caps.tools is not None:
-            tools = [t for page in await _all_pages(session.list_tools) for t in page.tools]
-            self.tools.replace(server, session, [self._named(server, t.name, t) for t in tools])
+            tools = await list_raw(session, "tools/list")
+            self.tools.replace(server, session, [self._named(server, str(t["name"]), t) for t in tools])
         if tools_only or caps is None:
             return
         if caps.prompts is not None:
-            prompts = [p for page in await _all_pages(session.list_prompts) for p in page.prompts]
-            self.prompts.replace(server, session, [self._named(server, p.name, p) for p in prompts])
+            prompts = await list_raw(session, "prompts/list")
+            self.prompts.replace(server, session, [self._named(server, str(p["name"]), p) for p in prompts])
         if caps.resources is not None:
-            resources = [r for page in await _all_pages(session.list_resources) for r in page.resources]
+            resources = await list_raw(session, "resources/list")
             self.resources.replace(
-                server, session, [(str(r.uri), str(r.uri), _wire(r, "uri", str(r.uri))) for r in resources]
+                server,
+                session,
+                [(str(r["uri"]), str(r["uri"]), _wire(r, "uri", str(r["uri"]))) for r in resources],
             )
-            pages = await _all_pages(session.list_resource_templates)
-            templates = [t for page in pages for t in page.resource_templates]
+            templates = await list_raw(session, "resources/templates/list")
             self.templates.replace(
                 server,
                 session,
                 [
-                    (t.uri_template, t.uri_template, _wire(t, "uriTemplate", t.uri_template))
+                    (
+                        str(t["uriTemplate"]),
+                        str(t["uriTemplate"]),
+                        _wire(t, "uriTemplate", str(t["uriTemplate"])),
+                    )
                     for t in templates
                 ],
             )
 
-    def _named(self, server: str, own: str, item: BaseModel) -> tuple[str, str, dict[str, Any]]:
+    def _named(self, server: str, own: str, item: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         public = public_name(server, own, prefixed=self.prefixed)
         return public, own, _wire(item, "name", public)
 

@@ -1,6 +1,7 @@
 """Discovery: what an upstream offers (tools, resources, resource templates, prompts).
 
-`discover` talks to the upstream (following pagination, bounded in time); `store_discovery` upserts one
+`discover` talks to the upstream (following pagination, bounded in time; each item kept as the upstream
+sent it, `raw_listing.py`); `store_discovery` upserts one
 capability row per (server, kind, name) with `last_seen_at` and evicts rows unseen for longer than the
 retention. The catalog shows only the rows the latest successful discovery saw
 (`last_seen_at >= server.last_discovery_at`).
@@ -8,26 +9,21 @@ retention. The catalog shows only the rows the latest successful discovery saw
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from mcp.client.session import ClientSession
-from mcp.shared.exceptions import MCPError
-from mcp.types import PaginatedRequestParams
 from sqlmodel import Session, col, delete, select
 
 from scailink_mcp.models import Capability, RemoteServer
+from scailink_mcp.raw_listing import list_raw, text_of
 from scailink_mcp.relay import unrelayed_options
 from scailink_mcp.remote.upstream import Network, UpstreamTarget, open_session
 
 KINDS = ("tool", "resource", "resource_template", "prompt")
-MAX_PAGES = 1000
-METHOD_NOT_FOUND = -32601
-
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -51,49 +47,24 @@ def aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
-async def _paginate(fetch: Callable[[PaginatedRequestParams | None], Awaitable[Any]], attr: str) -> list[Any]:
-    items: list[Any] = []
-    cursor: str | None = None
-    seen: set[str] = set()
-    for _ in range(MAX_PAGES):
-        try:
-            page = await fetch(PaginatedRequestParams(cursor=cursor) if cursor else None)
-        except MCPError as exc:
-            # A server that advertises resources may still not serve resources/templates/list.
-            if exc.error.code == METHOD_NOT_FOUND and not items:
-                return []
-            raise
-        items.extend(getattr(page, attr))
-        cursor = page.next_cursor
-        if not cursor or cursor in seen:
-            break
-        seen.add(cursor)
-    return items
-
-
-def _dump(model: Any) -> dict[str, Any]:
-    dumped: dict[str, Any] = model.model_dump(by_alias=True, exclude_none=True, mode="json")
-    return dumped
-
-
 async def list_capabilities(session: ClientSession) -> DiscoveryResult:
     """List everything the upstream advertises; kinds it does not advertise are skipped."""
     caps = session.server_capabilities
     result = DiscoveryResult()
     if caps is None or caps.tools is not None:
-        for tool in await _paginate(lambda p: session.list_tools(params=p), "tools"):
-            result.items.append(DiscoveredItem("tool", tool.name, tool.description, _dump(tool)))
+        for tool in await list_raw(session, "tools/list"):
+            result.items.append(DiscoveredItem("tool", str(tool["name"]), text_of(tool, "description"), tool))
     if caps is not None and caps.resources is not None:
-        for res in await _paginate(lambda p: session.list_resources(params=p), "resources"):
-            result.items.append(DiscoveredItem("resource", str(res.uri), res.description, _dump(res)))
-        templates = await _paginate(lambda p: session.list_resource_templates(params=p), "resource_templates")
-        for tpl in templates:
-            result.items.append(
-                DiscoveredItem("resource_template", tpl.uri_template, tpl.description, _dump(tpl))
-            )
+        for res in await list_raw(session, "resources/list"):
+            result.items.append(DiscoveredItem("resource", str(res["uri"]), text_of(res, "description"), res))
+        for tpl in await list_raw(session, "resources/templates/list"):
+            name = str(tpl["uriTemplate"])
+            result.items.append(DiscoveredItem("resource_template", name, text_of(tpl, "description"), tpl))
     if caps is not None and caps.prompts is not None:
-        for prompt in await _paginate(lambda p: session.list_prompts(params=p), "prompts"):
-            result.items.append(DiscoveredItem("prompt", prompt.name, prompt.description, _dump(prompt)))
+        for prompt in await list_raw(session, "prompts/list"):
+            result.items.append(
+                DiscoveredItem("prompt", str(prompt["name"]), text_of(prompt, "description"), prompt)
+            )
     return result
 
 

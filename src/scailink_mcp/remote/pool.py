@@ -78,7 +78,7 @@ class _Entry:
     session: PooledSession | None = None
     error: BaseException | None = None
     in_flight: int = 0
-    # Downstream calls in flight (opaque here: `relay.DownstreamCall`, which `relay.py` reads back).
+    # Downstream calls in flight (opaque here: a `relay.Downstream`, which `relay.py` reads back).
     relays: list[object] = field(default_factory=list)
     # Cancel scopes of the calls in flight, cancelled by the owner when the session ends mid-call.
     scopes: set[anyio.CancelScope] = field(default_factory=set)
