@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 import httpx2
 import mcp_types as types
 import pytest
@@ -34,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.servers import ThreadedServer
 from tests.test_era_bridge import modern_client
+from tests.test_mcp_front import answered as front_answers
 from tests.test_mcp_gateway import register
 
 pytestmark = pytest.mark.anyio
@@ -267,6 +269,16 @@ async def test_client_without_the_capability_gets_a_clear_tool_error(
         assert (result.meta or {})["scailink/error"]["message"].count("elicitation") >= 1
         # What it did declare still works on the same session.
         assert _only_text(await s.call_tool(f"{ns}.ask_llm", {"question": "q"})) == "llm said: echo q"
+    # A client declaring none of them (its calls served by the `/mcp` front, not the SDK): the same.
+    async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as metrics:
+        before = await front_answers(metrics)
+        async with handshake_session(live.mcp_url, tok) as s:
+            result = await s.call_tool(f"{ns}.ask_llm", {"question": "q"})
+        assert await front_answers(metrics) == before + 1
+    assert _error_code(result) == "SCAILINK_CLIENT_CAPABILITY_MISSING"
+    assert (result.meta or {})["scailink/error"]["message"].startswith(
+        "the upstream needs the client's sampling"
+    )
     # REST invoke has no back-channel at all: the same clear error, never a 500.
     async with httpx2.AsyncClient(base_url=live.base_url, timeout=30) as c:
         resp = await c.post(

@@ -99,7 +99,13 @@ class ReverseBridge:
         timeout: float,
         progress: ProgressFnT | None,
     ) -> Result:
-        caps = caller_capabilities(relay)
+        caps: dict[str, Any] | None = None  # worked out only when needed: not on the warm path
+
+        def capabilities() -> dict[str, Any]:
+            nonlocal caps
+            if caps is None:
+                caps = caller_capabilities(relay)
+            return caps
 
         def send(retry: dict[str, Any] | None) -> Awaitable[Result]:
             return self.pool.call_tool(
@@ -110,10 +116,10 @@ class ReverseBridge:
                 progress_callback=progress,
                 relay=relay,
                 retry=retry,
-                capabilities=caps,
+                capabilities=capabilities,
             )
 
-        return await self._rounds(send, relay, caps, timeout)
+        return await self._rounds(send, relay, capabilities, timeout)
 
     async def request(
         self,
@@ -139,13 +145,13 @@ class ReverseBridge:
 
             return self.pool.use(key, on, timeout=timeout, relay=relay)
 
-        return await self._rounds(send, relay, caller_capabilities(relay), timeout)
+        return await self._rounds(send, relay, lambda: caller_capabilities(relay), timeout)
 
     async def _rounds(
         self,
         send: Callable[[dict[str, Any] | None], Awaitable[Result]],
         relay: Downstream | None,
-        caps: Mapping[str, Any],
+        caps: Callable[[], Mapping[str, Any]],
         timeout: float,
     ) -> Result:
         retry: dict[str, Any] | None = None
@@ -155,7 +161,7 @@ class ReverseBridge:
                 return result
             if rounds == self.max_rounds:
                 break
-            retry = await self._answer(result, relay, caps, timeout)
+            retry = await self._answer(result, relay, caps(), timeout)
         raise UpstreamError(
             f"the upstream asked for input more than {self.max_rounds} rounds in one call; the call was ended"
         )

@@ -335,13 +335,14 @@ class UpstreamPool:
         meta: dict[str, Any] | None = None,
         relay: object | None = None,
         retry: dict[str, Any] | None = None,
-        capabilities: dict[str, Any] | None = None,
+        capabilities: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """`tools/call` passed through unchanged: the upstream's result dict, never re-validated
         (`PooledSession.call_tool`: the lean path over Streamable HTTP, the SDK's over legacy SSE).
 
         `retry`: a multi-round-trip retry's `inputResponses` and `requestState` (era_reverse.py);
-        `capabilities`: what the caller declared, sent when the upstream speaks only 2026-07-28."""
+        `capabilities`: what the caller declared (asked only when the upstream speaks only 2026-07-28,
+        whose requests carry them)."""
         params: dict[str, Any] = {"name": name}
         if arguments is not None:
             params["arguments"] = arguments

@@ -69,7 +69,7 @@ class PooledSession:
         progress: ProgressFnT | None,
         *,
         lean: bool,
-        capabilities: dict[str, Any] | None = None,
+        capabilities: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The upstream's `tools/call` result dict, never re-validated.
 
@@ -80,7 +80,7 @@ class PooledSession:
         caller's: the upstream asks only for what the caller can answer, era_reverse.py).
         """
         if self.modern_only:
-            envelope = {**(meta or {}), **modern_envelope(capabilities or {})}
+            envelope = {**(meta or {}), **modern_envelope(capabilities() if capabilities else {})}
             return await self.modern("tools/call", {**params, "_meta": envelope}, progress)
         if lean and self.wire is not None:
             return await self.wire.call_tool(
