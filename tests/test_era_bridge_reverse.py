@@ -226,7 +226,13 @@ async def test_modern_only_upstream_asks_a_handshake_client_over_its_session(
         assert _only_text(result) == "user said: Ada / Lovelace"
         result = await s.call_tool(f"{ns}.list_my_roots", {})
         assert _only_text(result) == "roots: file:///home/ada/project"
-    assert asked == ["sampling", "elicitation:Your name?", "elicitation:Your name, again?", "roots"]
+    assert asked[:4] == ["sampling", "elicitation:Your name?", "elicitation:Your name, again?", "roots"]
+    single = f"{live.base_url}/v1/modules/scailink/remote-servers/{server['id']}/mcp"
+    async with handshake_session(single, tok, **ALL) as s:  # the per-server endpoint: upstream names
+        assert _only_text(await s.call_tool("ask_user", {})) == "user said: Ada / Lovelace"
+        prompt = await s.get_prompt("framed")
+        block = prompt.messages[0].content
+        assert isinstance(block, types.TextContent) and block.text == "about Ada"
     assert upstream.refused >= 1  # the handshake was tried and refused: the era was not assumed
     assert await live.parts.health.check(server["id"]) == "ok"  # no ping in that era: discover is the check
 
@@ -337,6 +343,10 @@ async def test_resource_read_rounds_of_a_modern_client_pass_through(
             block = result.contents[0]
             assert isinstance(block, types.TextResourceContents), result
             assert block.text == "ideas by Ada" and str(block.uri) == uri
+        single = f"{live.base_url}/v1/modules/scailink/remote-servers/{server['id']}/mcp"
+        async with modern_client(single, tok, **ALL) as c:  # the per-server endpoint: upstream URIs
+            block = (await c.read_resource("note://plans")).contents[0]
+            assert isinstance(block, types.TextResourceContents) and block.text == "plans by Ada"
 
 
 async def test_prompt_and_read_rounds_asked_of_a_handshake_client(
