@@ -3,22 +3,25 @@ of a handshake-era caller, by asking that caller over its session's back-channel
 
 A 2026-07-28 upstream asks for its client's input mid-call by answering `input_required` (SEP-2322)
 with `inputRequests` (sampling, elicitation, roots) and a `requestState`. A handshake-era client
-through ScaiLink cannot read that result: ScaiLink sends each request to it as the server-to-client
-request of its own call (`ServerSession.send_request`, related to the call), collects the answers as
+through ScaiLink cannot read that result: ScaiLink sends each request to it as a server-to-client
+request of its own call (`relay.Downstream.ask`: the SDK session's `send_request`, related to the
+call), collects the answers as
 `inputResponses` and calls the upstream again with them and the upstream's `requestState`
 (unchanged: the upstream sealed it), for at most `MAX_ROUNDS` rounds.
 
 When a handshake-era caller's call goes to the upstream in the 2026-07-28 era: when the upstream
 speaks only that era (it refuses `initialize`; `upstream.open_session` then adopts its
 `server/discover` and the pooled session sends every call in that era, declaring the caller's own
-capabilities, `pooled_session.py`). An upstream that speaks both eras is called on its warm
-handshake-era session (the hot path) and asks over its back-channel, which `relay.py` forwards; if
-it answers `input_required` there anyway, the same rounds answer it.
+capabilities, `pooled_session.py`). An upstream that speaks both eras is called in the caller's era,
+as a direct client would be: on its warm handshake-era session (the hot path), where it asks over
+its back-channel (`relay.py` forwards that); if it answers `input_required` there anyway (an SDK
+server does not: it refuses to send that result in the handshake era), the same rounds answer it.
+`prompts/get` and `resources/read` of a handshake-era caller take the same rounds (`request`).
 
 Must not: ask a caller for a capability it did not declare (the call ends with a tool error naming
 what is missing, `ClientCapabilityMissing`), hang (every question is bounded by the call's timeout,
-and the rounds by `MAX_ROUNDS`), or touch the warm path of a call whose answer is not
-`input_required` beyond one key lookup.
+and the rounds by `MAX_ROUNDS`), or cost a call whose answer is not `input_required` more than two
+closures and one key lookup (the caller's capabilities are worked out only when needed).
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ class ReverseBridge:
         self, result: Result, relay: Downstream | None, caps: Mapping[str, Any], timeout: float
     ) -> dict[str, Any]:
         """One round: every input request asked of the caller; the retry's fields."""
-        requests = result.get("inputRequests")
+        requests = result.get("inputRequests") or {}  # a state alone is a retry with no answers
         state = result.get("requestState")
         if not isinstance(requests, Mapping) or (not requests and not isinstance(state, str)):
             raise UpstreamError("the upstream answered input_required without inputRequests or requestState")
@@ -212,8 +215,8 @@ class ReverseBridge:
                 f"the client did not answer the {capability} request within {timeout:g} s"
             ) from None
         except MCPError as exc:
-            # The client's refusal is the answer the upstream gets: an error object in inputResponses
-            # is not in the schema, so the call ends here with the client's reason.
+            # The client refused (or has no back-channel after all): `inputResponses` has no place for
+            # an error, so the call ends here with the client's reason.
             raise ClientCapabilityMissing(
                 f"the client refused the upstream's {capability} request ({exc.error.message})",
                 details={"missing": [capability]},
