@@ -45,14 +45,12 @@ import anyio.abc
 import mcp_types as types
 from mcp.server.request_state import AESGCMRequestStateCodec, InvalidRequestState
 from mcp.shared.dispatcher import ProgressFnT
-from mcp_types import (
-    INVALID_PARAMS,
-    SERVER_INFO_META_KEY,
-)
+from mcp_types import INVALID_PARAMS
 from mcp_types.version import LATEST_MODERN_VERSION
 from pydantic import ValidationError
 
-from scailink_mcp.era_pending import EraCall, PendingCall
+from scailink_mcp.era_pending import EraCall, PendingCall, digest, without_server_info
+from scailink_mcp.era_reverse import ReverseBridge
 from scailink_mcp.errors import ProtocolError, RateLimited, ScaiLinkError, UpstreamError, UpstreamTimeout
 from scailink_mcp.events import ServerEvent
 from scailink_mcp.redis_link import make_worker_id
@@ -82,11 +80,6 @@ def invalid_state(reason: str) -> NoReturn:
     )
 
 
-def _digest(arguments: object) -> str:
-    text = json.dumps(arguments or {}, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 def _log_to(downstream: object | None) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
     """The upstream's log messages of a 2026-07-28 call, onto the caller's response stream (the SDK
     sends them only when the caller's `_meta` asked for that level: it passed to the upstream)."""
@@ -101,14 +94,6 @@ def _log_to(downstream: object | None) -> Callable[[dict[str, Any]], Awaitable[N
             await downstream.session.send_notification(note, related_request_id=downstream.request_id)
 
     return log
-
-
-def _without_server_info(result: Result) -> Result:
-    meta = result.get("_meta")
-    if isinstance(meta, dict) and SERVER_INFO_META_KEY in meta:
-        rest = {k: v for k, v in meta.items() if k != SERVER_INFO_META_KEY}
-        return {**{k: v for k, v in result.items() if k != "_meta"}, **({"_meta": rest} if rest else {})}
-    return result
 
 
 class EraBridge:
@@ -133,6 +118,8 @@ class EraBridge:
         material = hashlib.sha256(b"scailink-mrtr-request-state" + (secret or os.urandom(32))).digest()
         self._codec = AESGCMRequestStateCodec([material])
         self._modern: dict[str, bool] = {}
+        # Handshake-era callers: an upstream's own input_required asked over their back-channel.
+        self.reverse = ReverseBridge(pool)
         self._pending: dict[str, PendingCall] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -202,6 +189,18 @@ class EraBridge:
 
         return await self._call(key, principal, "prompts/get", name, arguments, era, timeout, None, handshake)
 
+    async def read_resource(
+        self, key: PoolKey, principal: Principal, uri: str, era: EraCall, *, timeout: float
+    ) -> Result:
+        async def handshake(pending: PendingCall) -> Result:
+            result = await self.pool.use(
+                key, lambda s: s.read_resource(uri), timeout=self.pending_timeout_s, relay=pending
+            )
+            dumped: Result = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+            return dumped
+
+        return await self._call(key, principal, "resources/read", uri, None, era, timeout, None, handshake)
+
     async def _call(
         self,
         key: PoolKey,
@@ -220,13 +219,13 @@ class EraBridge:
             "s": key.server_id,
             "m": method,
             "n": name,
-            "a": _digest(arguments),
+            "a": digest(arguments),
         }
         state = era.request_state
         if isinstance(state, str) and state.startswith(STATE_PREFIX):
             return await self._resume(state, binding, era, timeout, progress)
         if await self.speaks_modern(key, timeout):
-            params: Result = {"name": name}
+            params: Result = {"uri": name} if method == "resources/read" else {"name": name}
             if arguments is not None:
                 params["arguments"] = arguments
             result = await self.pool.call_modern(
@@ -237,7 +236,7 @@ class EraBridge:
                 progress_callback=progress,
                 log=_log_to(era.downstream),
             )
-            return _without_server_info(result)
+            return without_server_info(result)
         if state is not None:  # neither ScaiLink's nor the upstream's (it has no such era)
             invalid_state("a state for an upstream that speaks no 2026-07-28")
         pending = self._start(binding, era.capabilities, handshake)

@@ -14,7 +14,9 @@ capability (answered -32601 as the relay does for handshake-era clients).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -23,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import mcp_types as types
 from mcp.shared.dispatcher import ProgressFnT
-from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+)
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
@@ -67,6 +74,21 @@ class EraCall:
         if self.request_state is not None:
             params["requestState"] = self.request_state
         return params
+
+
+def digest(arguments: object) -> str:
+    """What a sealed `requestState` binds of a call's arguments."""
+    text = json.dumps(arguments or {}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def without_server_info(result: Result) -> Result:
+    """A 2026-07-28 upstream's result less its `serverInfo` stamp (the answer is ScaiLink's)."""
+    meta = result.get("_meta")
+    if isinstance(meta, dict) and SERVER_INFO_META_KEY in meta:
+        rest = {k: v for k, v in meta.items() if k != SERVER_INFO_META_KEY}
+        return {**{k: v for k, v in result.items() if k != "_meta"}, **({"_meta": rest} if rest else {})}
+    return result
 
 
 def era_call(ctx: ServerRequestContext[Any, Any], downstream: object | None = None) -> EraCall | None:

@@ -196,6 +196,16 @@ class ProtocolError(ScaiLinkError):
         self.data = data
 
 
+class ClientCapabilityMissing(ScaiLinkError):
+    """An upstream needs the calling client's input (sampling, elicitation, roots) to go on, and the
+    client did not declare that capability, has no session to ask on (REST), or refused the request
+    (era_reverse.py). `details.missing` names the capabilities."""
+
+    code = "SCAILINK_CLIENT_CAPABILITY_MISSING"
+    status = 422
+    default_message = "the upstream needs a client capability this client did not declare"
+
+
 class RegistryDisabled(ScaiLinkError):
     code = "SCAILINK_REGISTRY_DISABLED"
     status = 503
@@ -219,6 +229,7 @@ ERROR_TABLE: tuple[type[ScaiLinkError], ...] = (
     UpstreamError,
     UpstreamTimeout,
     ProtocolError,
+    ClientCapabilityMissing,
     RegistryDisabled,
     ScaiLinkError,
 )

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
-import mcp_types as types
 
 from scailink_mcp import auth
 from scailink_mcp.audit import AuditLog, AuditRecord
@@ -28,8 +27,18 @@ from scailink_mcp.desktop.connections import consent_denied
 from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
+from scailink_mcp.relay import Downstream
 from scailink_mcp.remote.wire import WireResult
-from scailink_mcp.targets import Backends, DesktopTarget, Forwarding, PromptResult, Result, Target, ToolCall
+from scailink_mcp.targets import (
+    Backends,
+    DesktopTarget,
+    Forwarding,
+    PromptResult,
+    ReadResult,
+    Result,
+    Target,
+    ToolCall,
+)
 
 
 class ConsentGate(Protocol):
@@ -140,8 +149,14 @@ class Invoker:
             principal, "tool_call", "error", code=ToolNotFound.code, request_id=request_id, target=public
         )
 
-    async def read(self, principal: Principal, target: Target) -> types.ReadResourceResult:
-        return await target.read(self.backends, principal)
+    async def read(
+        self,
+        principal: Principal,
+        target: Target,
+        era: EraCall | None = None,
+        relay: Downstream | None = None,
+    ) -> ReadResult:
+        return await target.read(self.backends, principal, era, relay)
 
     async def get_prompt(
         self,
@@ -149,8 +164,9 @@ class Invoker:
         target: Target,
         arguments: dict[str, str] | None,
         era: EraCall | None = None,
+        relay: Downstream | None = None,
     ) -> PromptResult:
-        return await target.get_prompt(self.backends, principal, arguments, era)
+        return await target.get_prompt(self.backends, principal, arguments, era, relay)
 
     async def _approve(
         self, principal: Principal, target: Target, public: str, args: dict[str, Any] | None, caller: Caller

@@ -45,7 +45,7 @@ from scailink_mcp.notifier import SessionNotifier
 from scailink_mcp.relay import DownstreamCall
 from scailink_mcp.sdk_sessions import SessionTable, connection_of
 from scailink_mcp.subscriptions import Subscriptions
-from scailink_mcp.targets import Forwarding, PromptResult, RemoteTarget, Result, Target
+from scailink_mcp.targets import Forwarding, PromptResult, ReadResult, RemoteTarget, Result, Target
 
 Ctx = ServerRequestContext[Any, Any]
 INSTRUCTIONS = "ScaiLink: the tools of your registered MCP servers and desktop devices, namespaced."
@@ -260,21 +260,25 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
         try:
-            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx))
+            relay = DownstreamCall(ctx.session, ctx.request_id)  # asked when the upstream needs input
+            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx), relay)
         except ScaiLinkError as err:
             raise mcp_error(err) from None
 
-    async def read_resource(ctx: Ctx, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+    async def read_resource(ctx: Ctx, params: types.ReadResourceRequestParams) -> ReadResult:
         principal, scope = scope_of(ctx)
         try:
             target = scope.resolve_resource(str(params.uri))
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}") from None
         try:
-            result = await invoker.read(principal, target)
+            relay = DownstreamCall(ctx.session, ctx.request_id)
+            result = await invoker.read(principal, target, era_call(ctx), relay)
         except ScaiLinkError as err:
             raise mcp_error(err) from None
-        return result if single else resource_uris.read_result(result, target, str(params.uri))
+        if single or isinstance(result, types.InputRequiredResult):  # 2026-07-28: the upstream's rounds
+            return result
+        return resource_uris.read_result(result, target, str(params.uri))
 
     async def subscribe(ctx: Ctx, params: types.SubscribeRequestParams) -> types.EmptyResult:
         await surface.subscription(ctx, scope_of, str(params.uri), subscribe=True)

@@ -38,6 +38,7 @@ Kind = Literal["tool", "prompt", "resource"]
 Result = dict[str, Any]
 # A prompt, or (2026-07-28) the upstream's request for the caller's input first.
 PromptResult = types.GetPromptResult | types.InputRequiredResult
+ReadResult = types.ReadResourceResult | types.InputRequiredResult
 
 
 def prompt_result(raw: Result) -> PromptResult:
@@ -47,6 +48,15 @@ def prompt_result(raw: Result) -> PromptResult:
         return types.GetPromptResult.model_validate(raw)
     except ValidationError:
         raise UpstreamError("the upstream answered with an invalid prompt") from None
+
+
+def read_result(raw: Result) -> ReadResult:
+    try:
+        if is_input_required(raw):
+            return types.InputRequiredResult.model_validate(raw)
+        return types.ReadResourceResult.model_validate(raw)
+    except ValidationError:
+        raise UpstreamError("the upstream answered with an invalid resource") from None
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,15 @@ class RemoteTarget:
                     timeout=call.timeout,
                     progress=call.forwarding.progress,
                 )
+            if b.bridge is not None:  # an upstream's own input_required asked of the caller (era_reverse.py)
+                return await b.bridge.reverse.call_tool(
+                    key,
+                    self.upstream_name,
+                    call.arguments,
+                    call.forwarding.relay,
+                    timeout=call.timeout,
+                    progress=call.forwarding.progress,
+                )
             return await b.pool.call_tool(
                 key,
                 self.upstream_name,
@@ -140,21 +159,49 @@ class RemoteTarget:
     ) -> Any:
         return await b.pool.use(await self.key(b, principal), fn, timeout=b.request_timeout_s)
 
-    async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
+    async def read(
+        self,
+        b: Backends,
+        principal: Principal,
+        era: EraCall | None = None,
+        relay: Downstream | None = None,
+    ) -> ReadResult:
+        if b.bridge is not None:
+            key, timeout = await self.key(b, principal), b.request_timeout_s
+            if era is not None:
+                return read_result(
+                    await b.bridge.read_resource(key, principal, self.upstream_name, era, timeout=timeout)
+                )
+            params = {"uri": self.upstream_name}  # an upstream's own input_required asked of the caller
+            return read_result(
+                await b.bridge.reverse.request(key, "resources/read", params, relay, timeout=timeout)
+            )
         result: types.ReadResourceResult = await self.use(
             b, principal, lambda s: s.read_resource(self.upstream_name)
         )
         return result
 
     async def get_prompt(
-        self, b: Backends, principal: Principal, arguments: dict[str, str] | None, era: EraCall | None = None
+        self,
+        b: Backends,
+        principal: Principal,
+        arguments: dict[str, str] | None,
+        era: EraCall | None = None,
+        relay: Downstream | None = None,
     ) -> PromptResult:
-        if era is not None and b.bridge is not None:
-            key = await self.key(b, principal)
-            raw = await b.bridge.get_prompt(
-                key, principal, self.upstream_name, arguments, era, timeout=b.request_timeout_s
+        if b.bridge is not None:
+            key, timeout = await self.key(b, principal), b.request_timeout_s
+            if era is not None:
+                raw = await b.bridge.get_prompt(
+                    key, principal, self.upstream_name, arguments, era, timeout=timeout
+                )
+                return prompt_result(raw)
+            params: Result = {"name": self.upstream_name}  # its own input_required asked of the caller
+            if arguments is not None:
+                params["arguments"] = arguments
+            return prompt_result(
+                await b.bridge.reverse.request(key, "prompts/get", params, relay, timeout=timeout)
             )
-            return prompt_result(raw)
         result: types.GetPromptResult = await self.use(
             b, principal, lambda s: s.get_prompt(self.upstream_name, arguments)
         )
@@ -198,7 +245,13 @@ class DesktopTarget:
         dumped: Result = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return dumped
 
-    async def read(self, b: Backends, principal: Principal) -> types.ReadResourceResult:
+    async def read(
+        self,
+        b: Backends,
+        principal: Principal,
+        era: EraCall | None = None,
+        relay: Downstream | None = None,
+    ) -> ReadResult:
         raw = await b.desktop.invoke(
             self.session, RESOURCE_READ, {"uri": self.upstream_name}, timeout=b.request_timeout_s
         )
@@ -208,7 +261,12 @@ class DesktopTarget:
             raise UpstreamError("the desktop device answered with an invalid resource") from None
 
     async def get_prompt(
-        self, b: Backends, principal: Principal, arguments: dict[str, str] | None, era: EraCall | None = None
+        self,
+        b: Backends,
+        principal: Principal,
+        arguments: dict[str, str] | None,
+        era: EraCall | None = None,
+        relay: Downstream | None = None,
     ) -> PromptResult:
         params = {"name": self.upstream_name, "arguments": arguments}
         raw = await b.desktop.invoke(self.session, PROMPT_GET, params, timeout=b.request_timeout_s)

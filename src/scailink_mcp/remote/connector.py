@@ -83,10 +83,12 @@ class Connector:
             session_options=self._relay.session_options(key),
             max_event_bytes=settings.max_result_bytes,
         ) as session:
-            # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions.
-            for uri in self.subscriptions.uris_for(key):
+            # A reopened session (after an error, the idle TTL, a rotation) keeps its subscriptions
+            # (none on a 2026-07-28-only upstream: that era has no resources/subscribe).
+            modern = session.discover_result is not None
+            for uri in () if modern else self.subscriptions.uris_for(key):
                 await session.subscribe_resource(uri)
-            level = self.subscriptions.level_for(key)
+            level = None if modern else self.subscriptions.level_for(key)
             if level is not None:  # and the log level asked for (an upstream without logging refuses it)
                 request = types.SetLevelRequest(params=types.SetLevelRequestParams(level=level))
                 with suppress(MCPError):

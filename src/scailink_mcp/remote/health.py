@@ -79,7 +79,8 @@ class HealthChecker:
                 read_timeout=timeout,
                 max_event_bytes=self.settings.max_result_bytes,
             ) as session:
-                await session.send_ping()
+                if session.discover_result is None:  # a 2026-07-28-only upstream answered discover
+                    await session.send_ping()  # (that era has no ping)
 
     async def check(self, server_id: str) -> str | None:
         """Check one server and record the outcome; returns the new `last_health_status`.

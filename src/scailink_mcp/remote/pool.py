@@ -334,15 +334,25 @@ class UpstreamPool:
         progress_callback: ProgressFnT | None = None,
         meta: dict[str, Any] | None = None,
         relay: object | None = None,
+        retry: dict[str, Any] | None = None,
+        capabilities: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """`tools/call` passed through unchanged: the upstream's result dict, never re-validated
-        (`PooledSession.call_tool`: the lean path over Streamable HTTP, the SDK's over legacy SSE)."""
+        (`PooledSession.call_tool`: the lean path over Streamable HTTP, the SDK's over legacy SSE).
+
+        `retry`: a multi-round-trip retry's `inputResponses` and `requestState` (era_reverse.py);
+        `capabilities`: what the caller declared (asked only when the upstream speaks only 2026-07-28,
+        whose requests carry them)."""
         params: dict[str, Any] = {"name": name}
         if arguments is not None:
             params["arguments"] = arguments
+        if retry:
+            params.update(retry)
         return await self._run(
             key,
-            lambda pooled: pooled.call_tool(params, meta, progress_callback, lean=self.lean_calls),
+            lambda pooled: pooled.call_tool(
+                params, meta, progress_callback, lean=self.lean_calls, capabilities=capabilities
+            ),
             timeout=timeout,
             relay=relay,
         )

@@ -18,10 +18,16 @@ import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_REQUEST
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    INVALID_REQUEST,
+    PROTOCOL_VERSION_META_KEY,
+)
+from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from scailink_mcp.errors import ProtocolError
-from scailink_mcp.remote.upstream import AnswerLimit, UpstreamSession
+from scailink_mcp.remote.upstream import CLIENT_INFO, AnswerLimit, UpstreamSession
 from scailink_mcp.remote.wire import MessageSink, UpstreamHTTPError, Wire
 
 PROGRESS_TOKEN = "scailink-progress"
@@ -42,6 +48,11 @@ class PooledSession:
             return cls(session, session.wire, session.answer_limit)
         return cls(session)
 
+    @property
+    def modern_only(self) -> bool:
+        """The upstream refused `initialize` and the session adopted its `server/discover`."""
+        return self.wire is not None and self.wire.protocol_version in MODERN_PROTOCOL_VERSIONS
+
     def trips(self) -> int:
         """How many reads the answer bound has stopped so far."""
         return self.answer_limit.tripped if self.answer_limit is not None else 0
@@ -58,13 +69,19 @@ class PooledSession:
         progress: ProgressFnT | None,
         *,
         lean: bool,
+        capabilities: Callable[[], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The upstream's `tools/call` result dict, never re-validated.
 
         Over Streamable HTTP (and `lean`) it is one POST on the wire. Otherwise it is the SDK's
         `send_request` (never `ClientSession.call_tool`: a proxy must not validate the upstream's
         output against its schema, nor pay the `tools/list` the SDK issues to learn it).
+        An upstream that speaks only 2026-07-28 is called in that era, declaring `capabilities` (the
+        caller's: the upstream asks only for what the caller can answer, era_reverse.py).
         """
+        if self.modern_only:
+            envelope = {**(meta or {}), **modern_envelope(capabilities() if capabilities else {})}
+            return await self.modern("tools/call", {**params, "_meta": envelope}, progress)
         if lean and self.wire is not None:
             return await self.wire.call_tool(
                 _with_progress(params, meta, progress), _sink(self.wire, progress)
@@ -93,6 +110,15 @@ class PooledSession:
             if 400 <= exc.status < 500:
                 raise ProtocolError(str(exc), rpc_code=INVALID_REQUEST) from None
             raise
+
+
+def modern_envelope(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """The 2026-07-28 `_meta` envelope of a request ScaiLink sends as the client."""
+    return {
+        PROTOCOL_VERSION_META_KEY: LATEST_MODERN_VERSION,
+        CLIENT_INFO_META_KEY: CLIENT_INFO.model_dump(mode="json", exclude_none=True),
+        CLIENT_CAPABILITIES_META_KEY: capabilities,
+    }
 
 
 def _with_progress(

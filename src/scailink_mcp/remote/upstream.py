@@ -27,8 +27,10 @@ from anyio.streams.memory import MemoryObjectSendStream
 from mcp.client.session import ClientSession, MessageHandlerFnT
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 from mcp.types import Implementation
+from pydantic import ValidationError
 
 from scailink_mcp.errors import ResultTooLarge
 from scailink_mcp.remote.netguard import GuardedTransport
@@ -280,6 +282,24 @@ def trip_count(session: Any) -> int:
     return limit.tripped if isinstance(limit, AnswerLimit) else 0
 
 
+async def _negotiate(session: ClientSession, *, modern_fallback: bool) -> None:
+    """The `initialize` handshake; an upstream that refuses it but answers `server/discover` with a
+    2026-07-28 version (it speaks only that era) is adopted in that era instead, so discovery, the
+    pool and health checks can use it (every later request then carries that era's envelope)."""
+    try:
+        await session.initialize()
+    except MCPError:
+        if not modern_fallback:
+            raise
+        try:
+            await session.discover()
+        except (MCPError, RuntimeError, ValidationError):
+            pass
+        else:
+            return
+        raise
+
+
 @asynccontextmanager
 async def open_session(
     target: UpstreamTarget,
@@ -346,7 +366,7 @@ async def open_session(
                 )
             )
             session.answer_limit = limit
-            await session.initialize()
+            await _negotiate(session, modern_fallback=wire is not None)
             if wire is not None:
                 wire.protocol_version = session.protocol_version
                 session.wire = wire
