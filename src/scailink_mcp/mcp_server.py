@@ -36,7 +36,7 @@ from scailink_mcp.errors import (
     mcp_error,
 )
 from scailink_mcp.invocation import Caller, Invoker
-from scailink_mcp.list_pages import PageKey
+from scailink_mcp.list_pages import Listed
 from scailink_mcp.mcp_auth import current_principal
 from scailink_mcp.mcp_elicitation import UrlElicitations, supports_url_elicitation
 from scailink_mcp.mcp_tools import ToolRun
@@ -57,15 +57,8 @@ AGGREGATE_TITLE = "ScaiLink"
 SINGLE_TITLE = "ScaiLink (one registered server, upstream names)"
 
 
-class McpScope(Protocol):
-    """What an endpoint lists and resolves (`CatalogView` or `ServerScope`)."""
-
-    tools: list[dict[str, Any]]
-    tool_pages: list[tuple[int, int]]
-    prompts: list[dict[str, Any]]
-    resources: list[dict[str, Any]]
-    resource_templates: list[dict[str, Any]]
-    pages: dict[PageKey, bytes]
+class McpScope(Listed, Protocol):
+    """What an endpoint lists (`Listed`) and resolves (`CatalogView` or `ServerScope`)."""
 
     def resolve_tool(self, name: str) -> Target: ...
     def resolve_prompt(self, name: str) -> Target: ...
