@@ -38,7 +38,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from scailink_mcp.errors import ClientCapabilityMissing, UpstreamError, UpstreamTimeout
-from scailink_mcp.relay import Downstream, DownstreamCall
+from scailink_mcp.relay import BACK_CHANNEL, Downstream, DownstreamCall
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ CAPABILITY_OF: dict[str, tuple[str, type[BaseModel]]] = {
     "elicitation/create": ("elicitation", types.ElicitResult),
     "roots/list": ("roots", types.ListRootsResult),
 }
-BACK_CHANNEL = ("sampling", "elicitation", "roots")
 _REQUEST: TypeAdapter[types.InputRequest] = TypeAdapter(types.InputRequest)
 # The other methods with rounds: the request, its params and its result types.
 REQUESTS: dict[str, tuple[Any, type[types.InputResponseRequestParams], TypeAdapter[Any]]] = {

@@ -67,13 +67,13 @@ from scailink_mcp.front_answer import (
 )
 from scailink_mcp.mcp_auth import scope_principal
 from scailink_mcp.mcp_guard import PARSED_MESSAGE
+from scailink_mcp.relay import BACK_CHANNEL
 from scailink_mcp.sdk_sessions import Established, SessionTable
 
 logger = logging.getLogger(__name__)
 
 MCP_SESSION_ID = "mcp-session-id"
 MCP_PROTOCOL_VERSION = "mcp-protocol-version"
-BACK_CHANNEL = ("sampling", "elicitation", "roots")  # client capabilities the front cannot relay
 # Methods whose answer never needs the client's back-channel (no upstream request travels back while
 # they run): the front serves them whatever the client declared, so a client declaring roots (many do)
 # still gets the pre-serialized pages, with every field the upstream sent.

@@ -34,6 +34,8 @@ from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 logger = logging.getLogger(__name__)
 
 METHOD_NOT_FOUND = -32601
+# The client capabilities whose server-to-client requests travel over a downstream back-channel.
+BACK_CHANNEL = ("sampling", "elicitation", "roots")
 INTERNAL_ERROR = -32603
 
 

@@ -41,22 +41,22 @@ PromptResult = types.GetPromptResult | types.InputRequiredResult
 ReadResult = types.ReadResourceResult | types.InputRequiredResult
 
 
-def prompt_result(raw: Result) -> PromptResult:
+def _validated(raw: Result, model: type[Any], what: str) -> Any:
+    """`raw` as `model`, or as the upstream's request for the caller's input first."""
     try:
-        if is_input_required(raw):
-            return types.InputRequiredResult.model_validate(raw)
-        return types.GetPromptResult.model_validate(raw)
+        return (types.InputRequiredResult if is_input_required(raw) else model).model_validate(raw)
     except ValidationError:
-        raise UpstreamError("the upstream answered with an invalid prompt") from None
+        raise UpstreamError(f"the upstream answered with an invalid {what}") from None
+
+
+def prompt_result(raw: Result) -> PromptResult:
+    result: PromptResult = _validated(raw, types.GetPromptResult, "prompt")
+    return result
 
 
 def read_result(raw: Result) -> ReadResult:
-    try:
-        if is_input_required(raw):
-            return types.InputRequiredResult.model_validate(raw)
-        return types.ReadResourceResult.model_validate(raw)
-    except ValidationError:
-        raise UpstreamError("the upstream answered with an invalid resource") from None
+    result: ReadResult = _validated(raw, types.ReadResourceResult, "resource")
+    return result
 
 
 @dataclass(frozen=True)
