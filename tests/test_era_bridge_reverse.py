@@ -32,6 +32,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import UNSUPPORTED_PROTOCOL_VERSION
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from scailink_mcp.era_reverse import MAX_INPUT_REQUESTS
 from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.servers import ThreadedServer
 from tests.test_era_bridge import modern_client
@@ -99,6 +100,12 @@ def _mrtr_server() -> MCPServer:
         return types.InputRequiredResult(
             input_requests={"again": types.ListRootsRequest()}, request_state=str(rounds)
         )
+
+    @server.tool()
+    async def ask_too_much(ctx: Context) -> ToolAnswer:
+        """One round of more input requests than ScaiLink relays."""
+        many = {f"root_{i}": types.ListRootsRequest() for i in range(MAX_INPUT_REQUESTS + 1)}
+        return types.InputRequiredResult(input_requests=many, request_state="many")
 
     @server.prompt()
     def framed(ctx: Context) -> str | types.InputRequiredResult:
@@ -314,6 +321,21 @@ async def test_an_upstream_that_never_stops_asking_is_ended(
         text = result.content[0]
         assert isinstance(text, types.TextContent) and "more than 8 rounds" in text.text
     assert asked == ["roots"] * 8  # asked once per round, then ended
+
+
+async def test_a_round_of_too_many_input_requests_is_refused_before_asking(
+    live: LiveApp, token: TokenFactory, modern_only: tuple[str, _ModernOnly]
+) -> None:
+    url, _ = modern_only
+    tok = token("u1", "t1", ("tenant_user",))
+    server = await register(live, tok, name="mrtr-only", endpoint_url=url)
+    asked.clear()
+    async with handshake_session(live.mcp_url, tok, **ALL) as s:
+        result = await s.call_tool(f"remote.u1.{server['slug']}.ask_too_much", {})
+        assert _error_code(result) == "SCAILINK_UPSTREAM_ERROR"
+        text = result.content[0]
+        assert isinstance(text, types.TextContent) and f"at most {MAX_INPUT_REQUESTS}" in text.text
+    assert asked == []  # nothing was asked of the client
 
 
 async def test_modern_client_through_a_modern_only_upstream_passes_through(

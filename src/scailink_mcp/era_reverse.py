@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 Result = dict[str, Any]
 # Rounds of `input_required` answered for one call before it ends with a tool error.
 MAX_ROUNDS = 8
+# Input requests answered in one round: each is a question to the client, asked in turn, so an upstream
+# must not make a round of thousands (the round ends with a tool error before anything is asked).
+MAX_INPUT_REQUESTS = 16
 # The capability a client must declare for each kind of input request, and the answer's type.
 CAPABILITY_OF: dict[str, tuple[str, type[BaseModel]]] = {
     "sampling/createMessage": ("sampling", types.CreateMessageResult),
@@ -176,6 +179,11 @@ class ReverseBridge:
         state = result.get("requestState")
         if not isinstance(requests, Mapping) or (not requests and not isinstance(state, str)):
             raise UpstreamError("the upstream answered input_required without inputRequests or requestState")
+        if len(requests) > MAX_INPUT_REQUESTS:
+            raise UpstreamError(
+                f"the upstream asked for {len(requests)} inputs at once "
+                f"(at most {MAX_INPUT_REQUESTS} are relayed)"
+            )
         parsed: dict[str, types.InputRequest] = {}
         for key, raw in requests.items():
             try:
