@@ -239,7 +239,9 @@ async def warm_call_trace(settings_factory: Any, token: TokenFactory) -> Trace:
                 async with mcp_client(live.mcp_url, u1) as session:
                     await session.call_tool(name, {"text": "cold"})  # opens the pooled session
                     await session.call_tool(name, {"text": "warm up"})
-                    await anyio.sleep(0.3)  # the audit batch of those calls is written
+                    with anyio.fail_after(10):  # the audit batch of those calls is taken by the writer
+                        while live.parts.audit.depth():  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
                     stats = live.parts.pool.stats
                     hits, misses = stats.hits, stats.misses
                     recorder.on = True
