@@ -239,7 +239,10 @@ async def test_admin_walk_viewer_and_forged_posts(
     viewer_context = await browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="dark")
     viewer = await viewer_context.new_page()
     await viewer.goto(f"{base}/dashboard/")
-    await viewer.keyboard.type(token(user="v1", groups=("tenant_viewer",)))  # the token field has focus
+    # autofocus lands at the next rendering update, which may follow the load event: wait for it,
+    # or the first keystrokes go nowhere and the token arrives truncated
+    await expect(viewer.get_by_label("Token (a JWT, as for the REST API)")).to_be_focused()
+    await viewer.keyboard.type(token(user="v1", groups=("tenant_viewer",)))
     await viewer.keyboard.press("Tab")
     await viewer.keyboard.press("Enter")
     await expect(viewer.get_by_role("heading", name="Overview")).to_be_visible()
