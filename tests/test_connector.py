@@ -15,10 +15,11 @@ from scailink_mcp.app import build_components
 from scailink_mcp.config import Settings
 from scailink_mcp.errors import UpstreamError
 from scailink_mcp.relay import Relay
+from scailink_mcp.remote.answers import AnswerLimit
 from scailink_mcp.remote.connector import Connector
 from scailink_mcp.remote.pool import PoolKey
 from scailink_mcp.remote.pooled_session import PooledSession
-from scailink_mcp.remote.upstream import AnswerLimit, UpstreamSession
+from scailink_mcp.remote.upstream import UpstreamSession
 from scailink_mcp.subscriptions import Subscriptions
 from tests.conftest import AppHarness
 

@@ -23,7 +23,7 @@ from mcp.shared.exceptions import MCPError
 from scailink_mcp.config import Settings
 from scailink_mcp.errors import ResultTooLarge
 from scailink_mcp.naming import namespaced_uri
-from scailink_mcp.remote.upstream import AnswerLimit, AnswerTooLarge, LimitedTransport
+from scailink_mcp.remote.answers import AnswerLimit, AnswerTooLarge, LimitedTransport
 from tests.conftest import LiveApp, TokenFactory
 from tests.test_mcp_gateway import mcp_client, register
 from tests.upstream import MIB, UpstreamServer

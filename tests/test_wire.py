@@ -24,6 +24,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from scailink_mcp.errors import UpstreamError, UpstreamTimeout
+from scailink_mcp.remote.answers import AnswerLimit
+from scailink_mcp.remote.lean_http import LeanHTTP
 from scailink_mcp.remote.upstream import UpstreamTarget, open_session
 from scailink_mcp.remote.wire import DRAIN_TIMEOUT_S, SessionGone, UpstreamHTTPError, Wire
 from tests.servers import ThreadedServer
@@ -107,9 +109,11 @@ Respond = Callable[[dict[str, Any]], Response]
 
 
 class Scripted(ThreadedServer):
-    """POST /mcp: `respond(body)` answers; `requests` keeps every (headers, body) received."""
+    """POST /mcp: `respond(body)` answers; `requests` keeps every (headers, body) received. `client`:
+    which HTTP client the test's `Wire` sends with (each scripted test runs with both)."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: str = "httpx2") -> None:
+        self.client = client
         self.respond: Respond = lambda body: JSONResponse(answer(ECHO_RESULT, id=body.get("id")))
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         super().__init__(Starlette(routes=[Route("/mcp", self._mcp, methods=["POST"])]), lifespan="off")
@@ -124,9 +128,10 @@ class Scripted(ThreadedServer):
         return self.respond(body)
 
 
-@pytest.fixture
-def scripted() -> Iterator[Scripted]:
-    with Scripted() as server:
+@pytest.fixture(params=["httpx2", "aiohttp"])
+def scripted(request: pytest.FixtureRequest) -> Iterator[Scripted]:
+    """httpx2: the SDK session's client (an OAuth upstream's calls); aiohttp: `lean_http.LeanHTTP`."""
+    with Scripted(request.param) as server:
         yield server
 
 
@@ -148,12 +153,26 @@ def streamed(*chunks: bytes, then_wait: float = 0.0) -> Respond:
 Inbox = MemoryObjectReceiveStream[SessionMessage | Exception]
 
 
+def lean_client(server: Scripted, max_bytes: int = 1024 * 1024) -> LeanHTTP | None:
+    if server.client != "aiohttp":
+        return None
+    return LeanHTTP(server.url, ALLOWED, AnswerLimit(max_bytes), httpx2.Timeout(5))
+
+
 @asynccontextmanager
-async def wire_to(url: str) -> AsyncIterator[tuple[Wire, Inbox]]:
-    """A `Wire` as `open_session` leaves it (session id and version known) and the SDK inbox it feeds."""
+async def wire_to(server: Scripted, *, max_bytes: int = 1024 * 1024) -> AsyncIterator[tuple[Wire, Inbox]]:
+    """A `Wire` as `open_session` leaves it (session id and version known) and the SDK inbox it feeds,
+    sending with the server's `client`."""
     inbox, received = anyio.create_memory_object_stream[SessionMessage | Exception](16)
+    lean = lean_client(server, max_bytes)
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(5)) as http, inbox, received:
-        yield Wire(http, url, inbox, 1024 * 1024, session_id=SESSION, protocol_version=VERSION), received
+        wire = Wire(
+            http, server.url, inbox, 4 * max_bytes, session_id=SESSION, protocol_version=VERSION, lean=lean
+        )
+        try:
+            yield wire, received
+        finally:
+            await wire.aclose()
 
 
 def drained(received: Inbox) -> list[dict[str, Any]]:
@@ -183,7 +202,7 @@ async def test_sse_answer_others_go_to_the_session(scripted: Scripted) -> None:
         sse(data(answer(result)), data(log), "id: 9"),
     )
     params = {"name": "echo", "arguments": {"text": "hi"}, "_meta": {"progressToken": "p"}}
-    async with wire_to(scripted.url) as (wire, received):
+    async with wire_to(scripted) as (wire, received):
         assert await wire.call_tool(params) == result
         assert drained(received) == [log, roots, other]  # not the log sent after the answer
     headers, body = scripted.requests[0]
@@ -202,7 +221,7 @@ async def test_sse_messages_go_to_the_callers_sink(scripted: Scripted) -> None:
     async def sink(message: dict[str, Any]) -> None:
         seen.append(message)
 
-    async with wire_to(scripted.url) as (wire, received):
+    async with wire_to(scripted) as (wire, received):
         assert await wire.call_tool({"name": "echo"}, sink) == ECHO_RESULT
         assert drained(received) == []
     assert seen == [progress, {"odd": True}]
@@ -211,7 +230,7 @@ async def test_sse_messages_go_to_the_callers_sink(scripted: Scripted) -> None:
 async def test_a_stream_held_open_after_the_answer_does_not_hold_the_caller(scripted: Scripted) -> None:
     """After the answer the rest of the stream is read for at most DRAIN_TIMEOUT_S, not to its end."""
     scripted.respond = streamed(sse(data(answer(ECHO_RESULT))), then_wait=30)
-    async with wire_to(scripted.url) as (wire, _):
+    async with wire_to(scripted) as (wire, _):
         started = anyio.current_time()
         with anyio.fail_after(10):
             assert await wire.call_tool({"name": "echo"}) == ECHO_RESULT
@@ -222,7 +241,7 @@ async def test_a_stream_without_the_answer_is_an_error(scripted: Scripted) -> No
     """A stream that ends without the call's answer fails the call; what it did carry is delivered."""
     log = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "x"}}
     scripted.respond = streamed(sse(data(log), data(answer(ECHO_RESULT, id="scailink-999"))))
-    async with wire_to(scripted.url) as (wire, received):
+    async with wire_to(scripted) as (wire, received):
         with pytest.raises(UpstreamHTTPError, match="closed the call's stream without an answer"):
             await wire.call_tool({"name": "echo"})
         assert drained(received) == [log, answer(ECHO_RESULT, id="scailink-999")]
@@ -244,7 +263,7 @@ async def test_a_stream_without_the_answer_is_an_error(scripted: Scripted) -> No
 async def test_malformed_answers_are_errors(scripted: Scripted, respond: Respond, error: str) -> None:
     """Bodies that are not one JSON-RPC object, or of a type that is neither JSON nor SSE."""
     scripted.respond = respond
-    async with wire_to(scripted.url) as (wire, _):
+    async with wire_to(scripted) as (wire, _):
         with pytest.raises(UpstreamHTTPError, match=error):
             await wire.call_tool({"name": "echo"})
 
@@ -265,7 +284,7 @@ async def test_answers_of_the_wrong_shape_are_errors(
 ) -> None:
     """A JSON answer must be the call's own (same id) and carry a result object."""
     scripted.respond = lambda _: JSONResponse(message)
-    async with wire_to(scripted.url) as (wire, _):
+    async with wire_to(scripted) as (wire, _):
         with pytest.raises(UpstreamHTTPError, match=error):
             await wire.call_tool({"name": "echo"})
 
@@ -288,7 +307,7 @@ async def test_json_rpc_errors_are_raised_as_such(
     error status its id may be null."""
     message = answer(id=FIRST_ID if status == 200 else None, error=error)
     scripted.respond = lambda _: JSONResponse(message, status_code=status)
-    async with wire_to(scripted.url) as (wire, _):
+    async with wire_to(scripted) as (wire, _):
         with pytest.raises(MCPError) as err:
             await wire.call_tool({"name": "echo"})
     assert (err.value.error.code, err.value.error.message) == expected
@@ -312,7 +331,7 @@ async def test_http_statuses_without_a_json_rpc_error_are_http_errors(
     """202 (no answer will come on this POST) and any error status whose body carries no JSON-RPC
     error raise `UpstreamHTTPError` naming the status."""
     scripted.respond = reply(status, body, content_type)
-    async with wire_to(scripted.url) as (wire, _):
+    async with wire_to(scripted) as (wire, _):
         with pytest.raises(UpstreamHTTPError, match=f"^upstream answered HTTP {status}$"):
             await wire.call_tool({"name": "echo"})
 
@@ -323,7 +342,7 @@ async def test_a_404_to_our_session_is_session_gone(scripted: Scripted, content_
     body says (the SDK's server sends a JSON-RPC error with it)."""
     body = b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32600, "message": "Session not found"}}'
     scripted.respond = reply(404, body if content_type else b"", content_type)
-    async with wire_to(scripted.url) as (wire, _):
+    async with wire_to(scripted) as (wire, _):
         with pytest.raises(SessionGone):
             await wire.call_tool({"name": "echo"})
 
@@ -346,7 +365,9 @@ async def test_a_sessionless_wire_sends_no_session_headers(scripted: Scripted) -
     """Without a session id (a stateless upstream) or a negotiated version, neither header is sent."""
     inbox, received = anyio.create_memory_object_stream[SessionMessage | Exception](1)
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(5)) as http, inbox, received:
-        assert await Wire(http, scripted.url, inbox, 1024 * 1024).call_tool({"name": "echo"}) == ECHO_RESULT
+        wire = Wire(http, scripted.url, inbox, 1024 * 1024, lean=lean_client(scripted))
+        assert await wire.call_tool({"name": "echo"}) == ECHO_RESULT
+        await wire.aclose()
     headers, _ = scripted.requests[0]
     assert "mcp-session-id" not in headers and "mcp-protocol-version" not in headers
 

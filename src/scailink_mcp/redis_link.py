@@ -211,4 +211,4 @@ class Subscription:
                     await self.on_message(message["data"])
         finally:
             with anyio.move_on_after(2, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()

@@ -339,7 +339,7 @@ class GuardedTransport(httpx2.AsyncHTTPTransport):
             await response.aclose()
             location = response.headers.get("location", "")
             exc = RedirectRefused(
-                f"upstream answered {response.status_code} {_redacted(request.url, location)}; "
+                f"upstream answered {response.status_code} {redacted_location(request.url, location)}; "
                 "redirects are not followed, register the final URL instead"
             )
             exc.request = request
@@ -347,7 +347,7 @@ class GuardedTransport(httpx2.AsyncHTTPTransport):
         return response
 
 
-def _redacted(base: httpx2.URL, location: str) -> str:
+def redacted_location(base: httpx2.URL, location: str) -> str:
     """Where a redirect points, without userinfo, query or fragment (they can carry secrets)."""
     if not location:
         return "without a Location"

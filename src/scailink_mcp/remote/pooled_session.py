@@ -27,7 +27,8 @@ from mcp_types import (
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from scailink_mcp.errors import ProtocolError
-from scailink_mcp.remote.upstream import CLIENT_INFO, AnswerLimit, UpstreamSession
+from scailink_mcp.remote.answers import AnswerLimit
+from scailink_mcp.remote.upstream import CLIENT_INFO, UpstreamSession
 from scailink_mcp.remote.wire import MessageSink, UpstreamHTTPError, Wire
 
 PROGRESS_TOKEN = "scailink-progress"

@@ -4,10 +4,12 @@ Why not `ClientSession.send_request`: profiled on the 2-core machine, the SDK cl
 one warm call than the upstream server itself did: a task per POST, pydantic models for every
 message in and out, and a TCP connection dropped after every SSE answer (the SDK stops reading at
 the answer, before the stream's end, so the connection cannot go back to the pool). Here one call is
-one POST on a kept-alive connection, its answer read to the end and parsed with `json.loads`, and
-the upstream's result is handed back exactly as it came: a `WireResult`, the parsed dict together
-with the upstream's own bytes of the `result` member, so the `/mcp` front (`mcp_front.py`) forwards
-those bytes with only the JSON-RPC id rewritten, and every field the upstream sent arrives.
+one POST on a kept-alive connection (through `lean_http.LeanHTTP`, aiohttp, when the session has one:
+its client CPU per call is a third of httpx2's), its answer read to the end and parsed with
+`json.loads`, and the upstream's result is handed back exactly as it came: a `WireResult`, the
+parsed dict together with the upstream's own bytes of the `result` member, so the `/mcp` front
+(`mcp_front.py`) forwards those bytes with only the JSON-RPC id rewritten, and every field the
+upstream sent arrives.
 
 What stays with the SDK's `ClientSession` (opened by `upstream.open_session`): the handshake, the
 GET stream, every other method, and every message that arrives on a call's stream but is not that
@@ -28,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx2
@@ -41,6 +44,8 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import MCP_METHOD_HEADER, MCP_NAME_HEADER, NAME_BEARING_METHODS, encode_header_value
 from mcp.shared.message import SessionMessage
 from mcp_types.version import LATEST_MODERN_VERSION
+
+from scailink_mcp.remote.lean_http import LeanHTTP
 
 MCP_SESSION_ID = "mcp-session-id"
 MCP_PROTOCOL_VERSION = "mcp-protocol-version"
@@ -76,7 +81,9 @@ class Wire:
     session_id: str | None = None
     protocol_version: str | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    lean: LeanHTTP | None = None
     _prepared: tuple[tuple[str | None, str | None], httpx2.URL, httpx2.Headers, dict[str, Any]] | None = None
+    _lean_headers: tuple[tuple[str | None, str | None], dict[str, str]] | None = None
 
     async def observe(self, response: httpx2.Response) -> None:
         """httpx2 response hook: remember the session id the upstream assigned at `initialize`."""
@@ -153,31 +160,46 @@ class Wire:
         body = json.dumps(message)
         sink = on_message or self.inject
         try:
-            sent = await self.http.send(self._request(body, message if modern else None), stream=True)
-            async with contextlib.aclosing(sent) as response:
-                content_type = response.headers.get("content-type", "").lower()
-                if response.status_code == 404 and self.session_id is not None and not modern:
+            async with self._post(body, message if modern else None) as response:
+                if response.status == 404 and self.session_id is not None and not modern:
                     raise SessionGone("the upstream no longer knows this session (HTTP 404)")
-                if response.status_code >= 400 and content_type.startswith("application/json"):
+                if response.status >= 400 and response.content_type.startswith("application/json"):
                     # A JSON-RPC error at an HTTP error status (400 for invalid params) is an answer.
-                    _raise_error_body(await response.aread())
-                if response.status_code >= 400 or response.status_code == 202:
+                    _raise_error_body(await response.read())
+                if response.status >= 400 or response.status == 202:
                     raise UpstreamHTTPError(
-                        f"upstream answered HTTP {response.status_code}", status=response.status_code
+                        f"upstream answered HTTP {response.status}", status=response.status
                     )
-                if content_type.startswith("application/json"):
-                    data = await response.aread()
+                if response.content_type.startswith("application/json"):
+                    data = await response.read()
                     answer = _parse(data)
-                elif content_type.startswith("text/event-stream"):
-                    answer, data = await self._read_stream(response, request_id, sink)
+                elif response.content_type.startswith("text/event-stream"):
+                    answer, data = await _read_stream(response, request_id, sink)
                 else:
-                    raise UpstreamHTTPError(f"unexpected content type {content_type or 'none'}")
+                    raise UpstreamHTTPError(f"unexpected content type {response.content_type or 'none'}")
         except anyio.get_cancelled_exc_class():
             if not modern:  # 2026-07-28 has no client notifications: the closed stream is the signal
                 with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_TIMEOUT_S):
                     await self._cancel(request_id)
             raise
         return _result(answer, data, request_id)
+
+    def _post(self, body: str, modern: Mapping[str, Any] | None) -> AbstractAsyncContextManager[Answer]:
+        """The POST on the lean client (`lean_http.py`) when the session has one and the upstream set
+        no cookies (the SDK's httpx2 client keeps those); otherwise on the session's httpx2 client,
+        whose auth flow (an OAuth upstream's token) and event hooks apply."""
+        if self.lean is not None and not self.http.cookies:
+            state = (self.session_id, self.protocol_version)
+            if modern is not None:
+                headers = {**self.http.headers, **self.headers(modern=modern), "accept-encoding": "identity"}
+            elif self._lean_headers is None or self._lean_headers[0] != state:
+                merged = {**self.http.headers, **self.headers(), "accept-encoding": "identity"}
+                self._lean_headers = state, merged
+                headers = merged
+            else:
+                headers = self._lean_headers[1]
+            return self.lean.post(headers, body.encode())
+        return _httpx_answer(self.http, self._request(body, modern), self.max_event_bytes)
 
     async def _cancel(self, request_id: str) -> None:
         """Tell the upstream the caller gave up (a timeout or a downstream cancellation)."""
@@ -189,27 +211,72 @@ class Wire:
         with contextlib.suppress(httpx2.HTTPError):  # best effort: the upstream may be why it was given up
             await self.http.post(self.url, content=json.dumps(note), headers=self.headers())
 
-    async def _read_stream(
-        self, response: httpx2.Response, request_id: str, sink: MessageSink
-    ) -> tuple[Message, bytes]:
-        """The call's answer on an SSE stream (parsed, and its bytes); other messages go to `sink`."""
-        events = httpx2.EventSource(response, max_event_size=self.max_event_bytes).__aiter__()
-        answer: tuple[Message, bytes] | None = None
-        async for event in events:
-            if not event.data:
-                continue  # a priming event (id only) or a keep-alive
-            data = event.data.encode()
-            message = _parse(data)
-            if message.get("id") == request_id and "method" not in message:
-                answer = message, data
-                break
-            await sink(message)
-        if answer is None:
-            raise UpstreamHTTPError("the upstream closed the call's stream without an answer")
-        with anyio.move_on_after(DRAIN_TIMEOUT_S):
-            async for _ in events:
-                pass
-        return answer
+    async def aclose(self) -> None:
+        if self.lean is not None:
+            await self.lean.aclose()
+
+
+class Answer(Protocol):
+    """One POST's answer, whichever client read it (`lean_http.LeanResponse`, `_HttpxAnswer`)."""
+
+    status: int
+    content_type: str
+
+    async def read(self) -> bytes: ...
+
+    def events(self) -> AsyncIterator[bytes]: ...
+
+    async def drain(self) -> None: ...
+
+
+class _HttpxAnswer:
+    """An httpx2 response as an `Answer` (its body bounded by the client's `LimitedTransport`)."""
+
+    def __init__(self, response: httpx2.Response, max_event_bytes: int) -> None:
+        self._response = response
+        self._events = httpx2.EventSource(response, max_event_size=max_event_bytes).__aiter__()
+        self.status = response.status_code
+        self.content_type = response.headers.get("content-type", "").lower()
+
+    async def read(self) -> bytes:
+        return await self._response.aread()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        async for event in self._events:
+            if event.data:  # not a priming event (id only) or a keep-alive
+                yield event.data.encode()
+
+    async def drain(self) -> None:
+        async for _ in self._events:
+            pass
+
+
+@contextlib.asynccontextmanager
+async def _httpx_answer(
+    http: httpx2.AsyncClient, request: httpx2.Request, max_event_bytes: int
+) -> AsyncIterator[Answer]:
+    sent = await http.send(request, stream=True)
+    async with contextlib.aclosing(sent) as response:
+        yield _HttpxAnswer(response, max_event_bytes)
+
+
+async def _read_stream(response: Answer, request_id: str, sink: MessageSink) -> tuple[Message, bytes]:
+    """The call's answer on an SSE stream (parsed, and its bytes); other messages go to `sink`. The
+    rest of the stream is then read (at most `DRAIN_TIMEOUT_S`) so the connection is reused."""
+    answer: tuple[Message, bytes] | None = None
+    events = response.events()
+    async for data in events:
+        message = _parse(data)
+        if message.get("id") == request_id and "method" not in message:
+            answer = message, data
+            break
+        await sink(message)
+    if answer is None:
+        raise UpstreamHTTPError("the upstream closed the call's stream without an answer")
+    await events.aclose()  # type: ignore[attr-defined]
+    with anyio.move_on_after(DRAIN_TIMEOUT_S):
+        await response.drain()
+    return answer
 
 
 def _parse(raw: bytes) -> Message:
