@@ -260,6 +260,7 @@ async def test_audit_filters_and_cursor_pages(
     assert first.text.count("<tr>") == 21  # header + 20
     cursor = re.search(r'href="/dashboard/audit\?([^"]+)"', first.text)
     assert cursor
+    assert cursor.group(1).startswith("event=tool_call&amp;cursor=")  # the filters left empty stay out
     second = await harness.client.get("/dashboard/audit?" + cursor.group(1).replace("&amp;", "&"))
     assert second.text.count("<tr>") == 6
     assert (await admin.get("/audit", outcome="maybe")).status_code == 422

@@ -24,10 +24,8 @@ from scailink_mcp.audit import AuditLog, AuditRecord
 from scailink_mcp.auth import Principal
 from scailink_mcp.config import Settings
 from scailink_mcp.desktop.connections import consent_denied
-from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ConsentDenied, Forbidden, ResultTooLarge, ScaiLinkError, ToolNotFound
 from scailink_mcp.metrics import Metrics
-from scailink_mcp.relay import Downstream
 from scailink_mcp.remote.wire import WireResult
 from scailink_mcp.targets import (
     Backends,
@@ -149,24 +147,13 @@ class Invoker:
             principal, "tool_call", "error", code=ToolNotFound.code, request_id=request_id, target=public
         )
 
-    async def read(
-        self,
-        principal: Principal,
-        target: Target,
-        era: EraCall | None = None,
-        relay: Downstream | None = None,
-    ) -> ReadResult:
-        return await target.read(self.backends, principal, era, relay)
+    async def read(self, principal: Principal, target: Target, forwarding: Forwarding) -> ReadResult:
+        return await target.read(self.backends, principal, forwarding)
 
     async def get_prompt(
-        self,
-        principal: Principal,
-        target: Target,
-        arguments: dict[str, str] | None,
-        era: EraCall | None = None,
-        relay: Downstream | None = None,
+        self, principal: Principal, target: Target, arguments: dict[str, str] | None, forwarding: Forwarding
     ) -> PromptResult:
-        return await target.get_prompt(self.backends, principal, arguments, era, relay)
+        return await target.get_prompt(self.backends, principal, arguments, forwarding)
 
     async def _approve(
         self, principal: Principal, target: Target, public: str, args: dict[str, Any] | None, caller: Caller

@@ -77,6 +77,12 @@ def request_id_of(ctx: Ctx | None) -> str | None:
     return None
 
 
+def _forwarding(ctx: Ctx) -> Forwarding:
+    """A `prompts/get` or `resources/read`'s side: the downstream asked when the upstream needs input,
+    and the request itself when it is of the 2026-07-28 era."""
+    return Forwarding(relay=DownstreamCall(ctx.session, ctx.request_id), era=era_call(ctx))
+
+
 class McpSurface:
     """The MCP side of a call: which scope a request sees, and what its session offers the Invoker."""
 
@@ -253,8 +259,7 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown prompt: {params.name}") from None
         try:
-            relay = DownstreamCall(ctx.session, ctx.request_id)  # asked when the upstream needs input
-            return await invoker.get_prompt(principal, target, params.arguments, era_call(ctx), relay)
+            return await invoker.get_prompt(principal, target, params.arguments, _forwarding(ctx))
         except ScaiLinkError as err:
             raise mcp_error(err) from None
 
@@ -265,8 +270,7 @@ def build_server(surface: McpSurface, *, single: bool, sessions: SessionTable | 
         except ToolNotFound:
             raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}") from None
         try:
-            relay = DownstreamCall(ctx.session, ctx.request_id)
-            result = await invoker.read(principal, target, era_call(ctx), relay)
+            result = await invoker.read(principal, target, _forwarding(ctx))
         except ScaiLinkError as err:
             raise mcp_error(err) from None
         if single or isinstance(result, types.InputRequiredResult):  # 2026-07-28: the upstream's rounds

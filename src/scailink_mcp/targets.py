@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
 from mcp_types.methods import is_input_required
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession, needs_consent
 from scailink_mcp.desktop.protocol import PROMPT_GET, RESOURCE_READ, TOOL_INVOKE
@@ -39,6 +39,7 @@ Result = dict[str, Any]
 # A prompt, or (2026-07-28) the upstream's request for the caller's input first.
 PromptResult = types.GetPromptResult | types.InputRequiredResult
 ReadResult = types.ReadResourceResult | types.InputRequiredResult
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 def _validated(raw: Result, model: type[Any], what: str) -> Any:
@@ -47,6 +48,14 @@ def _validated(raw: Result, model: type[Any], what: str) -> Any:
         return (types.InputRequiredResult if is_input_required(raw) else model).model_validate(raw)
     except ValidationError:
         raise UpstreamError(f"the upstream answered with an invalid {what}") from None
+
+
+def _from_device(raw: object, model: type[Answer], what: str) -> Answer:
+    """A desktop device's answer as `model`; `UpstreamError` when it is not one."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError:
+        raise UpstreamError(f"the desktop device answered with an invalid {what}") from None
 
 
 def prompt_result(raw: Result) -> PromptResult:
@@ -159,22 +168,18 @@ class RemoteTarget:
     ) -> Any:
         return await b.pool.use(await self.key(b, principal), fn, timeout=b.request_timeout_s)
 
-    async def read(
-        self,
-        b: Backends,
-        principal: Principal,
-        era: EraCall | None = None,
-        relay: Downstream | None = None,
-    ) -> ReadResult:
+    async def read(self, b: Backends, principal: Principal, forwarding: Forwarding) -> ReadResult:
         if b.bridge is not None:
-            key, timeout = await self.key(b, principal), b.request_timeout_s
+            key, timeout, era = await self.key(b, principal), b.request_timeout_s, forwarding.era
             if era is not None:
                 return read_result(
                     await b.bridge.read_resource(key, principal, self.upstream_name, era, timeout=timeout)
                 )
             params = {"uri": self.upstream_name}  # an upstream's own input_required asked of the caller
             return read_result(
-                await b.bridge.reverse.request(key, "resources/read", params, relay, timeout=timeout)
+                await b.bridge.reverse.request(
+                    key, "resources/read", params, forwarding.relay, timeout=timeout
+                )
             )
         result: types.ReadResourceResult = await self.use(
             b, principal, lambda s: s.read_resource(self.upstream_name)
@@ -182,15 +187,10 @@ class RemoteTarget:
         return result
 
     async def get_prompt(
-        self,
-        b: Backends,
-        principal: Principal,
-        arguments: dict[str, str] | None,
-        era: EraCall | None = None,
-        relay: Downstream | None = None,
+        self, b: Backends, principal: Principal, arguments: dict[str, str] | None, forwarding: Forwarding
     ) -> PromptResult:
         if b.bridge is not None:
-            key, timeout = await self.key(b, principal), b.request_timeout_s
+            key, timeout, era = await self.key(b, principal), b.request_timeout_s, forwarding.era
             if era is not None:
                 raw = await b.bridge.get_prompt(
                     key, principal, self.upstream_name, arguments, era, timeout=timeout
@@ -200,7 +200,7 @@ class RemoteTarget:
             if arguments is not None:
                 params["arguments"] = arguments
             return prompt_result(
-                await b.bridge.reverse.request(key, "prompts/get", params, relay, timeout=timeout)
+                await b.bridge.reverse.request(key, "prompts/get", params, forwarding.relay, timeout=timeout)
             )
         result: types.GetPromptResult = await self.use(
             b, principal, lambda s: s.get_prompt(self.upstream_name, arguments)
@@ -238,42 +238,21 @@ class DesktopTarget:
         raw = await b.desktop.invoke(
             self.session, TOOL_INVOKE, params, timeout=call.timeout, progress=call.forwarding.progress
         )
-        try:
-            result = types.CallToolResult.model_validate(raw)
-        except ValidationError:
-            raise UpstreamError("the desktop device answered with an invalid tool result") from None
+        result = _from_device(raw, types.CallToolResult, "tool result")
         dumped: Result = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return dumped
 
-    async def read(
-        self,
-        b: Backends,
-        principal: Principal,
-        era: EraCall | None = None,
-        relay: Downstream | None = None,
-    ) -> ReadResult:
-        raw = await b.desktop.invoke(
-            self.session, RESOURCE_READ, {"uri": self.upstream_name}, timeout=b.request_timeout_s
-        )
-        try:
-            return types.ReadResourceResult.model_validate(raw)
-        except ValidationError:
-            raise UpstreamError("the desktop device answered with an invalid resource") from None
+    async def read(self, b: Backends, principal: Principal, forwarding: Forwarding) -> ReadResult:
+        params = {"uri": self.upstream_name}
+        raw = await b.desktop.invoke(self.session, RESOURCE_READ, params, timeout=b.request_timeout_s)
+        return _from_device(raw, types.ReadResourceResult, "resource")
 
     async def get_prompt(
-        self,
-        b: Backends,
-        principal: Principal,
-        arguments: dict[str, str] | None,
-        era: EraCall | None = None,
-        relay: Downstream | None = None,
+        self, b: Backends, principal: Principal, arguments: dict[str, str] | None, forwarding: Forwarding
     ) -> PromptResult:
         params = {"name": self.upstream_name, "arguments": arguments}
         raw = await b.desktop.invoke(self.session, PROMPT_GET, params, timeout=b.request_timeout_s)
-        try:
-            return types.GetPromptResult.model_validate(raw)
-        except ValidationError:
-            raise UpstreamError("the desktop device answered with an invalid prompt") from None
+        return _from_device(raw, types.GetPromptResult, "prompt")
 
 
 Target = RemoteTarget | DesktopTarget

@@ -79,14 +79,12 @@ async def audit_log(request: Request) -> Response:
         )
         items = list(entries)
         next_cursor = pagination.encode([last[0].isoformat(), last[1]]) if last else None
-    query = {k: v for k, v in raw.items() if v}
     return visit.render_checked(
         "audit.html",
         errors,
         events=items,
         next_cursor=next_cursor,
         filters=raw,
-        query=query,
         outcomes=OUTCOMES,
         tenant_wide=tenant_wide,
     )
