@@ -141,21 +141,23 @@ def test_redaction_depth_is_bounded() -> None:
 
 def test_row_detail_levels_and_limits() -> None:
     rec = AuditRecord("t1", "u1", "tool_call", "ok", target="remote.u1.x.echo", arguments={"api_key": "k"})
-    row = rec.row()
-    assert row.target == "remote.u1.x.echo" and row.arguments == {"api_key": REDACTED}
+    row = rec.values()
+    assert row["target"] == "remote.u1.x.echo" and row["arguments"] == {"api_key": REDACTED}
     off = AuditRecord("t1", "u1", "tool_call", "ok", target="x", arguments={"a": 1}, detail_level="off")
-    assert off.row().target is None and off.row().arguments is None
-    assert AuditRecord("t1", "u1", "e", "ok", arguments=["not", "a", "dict"]).row().arguments is None
-    big = AuditRecord("t1", "u1", "e", "ok", arguments={"blob": "x" * 5000}).row(max_argument_bytes=1000)
-    assert big.arguments is not None and big.arguments["_truncated"] is True
-    odd = AuditRecord("t1", "u1", "e", "ok", arguments={"raw": b"\x00", "when": T0}).row()
-    assert odd.arguments == {"raw": "b'\\x00'", "when": str(T0)}, "JSON-safe, whatever the caller passed"
+    assert off.values()["target"] is None and off.values()["arguments"] is None
+    assert AuditRecord("t1", "u1", "e", "ok", arguments=["not", "a", "dict"]).values()["arguments"] is None
+    big = AuditRecord("t1", "u1", "e", "ok", arguments={"blob": "x" * 5000}).values(max_argument_bytes=1000)
+    assert big["arguments"] is not None and big["arguments"]["_truncated"] is True
+    odd = AuditRecord("t1", "u1", "e", "ok", arguments={"raw": b"\x00", "when": T0}).values()
+    assert odd["arguments"] == {"raw": "b'\\x00'", "when": str(T0)}, "JSON-safe, whatever the caller passed"
     circular: dict[str, Any] = {}
     circular["self"] = [circular]
-    assert AuditRecord("t1", "u1", "e", "ok", arguments=circular).row().arguments is not None
-    long = AuditRecord("t" * 300, "u" * 300, "e" * 100, "ok", request_id="r" * 300, target="x" * 3000).row()
-    assert (len(long.tenant_id), len(long.user_id), len(long.event)) == (128, 128, 64)
-    assert len(long.request_id or "") == 128 and len(long.target or "") == 1024
+    assert AuditRecord("t1", "u1", "e", "ok", arguments=circular).values()["arguments"] is not None
+    long = AuditRecord(
+        "t" * 300, "u" * 300, "e" * 100, "ok", request_id="r" * 300, target="x" * 3000
+    ).values()
+    assert (len(long["tenant_id"]), len(long["user_id"]), len(long["event"])) == (128, 128, 64)
+    assert len(long["request_id"] or "") == 128 and len(long["target"] or "") == 1024
 
 
 # ---- the queue and the writer ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict, cast
 
 import anyio
+import sqlalchemy as sa
 from sqlalchemy import delete, tuple_
 from sqlmodel import Session, col, select
 
@@ -122,11 +123,14 @@ class AuditRecord:
     detail_level: str = "metadata"  # metadata | off
     ts: datetime | None = None
 
-    def row(self, max_argument_bytes: int = 16 * 1024) -> AuditEvent:
-        """The table row: redacted, truncated to the column sizes (one oversized value must not make
-        the database refuse a whole batch), and at level `off` only the skeleton."""
+    def values(self, max_argument_bytes: int = 16 * 1024) -> dict[str, Any]:
+        """The table row's column values: redacted, truncated to the column sizes (one oversized value
+        must not make the database refuse a whole batch), and at level `off` only the skeleton.
+
+        A plain dict, inserted in one executemany per batch: building an `AuditEvent` model per call
+        (SQLModel's validation and instrumented attributes) was ~5 % of ScaiLink's CPU per warm call."""
         detailed = self.detail_level == "metadata"
-        return AuditEvent(
+        return dict(
             id=new_id(),
             ts=_utc(self.ts or utcnow()),
             tenant_id=_text(self.tenant_id, 128),
@@ -248,10 +252,10 @@ class AuditLog:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             try:
-                rows = [rec.row(self.max_argument_bytes) for rec in batch]
+                rows = [rec.values(self.max_argument_bytes) for rec in batch]
 
-                def insert(session: Session, rows: list[AuditEvent] = rows) -> None:
-                    session.add_all(rows)
+                def insert(session: Session, rows: list[dict[str, Any]] = rows) -> None:
+                    session.execute(sa.insert(AuditEvent), rows)
                     session.commit()
 
                 await self.db.run(insert)
