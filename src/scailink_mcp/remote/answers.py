@@ -30,6 +30,14 @@ class AnswerTooLarge(httpx2.SSEError, httpx2.StreamError):
 class AnswerRefused(httpx2.SSEError, httpx2.StreamError):
     """An upstream answered with a compressed body although ScaiLink asked for `identity`."""
 
+    @classmethod
+    def unless_identity(cls, content_encoding: str) -> AnswerRefused | None:
+        """The refusal of an answer with this `Content-Encoding` header, or None for identity."""
+        encoding = content_encoding.strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        return cls(f"the upstream sent a {encoding!r}-encoded answer; only identity is accepted")
+
 
 @dataclass
 class AnswerLimit:
@@ -93,14 +101,12 @@ class _BoundedStream(httpx2.AsyncByteStream):
 
 
 class _RefusedStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, encoding: str) -> None:
+    def __init__(self, inner: httpx2.AsyncByteStream, refusal: AnswerRefused) -> None:
         self._inner = inner
-        self._encoding = encoding
+        self._refusal = refusal
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        raise AnswerRefused(
-            f"the upstream sent a {self._encoding!r}-encoded answer; only identity is accepted"
-        )
+        raise self._refusal
         yield b""  # pragma: no cover  (makes this an async generator)
 
     async def aclose(self) -> None:
@@ -124,10 +130,10 @@ class LimitedTransport(httpx2.AsyncBaseTransport):
         stream = response.stream
         if not isinstance(stream, httpx2.AsyncByteStream):  # pragma: no cover  (an async transport's)
             return response
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        refusal = AnswerRefused.unless_identity(response.headers.get("content-encoding", ""))
         content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if encoding not in ("", "identity"):
-            response.stream = _RefusedStream(stream, encoding)
+        if refusal is not None:
+            response.stream = _RefusedStream(stream, refusal)
         elif content_type == "text/event-stream":
             response.stream = _BoundedStream(stream, self._limit, self._limit.max_bytes, per_event=True)
         else:

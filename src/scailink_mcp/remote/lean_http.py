@@ -25,21 +25,18 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import aiohttp
 import httpx2
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from scailink_mcp.errors import EndpointForbidden
 from scailink_mcp.remote.answers import AnswerLimit, AnswerRefused
 from scailink_mcp.remote.netguard import (
     Network,
     RedirectRefused,
-    blocked_reason,
     parse_ip_literal,
-    redacted_location,
     resolve_checked,
 )
 
@@ -95,7 +92,7 @@ class LeanResponse:
                 raise self._limit.trip()
         return bytes(body)
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         """The `data` of each SSE event (its data lines joined by LF; events without data skipped);
         one event's bytes on the wire past the limit stop the read. Other fields are not needed by
         the call path (`id`, `event`, `retry`, comments)."""
@@ -147,13 +144,11 @@ class LeanHTTP:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
-    def _open(self) -> aiohttp.ClientSession:
+    async def _open(self) -> aiohttp.ClientSession:
         """The aiohttp session, made on first use (it needs the running loop)."""
         parsed = httpx2.URL(self._url)
-        literal = parse_ip_literal(parsed.host)
-        reason = blocked_reason(literal, self._allowed) if literal is not None else None
-        if reason is not None:
-            raise EndpointForbidden(f"endpoint host {parsed.host!r} is a blocked address: {reason}")
+        if parse_ip_literal(parsed.host) is not None:  # aiohttp connects to a literal without resolving
+            await resolve_checked(parsed.host, parsed.port or 0, self._allowed)
         tls: ssl.SSLContext | bool = (
             httpx2.create_ssl_context(verify=True, trust_env=False) if parsed.scheme == "https" else False
         )
@@ -176,22 +171,17 @@ class LeanHTTP:
     @asynccontextmanager
     async def post(self, headers: Mapping[str, str], body: bytes) -> AsyncIterator[LeanResponse]:
         if self._session is None:
-            self._session = self._open()
+            self._session = await self._open()
         try:
             async with self._session.post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as sent:
                 if 300 <= sent.status < 400:
-                    where = redacted_location(httpx2.URL(self._url), sent.headers.get("location", ""))
-                    raise RedirectRefused(
-                        f"upstream answered {sent.status} {where}; "
-                        "redirects are not followed, register the final URL instead"
-                    )
-                encoding = sent.headers.get("content-encoding", "identity").strip().lower()
-                if encoding not in ("", "identity"):
-                    raise AnswerRefused(
-                        f"the upstream sent a {encoding!r}-encoded answer; only identity is accepted"
-                    )
+                    location = sent.headers.get("location", "")
+                    raise RedirectRefused.of(sent.status, httpx2.URL(self._url), location)
+                refusal = AnswerRefused.unless_identity(sent.headers.get("content-encoding", ""))
+                if refusal is not None:
+                    raise refusal
                 yield LeanResponse(sent, self._limit)
         except aiohttp.ConnectionTimeoutError as exc:
             raise httpx2.ConnectTimeout(str(exc) or "connecting to the upstream timed out") from exc

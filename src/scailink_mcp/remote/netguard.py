@@ -84,6 +84,13 @@ class RedirectRefused(httpx2.HTTPError):
     """An upstream answered with a 3xx. Redirects are never followed: the endpoint is the registered
     URL and nothing else, so the answer is an error, even for the same origin."""
 
+    @classmethod
+    def of(cls, status: int, base: httpx2.URL, location: str) -> RedirectRefused:
+        return cls(
+            f"upstream answered {status} {redacted_location(base, location)}; "
+            "redirects are not followed, register the final URL instead"
+        )
+
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, list[ipaddress.IPv4Address], bool]:
     """(form, embedded addresses, whether they alone decide) for IPv6 forms that carry an IPv4 address."""
@@ -337,11 +344,7 @@ class GuardedTransport(httpx2.AsyncHTTPTransport):
         response = await super().handle_async_request(request)
         if 300 <= response.status_code < 400:
             await response.aclose()
-            location = response.headers.get("location", "")
-            exc = RedirectRefused(
-                f"upstream answered {response.status_code} {redacted_location(request.url, location)}; "
-                "redirects are not followed, register the final URL instead"
-            )
+            exc = RedirectRefused.of(response.status_code, request.url, response.headers.get("location", ""))
             exc.request = request
             raise exc
         return response

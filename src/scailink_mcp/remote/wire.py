@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,8 +82,8 @@ class Wire:
     protocol_version: str | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     lean: LeanHTTP | None = None
-    _prepared: tuple[tuple[str | None, str | None], httpx2.URL, httpx2.Headers, dict[str, Any]] | None = None
-    _lean_headers: tuple[tuple[str | None, str | None], dict[str, str]] | None = None
+    _merged: tuple[tuple[str | None, str | None], dict[str, str]] | None = None
+    _prepared: tuple[dict[str, str], httpx2.URL, httpx2.Headers, dict[str, Any]] | None = None
 
     async def observe(self, response: httpx2.Response) -> None:
         """httpx2 response hook: remember the session id the upstream assigned at `initialize`."""
@@ -119,22 +119,27 @@ class Wire:
             headers[MCP_PROTOCOL_VERSION] = self.protocol_version
         return headers
 
+    def _merged_headers(self) -> dict[str, str]:
+        """The client's headers with this session's, merged once per session state instead of on every
+        call (URL parsing and header merging were ~6 % of a warm call's CPU); both clients send them."""
+        state = (self.session_id, self.protocol_version)
+        if self._merged is None or self._merged[0] != state:
+            self._merged = state, {**self.http.headers, **self.headers(), "accept-encoding": "identity"}
+        return self._merged[1]
+
     def _request(self, body: str, modern: Mapping[str, Any] | None = None) -> httpx2.Request:
-        """The call's POST. Its URL, merged headers and timeouts are prepared once per session state
-        instead of merged by the client on every call (`build_request`: URL parsing and header
-        merging were ~6 % of a warm call's CPU); the client's auth and event hooks still apply
-        (`send`). A 2026-07-28 request (its headers name its method) and an upstream that has set
-        cookies take the client's own `build_request`."""
+        """The call's POST on the httpx2 client, its URL, headers and timeouts prepared once per session
+        state; the client's auth and event hooks still apply (`send`). A 2026-07-28 request (its
+        headers name its method) and an upstream that has set cookies take the client's own
+        `build_request`."""
         if self.http.cookies or modern is not None:
             own = self.headers(modern=modern)
             return self.http.build_request("POST", self.url, content=body, headers=own)
-        state = (self.session_id, self.protocol_version)
-        prepared = self._prepared
-        if prepared is None or prepared[0] != state:
-            merged = httpx2.Headers(self.http.headers)
-            merged.update(self.headers())
-            prepared = self._prepared = (state, httpx2.URL(self.url), merged, self.http.timeout.as_dict())
-        _, url, headers, timeout = prepared
+        merged = self._merged_headers()
+        if self._prepared is None or self._prepared[0] is not merged:
+            timeout = self.http.timeout.as_dict()
+            self._prepared = (merged, httpx2.URL(self.url), httpx2.Headers(merged), timeout)
+        _, url, headers, timeout = self._prepared
         return httpx2.Request("POST", url, headers=headers, content=body, extensions={"timeout": timeout})
 
     async def call_tool(self, params: Mapping[str, Any], on_message: MessageSink | None = None) -> Message:
@@ -189,15 +194,10 @@ class Wire:
         no cookies (the SDK's httpx2 client keeps those); otherwise on the session's httpx2 client,
         whose auth flow (an OAuth upstream's token) and event hooks apply."""
         if self.lean is not None and not self.http.cookies:
-            state = (self.session_id, self.protocol_version)
-            if modern is not None:
-                headers = {**self.http.headers, **self.headers(modern=modern), "accept-encoding": "identity"}
-            elif self._lean_headers is None or self._lean_headers[0] != state:
-                merged = {**self.http.headers, **self.headers(), "accept-encoding": "identity"}
-                self._lean_headers = state, merged
-                headers = merged
+            if modern is None:
+                headers = self._merged_headers()
             else:
-                headers = self._lean_headers[1]
+                headers = {**self.http.headers, **self.headers(modern=modern), "accept-encoding": "identity"}
             return self.lean.post(headers, body.encode())
         return _httpx_answer(self.http, self._request(body, modern), self.max_event_bytes)
 
@@ -224,7 +224,7 @@ class Answer(Protocol):
 
     async def read(self) -> bytes: ...
 
-    def events(self) -> AsyncIterator[bytes]: ...
+    def events(self) -> AsyncGenerator[bytes, None]: ...
 
     async def drain(self) -> None: ...
 
@@ -241,7 +241,7 @@ class _HttpxAnswer:
     async def read(self) -> bytes:
         return await self._response.aread()
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         async for event in self._events:
             if event.data:  # not a priming event (id only) or a keep-alive
                 yield event.data.encode()
@@ -273,7 +273,7 @@ async def _read_stream(response: Answer, request_id: str, sink: MessageSink) -> 
         await sink(message)
     if answer is None:
         raise UpstreamHTTPError("the upstream closed the call's stream without an answer")
-    await events.aclose()  # type: ignore[attr-defined]
+    await events.aclose()
     with anyio.move_on_after(DRAIN_TIMEOUT_S):
         await response.drain()
     return answer
