@@ -152,6 +152,9 @@ class Bridge:
             "desktop session started",
             extra={"session_id": session.session_id, "user_id": session.user_id, "resumed": resumed},
         )
+        # This frame lives as long as the socket: the parsed init (a model of the device's whole
+        # catalog, which the session holds in its own form) and the token are not kept with it.
+        del init, token, previous
         try:
             await self._serve(websocket, session, expires_at)
         finally:

@@ -271,7 +271,7 @@ class DesktopRegistry:
         pending = Pending(progress=progress)
         try:
             with anyio.fail_after(timeout):
-                await session.connected.wait()
+                await session.until_connected()
                 async with session.in_flight:
                     send = session.send
                     if send is None:
@@ -288,7 +288,7 @@ class DesktopRegistry:
             raise UpstreamTimeout(f"the desktop device did not answer within {timeout:g} s") from None
         finally:
             if session.pending.pop(invocation_id, None) is not None and not pending.done.is_set():
-                session.abandoned.append(invocation_id)
+                session.abandon(invocation_id)
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -298,7 +298,7 @@ class DesktopRegistry:
         """A JSON-RPC response from the device; False if it answers no pending request."""
         pending = session.pending.get(str(message.get("id")))
         if pending is None:
-            return str(message.get("id")) in session.abandoned
+            return session.was_abandoned(str(message.get("id")))
         if "error" in message:
             err = message["error"] if isinstance(message["error"], dict) else {}
             pending.settle(
