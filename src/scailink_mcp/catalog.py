@@ -318,9 +318,11 @@ class Catalog:
         remote = principal.has(auth.REMOTE_USE)
         desktop = principal.has(auth.VIEW) and self.desktop is not None
         key = (principal.tenant_id, principal.user_id, remote, desktop, style)
+        # The desktop's version read from its dict (not `DesktopRegistry.version`): a warm call's
+        # resolution stays in this module.
         version = (
             self.directory.version(principal.tenant_id),
-            self.desktop.version(principal.tenant_id, principal.user_id) if self.desktop else 0,
+            self.desktop.versions.get((principal.tenant_id, principal.user_id), 0) if self.desktop else 0,
         )
         cached = self._views.get(key)
         if cached is not None and cached.version == version:
