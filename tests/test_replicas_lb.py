@@ -428,11 +428,12 @@ def health_checks_counted(node: Replica) -> float:
 async def test_three_replicas_check_a_server_once_per_interval_and_flip_it_once(
     make_env: Callable[..., ClusterEnv], token: TokenFactory, upstream: UpstreamServer
 ) -> None:
-    """Health checks every 0.5 s on three `scailink serve` replicas: the upstream sees one check per
+    """Health checks every second on three `scailink serve` replicas: the upstream sees one check per
     interval (not three), run by one replica; stopped, the server flips to `error` once (one
     `status_changed` on the cluster's event channel, read off Redis by the test) and every replica
-    shows it."""
-    interval = 0.5
+    shows it. (At 0.5 s the lease lives 1 s, and a loaded 2-core machine once stalled the holder past
+    it: the lease moved to another replica mid-window, which is the design, not what this counts.)"""
+    interval = 1.0
     tok = token("u1", "t1", ("tenant_user",))
     env = make_env(HEALTH_INTERVAL_S=str(interval), HEALTH_FAILURE_THRESHOLD="1", HEALTH_TIMEOUT_S="1")
     migrate(env.database_url)
@@ -444,10 +445,10 @@ async def test_three_replicas_check_a_server_once_per_interval_and_flip_it_once(
             server = await register(nodes[0].base_url, tok, name="checked", endpoint_url=upstream.url)
             await anyio.sleep(interval)  # the registration's own discovery is over
             before = upstream.initialize_count
-            window = 3.0
+            window = 4.0
             await anyio.sleep(window)
             checks = upstream.initialize_count - before
-            # One replica's rounds: window / interval (± 10 % jitter) handshakes; three would be ~18.
+            # One replica's rounds: window / interval (± 10 % jitter) handshakes; three would be ~12.
             assert window / interval / 2 <= checks <= window / interval * 1.1 + 2, checks
             counted = [await anyio.to_thread.run_sync(health_checks_counted, n) for n in nodes]
             assert sum(1 for c in counted if c > 0) == 1, counted
