@@ -1,4 +1,6 @@
-"""Handshake-era MCP sessions served by every replica (SPEC section 10), with Redis.
+"""Handshake-era MCP sessions served by every replica (SPEC section 10), with Redis; and revived from
+a record after parking (`session_park.py`: the same path, with an in-process store when there is no
+Redis).
 
 The choice: shared session state, not owner forwarding. When an `initialize` succeeds, the replica
 that served it stores what the handshake established (the principal, and the client's `initialize`
@@ -12,7 +14,8 @@ sessions with it; here a replica's death loses only what was in flight on it, an
 process needs no internal address per worker. Why not sealing the state into the id (agentgateway's
 approach): a sealed id cannot be ended or expire when idle across replicas without shared state anyway.
 
-- Another principal presenting the id gets the SDK's 404 (nothing is revived for it).
+- Another principal (or another credential than the one that opened it: the SDK's rule) presenting the
+  id gets the SDK's 404 (nothing is revived for it).
 - `DELETE` on any replica ends the session everywhere: its key is deleted and every replica drops its
   copy (a message on `<prefix>:mcp`).
 - Idle expiry: the key lives `mcp_session_idle_s` after the last request on any replica (each replica
@@ -29,10 +32,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+from mcp.server.auth.middleware.bearer_auth import (
+    AuthenticatedUser,
+    AuthorizationContext,
+    authorization_context,
+)
 from mcp.server.connection import Connection
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.datastructures import Headers
@@ -54,8 +61,30 @@ TOUCH_S = 30.0
 Revived = Callable[[Connection, Principal, Scope], None]
 
 
+class Store(Protocol):
+    """Where `SharedSessions` records what a session's handshake established, and revives it from:
+    Redis (`SessionStore`, shared by the replicas) or this process (`session_park.LocalSessions`)."""
+
+    shared: bool  # several replicas read it (its records are refreshed while the session is used)
+
+    def register(self, endpoint: str, manager: StreamableHTTPSessionManager) -> None: ...
+    async def save(self, endpoint: str, session_id: str, state: dict[str, Any]) -> None: ...
+    async def load(self, endpoint: str, session_id: str) -> dict[str, Any] | None: ...
+    async def touch(self, endpoint: str, session_id: str) -> None: ...
+    async def end(self, endpoint: str, session_id: str) -> None: ...
+    def park(self, endpoint: str, session_id: str, expires_in: float) -> bool: ...
+    def revived(self, endpoint: str, session_id: str) -> None: ...
+    def ended(self, endpoint: str, session_id: str) -> None: ...
+    def trim(self, endpoint: str, owner: AuthorizationContext, keep: int) -> int: ...
+
+
 class SessionStore:
-    """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages."""
+    """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages.
+
+    A session parked here is revived from its key like one created on another replica (`park` has
+    nothing to record); its key expires as it always did."""
+
+    shared = True
 
     def __init__(self, link: PeerLink, *, ttl_s: float) -> None:
         self.link = link
@@ -107,6 +136,18 @@ class SessionStore:
     async def touch(self, endpoint: str, session_id: str) -> None:
         await self._redis().pexpire(self._key(endpoint, session_id), self.ttl_ms)
 
+    def park(self, endpoint: str, session_id: str, expires_in: float) -> bool:
+        return True
+
+    def revived(self, endpoint: str, session_id: str) -> None:
+        return None
+
+    def ended(self, endpoint: str, session_id: str) -> None:
+        return None
+
+    def trim(self, endpoint: str, owner: AuthorizationContext, keep: int) -> int:
+        return 0  # the per-principal cap counts the sessions held by each replica (module docstring)
+
     async def end(self, endpoint: str, session_id: str) -> None:
         client = self._redis()
         await client.delete(self._key(endpoint, session_id))
@@ -143,10 +184,10 @@ class SharedSessions:
     def __init__(
         self,
         app: ASGIApp,
+        store: Store,
+        endpoint: str,
         *,
         manager: StreamableHTTPSessionManager,
-        store: SessionStore,
-        endpoint: str,
         on_revived: Revived,
     ) -> None:
         self.app = app
@@ -171,8 +212,11 @@ class SharedSessions:
                 await self.app(scope, receive, send)
             return
         await self._established(scope, session_id, principal)
+        if scope["method"] != "DELETE":
+            await self.app(scope, receive, send)
+            return
         status = await _status_of(self.app, scope, receive, send)
-        if scope["method"] == "DELETE" and status is not None and status < 300:
+        if status is not None and status < 300:
             self._touched.pop(session_id, None)
             await self._quietly(self.store.end(self.endpoint, session_id), "end")
 
@@ -193,8 +237,11 @@ class SharedSessions:
             await send(event)
 
         await self.app(scope, replay(body, receive), watch)
+        user = scope.get("user")
         if created and isinstance(message, dict) and message.get("method") == "initialize":
             state = {"principal": list(principal.identity), "params": message.get("params") or {}}
+            if isinstance(user, AuthenticatedUser):  # the credential the SDK checks on every request
+                state["owner"] = dict(authorization_context(user))
             await self._quietly(self.store.save(self.endpoint, created[0], state), "save")
 
     async def _established(self, scope: Scope, session_id: str, principal: Principal) -> None:
@@ -203,6 +250,8 @@ class SharedSessions:
             await reviving.wait()
             return
         if sdk_sessions.has_session(self.manager, session_id):
+            if not self.store.shared:
+                return
             now = time.monotonic()
             if now - self._touched.get(session_id, 0.0) >= TOUCH_S:
                 self._touched[session_id] = now
@@ -221,22 +270,25 @@ class SharedSessions:
             logger.warning("MCP session state unavailable", extra={"error": type(exc).__name__})
             return
         user = scope.get("user")
-        if (
-            state is None
-            or state.get("principal") != list(principal.identity)
-            or not isinstance(user, AuthenticatedUser)
-        ):
+        if state is None or state.get("principal") != list(principal.identity):
             return  # unknown, or another principal's: the SDK answers 404
+        owner = authorization_context(user) if isinstance(user, AuthenticatedUser) else None
+        if owner is None or state.get("owner", owner) != owner:
+            return  # another credential's (a state saved before owners were recorded names none)
         params = state.get("params")
-        await sdk_sessions.revive(
+        revived = await sdk_sessions.revive(
             self.manager,
             session_id,
-            authorization_context(user),
+            owner,
             params if isinstance(params, dict) else {},
             lambda connection: self.on_revived(connection, principal, scope),
         )
-        self._touched[session_id] = time.monotonic()
-        logger.info("MCP session revived on this replica", extra={"session_id": session_id[:64]})
+        if not revived:
+            return
+        self.store.revived(self.endpoint, session_id)
+        if self.store.shared:
+            self._touched[session_id] = time.monotonic()
+        logger.info("MCP session revived", extra={"session_id": session_id[:64]})
 
     async def _quietly(self, work: Any, what: str) -> None:
         try:
