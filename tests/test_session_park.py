@@ -22,7 +22,11 @@ from scailink_mcp.config import Settings
 from scailink_mcp.session_park import LocalSessions
 from tests.conftest import LiveApp, TokenFactory, auth_headers
 from tests.test_mcp_gateway import mcp_client, register, wait_for
+from tests.test_replicas_events import redis_reason, redis_settings
+from tests.test_replicas_sessions import replicas
 from tests.upstream import UpstreamServer
+
+__all__ = ["redis_reason", "redis_settings"]  # fixtures used here, defined with the events tests
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -277,3 +281,27 @@ async def test_the_per_server_endpoint_parks_and_revives(
         result = await raw.call("tools/call", {"name": "echo", "arguments": {"text": "single"}})
         assert result["content"][0]["text"] == "single"
         assert holds(live, sid, "single")
+
+
+async def test_with_redis_a_parked_session_is_revived_from_its_key(
+    redis_settings: Callable[..., Settings], token: TokenFactory
+) -> None:
+    """With Redis the record is the session's key: parking ends this replica's copy only; the next
+    request revives it (on any replica) as one created elsewhere; DELETE still ends it everywhere."""
+    tok, other = token("u1", "t1", ("tenant_user",)), token("u2", "t1", ("tenant_user",))
+    settings = redis_settings(mcp_park_idle_s=PARK_S)
+    async with replicas(settings, count=2) as (a, b), httpx.AsyncClient(timeout=30) as http:
+        raw = Raw(http, a.mcp_url, tok)
+        sid = await raw.open()
+        await until_parked(a, sid)
+        assert await gauge(a, "scailink_mcp_parkings") >= 1
+        stolen = {**raw.headers, **auth_headers(other)}
+        assert (await raw.post("tools/list", {}, headers=stolen)).status_code == 404
+        assert (await raw.call("tools/list", {}))["tools"] == []
+        assert holds(a, sid)
+        await until_parked(a, sid)
+        assert (await http.delete(a.mcp_url, headers=raw.headers)).status_code == 200
+        on_b = Raw(http, b.mcp_url, tok)
+        on_b.headers = raw.headers
+        assert (await on_b.post("tools/list", {})).status_code == 404
+        assert (await raw.post("tools/list", {})).status_code == 404
