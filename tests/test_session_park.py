@@ -7,6 +7,7 @@ record, and the `scailink_mcp_sessions_parked` / `scailink_mcp_parkings` gauges 
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -138,6 +139,9 @@ async def test_a_parked_session_behaves_as_an_unparked_one(
 
         await until_parked(live, sid)
         assert parked(live) == 1
+        gc.collect()  # the SDK's machinery is gone: nothing holds the session's connection any more
+        await wait_for(lambda: live.parts.notifier.session_count() == 0)
+        assert len(live.parts.parking.tables["aggregate"]) == 0
         assert await gauge(live, "scailink_mcp_sessions_parked") == 1
         assert await gauge(live, "scailink_mcp_parkings") >= 1
         assert echo in {t["name"] for t in (await raw.call("tools/list", {}))["tools"]}

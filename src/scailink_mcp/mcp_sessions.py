@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scailink_mcp import sdk_sessions
 from scailink_mcp.auth import Principal
 from scailink_mcp.mcp_auth import scope_principal
-from scailink_mcp.mcp_guard import replay
+from scailink_mcp.mcp_guard import PARSED_MESSAGE
 from scailink_mcp.redis_link import PeerLink, Subscription, connect
 
 if TYPE_CHECKING:
@@ -221,12 +221,12 @@ class SharedSessions:
             await self._quietly(self.store.end(self.endpoint, session_id), "end")
 
     async def _opening(self, scope: Scope, receive: Receive, send: Send, principal: Principal) -> None:
-        """A request without a session id: when it is a successful `initialize`, record the session."""
-        body = await _read(receive)
-        try:
-            message = json.loads(body)
-        except ValueError:
-            message = None
+        """A request without a session id: when it is a successful `initialize`, record the session.
+        The body is the guard's parse (`PARSED_MESSAGE`): a 2026-07-28 request passes untouched."""
+        message = scope.get(PARSED_MESSAGE)
+        if not isinstance(message, dict) or message.get("method") != "initialize":
+            await self.app(scope, receive, send)
+            return
         created: list[str] = []
 
         async def watch(event: Message) -> None:
@@ -236,9 +236,9 @@ class SharedSessions:
                 )
             await send(event)
 
-        await self.app(scope, replay(body, receive), watch)
+        await self.app(scope, receive, watch)
         user = scope.get("user")
-        if created and isinstance(message, dict) and message.get("method") == "initialize":
+        if created:
             state = {"principal": list(principal.identity), "params": message.get("params") or {}}
             if isinstance(user, AuthenticatedUser):  # the credential the SDK checks on every request
                 state["owner"] = dict(authorization_context(user))
@@ -295,17 +295,6 @@ class SharedSessions:
             await work
         except Exception as exc:
             logger.warning(f"MCP session state not {what}d in Redis", extra={"error": type(exc).__name__})
-
-
-async def _read(receive: Receive) -> bytes:
-    chunks = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return bytes(chunks)
-        chunks += message.get("body", b"")
-        if not message.get("more_body", False):
-            return bytes(chunks)
 
 
 async def _status_of(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> int | None:
