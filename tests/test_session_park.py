@@ -309,3 +309,34 @@ async def test_with_redis_a_parked_session_is_revived_from_its_key(
         on_b.headers = raw.headers
         assert (await on_b.post("tools/list", {})).status_code == 404
         assert (await raw.post("tools/list", {})).status_code == 404
+
+
+async def test_mcp_max_sessions_counts_parked_sessions(
+    settings_factory: Callable[..., Settings], token: TokenFactory
+) -> None:
+    """Held and parked sessions together are at most `mcp_max_sessions`: the next `initialize` gets the
+    SDK's own 503 (compared with the SDK's answer when nothing is parked)."""
+    toks = [token(f"u{i}", "t1", ("tenant_user",)) for i in range(3)]
+    refusals = []
+    for park in (0.0, PARK_S):
+        settings = settings_factory(mcp_park_idle_s=park, mcp_max_sessions=2)
+        async with live_app(settings) as live, httpx.AsyncClient(timeout=30) as http:
+            first, second = Raw(http, live.mcp_url, toks[0]), Raw(http, live.mcp_url, toks[1])
+            await first.open()
+            await second.open()
+            if park:
+                await until_parked(live, first.session_id)
+                await until_parked(live, second.session_id)
+            init = {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            }
+            third = Raw(http, live.mcp_url, toks[2])
+            refused = await third.post("initialize", init)
+            assert refused.status_code == 503
+            refusals.append((refused.headers["content-type"], refused.content))
+            if park:  # a session ended makes room again
+                assert (await http.delete(live.mcp_url, headers=first.headers)).status_code == 200
+                assert await third.open()
+    assert refusals[0] == refusals[1]

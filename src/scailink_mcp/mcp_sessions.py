@@ -42,7 +42,9 @@ from mcp.server.auth.middleware.bearer_auth import (
 )
 from mcp.server.connection import Connection
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp_types import INTERNAL_ERROR
 from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scailink_mcp import sdk_sessions
@@ -57,6 +59,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MCP_SESSION_ID = "mcp-session-id"
+TOO_MANY = JSONResponse(  # the SDK manager's answer at its session cap, byte for byte
+    {"jsonrpc": "2.0", "id": None, "error": {"code": INTERNAL_ERROR, "message": "Too many open sessions"}},
+    status_code=503,
+)
 TOUCH_S = 30.0
 Revived = Callable[[Connection, Principal, Scope], None]
 
@@ -76,6 +82,7 @@ class Store(Protocol):
     def revived(self, endpoint: str, session_id: str) -> None: ...
     def ended(self, endpoint: str, session_id: str) -> None: ...
     def trim(self, endpoint: str, owner: AuthorizationContext, keep: int) -> int: ...
+    def parked_count(self, endpoint: str) -> int: ...
 
 
 class SessionStore:
@@ -147,6 +154,9 @@ class SessionStore:
 
     def trim(self, endpoint: str, owner: AuthorizationContext, keep: int) -> int:
         return 0  # the per-principal cap counts the sessions held by each replica (module docstring)
+
+    def parked_count(self, endpoint: str) -> int:
+        return 0  # so does `mcp_max_sessions`
 
     async def end(self, endpoint: str, session_id: str) -> None:
         client = self._redis()
@@ -226,6 +236,10 @@ class SharedSessions:
         message = scope.get(PARSED_MESSAGE)
         if not isinstance(message, dict) or message.get("method") != "initialize":
             await self.app(scope, receive, send)
+            return
+        cap, parked = self.manager.max_sessions, self.store.parked_count(self.endpoint)
+        if parked and cap is not None and sdk_sessions.session_count(self.manager) + parked >= cap:
+            await TOO_MANY(scope, receive, send)  # held and parked together: the SDK's own refusal
             return
         created: list[str] = []
 

@@ -110,6 +110,11 @@ def has_session(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
     return session_id in manager._server_instances
 
 
+def session_count(manager: StreamableHTTPSessionManager) -> int:
+    """The sessions the manager holds (what its `max_sessions` counts)."""
+    return len(manager._server_instances)
+
+
 async def discard(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
     """End this replica's copy of a session; False if it had none."""
     transport = manager._server_instances.get(session_id)

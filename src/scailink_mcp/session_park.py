@@ -18,7 +18,8 @@ replica (`sdk_sessions.revive`): the SDK serves it as its own again, owner check
 - Never parked: a session with an open GET stream or a request in flight (list_changed and the
   client's back-channel travel there), and one that holds resource subscriptions or a pending URL
   elicitation (`pinned`: they are keyed on the live connection).
-- The per-principal cap counts parked sessions (`trim`, from the guard): parked ones are dropped first.
+- The per-principal cap counts parked sessions (`trim`, from the guard): parked ones are dropped first;
+  `mcp_max_sessions` counts them too (`SharedSessions` answers the SDK's 503 when held + parked reach it).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class LocalSessions:
     def __init__(self) -> None:
         self._records: dict[Key, _Record] = {}
         self._parked: dict[Owner | None, dict[Key, None]] = {}  # per owner, oldest parked first
+        self._counts: dict[str, int] = {}  # parked per endpoint
 
     def register(self, endpoint: str, manager: StreamableHTTPSessionManager) -> None:
         return None
@@ -98,7 +100,10 @@ class LocalSessions:
         if record is None:
             return False  # no record to revive it from: it keeps running
         record.expires = anyio.current_time() + expires_in
-        self._parked.setdefault(record.owner, {})[key] = None
+        keys = self._parked.setdefault(record.owner, {})
+        if key not in keys:
+            keys[key] = None
+            self._counts[endpoint] = self._counts.get(endpoint, 0) + 1
         return True
 
     def revived(self, endpoint: str, session_id: str) -> None:
@@ -122,8 +127,8 @@ class LocalSessions:
             self._drop(key)
         return len(dropped)
 
-    def parked_of(self, endpoint: str, owner: AuthorizationContext) -> int:
-        return sum(1 for key in self._parked.get(_owner(dict(owner)), {}) if key[0] == endpoint)
+    def parked_count(self, endpoint: str) -> int:
+        return self._counts.get(endpoint, 0)
 
     def prune(self) -> int:
         """Drop the parked records past their expiry."""
@@ -140,7 +145,7 @@ class LocalSessions:
 
     def __len__(self) -> int:
         """The parked sessions."""
-        return sum(len(keys) for keys in self._parked.values())
+        return sum(self._counts.values())
 
     def _drop(self, key: Key) -> None:
         record = self._records.pop(key, None)
@@ -149,8 +154,9 @@ class LocalSessions:
 
     def _unpark(self, key: Key, owner: Owner | None) -> None:
         keys = self._parked.get(owner)
-        if keys is not None:
-            keys.pop(key, None)
+        if keys is not None and key in keys:
+            del keys[key]
+            self._counts[key[0]] -= 1
             if not keys:
                 del self._parked[owner]
 
