@@ -246,9 +246,6 @@ class SessionTable:
                 found.append((session_id, connection))
         return found
 
-    def owner(self, session_id: str) -> AuthorizationContext | None:
-        return None if self.manager is None else self.manager._session_owners.get(session_id)
-
     async def park(self, session_id: str, connection: Connection, idle_s: float, keep: Keep) -> bool:
         """Tear the session's SDK machinery down if it is still idle for `idle_s` with nothing open.
 
