@@ -233,3 +233,33 @@ async def test_verified_tokens_are_remembered_until_exp_or_ttl() -> None:
         with pytest.raises(Unauthorized):
             await verifier.verify(forged)
     assert decodes == 4, "a refused token is checked in full every time, never answered from the cache"
+
+
+async def test_a_cached_principal_is_reused_until_the_tenants_custom_roles_change() -> None:
+    """A repeat of a verified token returns the same `Principal` (and the MCP surface the same access
+    token model) while the tenant's custom-role mapping is the same object; a change of that mapping
+    (the role store replaces it on every change) applies on the very next request."""
+    from scailink_mcp.mcp_auth import McpTokenVerifier, ScaiLinkAccessToken
+
+    key = ec_key()
+    settings = Settings(_env_file=None, jwt_public_key=public_pem(key))  # type: ignore[call-arg]
+    verifier = TokenVerifier(settings)
+    roles: dict[str, Any] = {"t1": {}}
+    verifier.custom_roles = lambda tenant: roles.get(tenant, {})
+    token = mint(key, groups=["tenant_user", "auditors"])
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) is first, "same claims, same custom roles: the same principal"
+    assert auth.AUDIT not in first.permissions
+    mcp = McpTokenVerifier(verifier)
+    made = await mcp.verify_token(token)
+    assert isinstance(made, ScaiLinkAccessToken) and made.principal is first
+    assert await mcp.verify_token(token) is made, "no new access token model for the same principal"
+
+    roles["t1"] = {"auditors": frozenset({auth.AUDIT})}  # a custom role added: a new mapping
+    changed = await verifier.verify(token)
+    assert changed is not first and auth.AUDIT in changed.permissions
+    remade = await mcp.verify_token(token)
+    assert isinstance(remade, ScaiLinkAccessToken) and remade.principal is changed
+    assert auth.AUDIT in remade.scopes, "the access token follows the new principal"
+    other = mint(key, sub="u2")
+    assert (await verifier.verify(other)).user_id == "u2", "another token has its own entry"

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LiveApp, TokenFactory
 from tests.test_mcp_gateway import mcp_client, register
+from tests.test_replicas_events import until
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.anyio
@@ -100,3 +101,42 @@ async def test_readyz_checks_redis_when_configured(settings_factory: object) -> 
         checks = resp.json()["checks"]
         expected = {"database", "redis", "redis_events", "redis_desktop", "redis_mcp_sessions", "redis_mrtr"}
         assert expected <= set(checks) and set(checks.values()) == {"ok"}, checks
+
+
+async def test_mcp_requests_take_the_lane_with_their_request_id_and_log_line(
+    live: LiveApp, token: TokenFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`/mcp` skips Starlette's outer layers (`LanedStarlette`) but keeps what they did for it: the
+    X-Request-ID echo, one access log line, the SDK's 401; a path the lane does not take
+    (`/mcp/`, another path) still goes through the router."""
+    import logging
+
+    from scailink_mcp.api.middleware import LanedStarlette
+
+    caplog.set_level(logging.INFO, logger="scailink_mcp.access")
+    assert isinstance(live.app, LanedStarlette)
+    tok = token()
+    headers = {"Authorization": f"Bearer {tok}", "X-Request-ID": "lane-1",
+               "Accept": "application/json, text/event-stream"}  # fmt: skip
+    hello = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello}
+    async with httpx.AsyncClient(base_url=live.base_url) as client:
+        resp = await client.post("/mcp", json=init, headers=headers)
+        refused = await client.post("/mcp", json=init, headers={"X-Request-ID": "lane-2"})
+        other = await client.post("/mcp/", json=init, headers={**headers, "X-Request-ID": "lane-3"})
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "lane-1"
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "lane-2"
+    assert "resource_metadata=" in refused.headers["www-authenticate"]
+    assert other.headers["x-request-id"] == "lane-3" and other.status_code in (307, 404)
+
+    def logged() -> list[tuple[str, str, int]]:
+        access = [r for r in caplog.records if r.name == "scailink_mcp.access"]
+        return sorted((r.request_id, r.path, r.status) for r in access)  # type: ignore[attr-defined]
+
+    # An SSE answer's line is written once its stream has ended, which may be after the next request's.
+    await until(lambda: len(logged()) == 3)
+    assert logged() == [
+        ("lane-1", "/mcp", 200),
+        ("lane-2", "/mcp", 401),
+        ("lane-3", "/mcp/", other.status_code),
+    ]

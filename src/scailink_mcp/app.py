@@ -30,6 +30,7 @@ from scailink_mcp.api import iam as iam_api
 from scailink_mcp.api import oauth as oauth_api
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
+    LanedStarlette,
     RequestIdMiddleware,
     http_exception_handler,
     scailink_error_handler,
@@ -257,8 +258,9 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     )
 
 
-def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPSessionManager]]:
-    """`/mcp` (aggregate), the per-server endpoint, and the OAuth protected-resource metadata."""
+def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPSessionManager], ASGIApp]:
+    """`/mcp` (aggregate), the per-server endpoint, and the OAuth protected-resource metadata; and
+    `/mcp`'s own chain (auth, guard, front), which the app's lane also takes it to."""
     settings = parts.settings
     verifier = McpTokenVerifier(parts.verifier)
     resource = resource_url(settings)
@@ -307,8 +309,9 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
 
         return SharedSessions(fronts[single], *parked, manager=manager, on_revived=revived)
 
+    aggregate_chain = protect(served(aggregate, single=False), aggregate)
     routes: list[BaseRoute] = [
-        Route("/mcp", endpoint=protect(served(aggregate, single=False), aggregate)),
+        Route("/mcp", endpoint=aggregate_chain),
         Route("/sse", endpoint=protect(sse.connect), methods=["GET"]),
         Mount("/messages", app=protect(sse.post)),
         Route(SINGLE_SERVER_MCP_PATH, endpoint=protect(served(single, single=True), single)),
@@ -319,13 +322,13 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
             resource_name="ScaiLink MCP",
         ),
     ]
-    return routes, [aggregate, single]
+    return routes, [aggregate, single], aggregate_chain
 
 
 def create_app(settings: Settings, components: Components | None = None) -> Starlette:
     parts = components or build_components(settings)
 
-    routes, managers = mcp_routes(parts)
+    routes, managers, aggregate_chain = mcp_routes(parts)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -372,7 +375,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
                 tg.cancel_scope.cancel()
         parts.db.dispose()
 
-    app = Starlette(
+    app = LanedStarlette(
         # The MCP routes first: Starlette tries routes in order, and a warm `tools/call` matched ~30
         # patterns before reaching `/mcp` (~2 % of its CPU). No other route shares their paths.
         routes=[
@@ -395,6 +398,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             Exception: unhandled_error_handler,
         },
         lifespan=lifespan,
+        lane=("/mcp", aggregate_chain),
     )
     app.state.scailink = parts
     return app

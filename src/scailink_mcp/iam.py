@@ -18,6 +18,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TypedDict
 
 import anyio
@@ -36,6 +37,7 @@ from scailink_mcp.remote.schemas import TEXT_PATTERN
 logger = logging.getLogger(__name__)
 
 ROLE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_NO_ROLES: Mapping[str, frozenset[str]] = MappingProxyType({})
 
 
 class RoleBody(BaseModel):
@@ -123,7 +125,9 @@ class RoleStore:
     # ---- the auth path (sync, no I/O) ---------------------------------------------------------------
 
     def roles_for(self, tenant_id: str) -> Mapping[str, frozenset[str]]:
-        return self._roles.get(tenant_id, {})
+        """The tenant's custom roles: the same mapping until they change (the verifier's principal
+        cache compares it by identity), a new one after."""
+        return self._roles.get(tenant_id, _NO_ROLES)
 
     def _cache(self, tenant_id: str, name: str, permissions: frozenset[str] | None) -> None:
         # Copy on write: a reader holding the previous mapping never sees it change under it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -37,10 +38,16 @@ class ScaiLinkAccessToken(AccessToken):
 
 
 class McpTokenVerifier:
-    """Adapts `auth.TokenVerifier` to the SDK's `TokenVerifier` protocol."""
+    """Adapts `auth.TokenVerifier` to the SDK's `TokenVerifier` protocol.
+
+    The access token (a pydantic model) made for a principal is reused while the verifier answers
+    with that same `Principal` object (its cache hit: same claims, same custom roles), so a warm
+    request builds no model; a different principal (roles changed, token re-verified) gets a new one.
+    """
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self.verifier = verifier
+        self._made: OrderedDict[str, ScaiLinkAccessToken] = OrderedDict()
 
     async def verify_token(self, token: str) -> AccessToken | None:
         try:
@@ -48,10 +55,13 @@ class McpTokenVerifier:
         except Unauthorized as exc:
             logger.info("mcp token refused", extra={"reason": exc.message})
             return None
+        made = self._made.get(token)
+        if made is not None and made.principal is principal:
+            return made
         # The SDK ties a session (Streamable HTTP and SSE alike) to (client_id, issuer, subject) and
         # answers 404 to anyone else: both carry the tenant, since `sub` is only unique inside one.
         owner = json.dumps(principal.identity)
-        return ScaiLinkAccessToken(
+        made = ScaiLinkAccessToken(
             token=token,
             client_id=owner,
             scopes=sorted(principal.permissions),
@@ -59,6 +69,13 @@ class McpTokenVerifier:
             claims={"tenant_id": principal.tenant_id},
             principal=principal,
         )
+        size = self.verifier.settings.jwt_verified_cache_size
+        if size > 0:
+            self._made[token] = made
+            self._made.move_to_end(token)
+            while len(self._made) > size:
+                self._made.popitem(last=False)
+        return made
 
 
 def current_principal() -> Principal:

@@ -32,6 +32,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.health_checks = Counter(
             "scailink_health_checks_total", "Health check results", ["result"], registry=self.registry
         )
@@ -41,8 +42,14 @@ class Metrics:
         Gauge(name, doc, registry=self.registry).set_function(read)
 
     def call(self, source: str, outcome: str, seconds: float) -> None:
-        self.calls.labels(source=source, outcome=outcome).inc()
-        self.latency.labels(source=source).observe(seconds)
+        # The labelled children are looked up once per (source, outcome): `labels()` validates and
+        # locks on every call (~1.5 % of a warm call's CPU); the labels are a handful of fixed words.
+        children = self._children.get((source, outcome))
+        if children is None:
+            children = (self.calls.labels(source=source, outcome=outcome), self.latency.labels(source=source))
+            self._children[(source, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,5 +1,6 @@
-"""Pure ASGI middleware: request ids on every HTTP response, and the one mapping of exceptions to the
-error envelope (a bug becomes `SCAILINK_INTERNAL` with nothing internal in the message).
+"""Pure ASGI middleware: request ids on every HTTP response, the one mapping of exceptions to the
+error envelope (a bug becomes `SCAILINK_INTERNAL` with nothing internal in the message), and the app
+class whose `/mcp` requests skip the layers that do nothing for them (`LanedStarlette`).
 
 A bug that escapes a handler before its response started is answered here (500 envelope, one log line
 with the traceback) instead of by Starlette's outermost middleware, which re-raises it to the server:
@@ -13,8 +14,11 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
@@ -121,3 +125,43 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(
         ScaiLinkError("internal error; quote the request id to the operator"), _rid(request)
     )
+
+
+class LanedStarlette(Starlette):
+    """Starlette, with the requests of `/mcp` taken straight to that endpoint's own chain.
+
+    Why: a warm `tools/call` is one HTTP request, and before reaching `/mcp`'s chain (bearer auth, the
+    guard, the front) it passed Starlette's error middleware, `RequestIdMiddleware`, the exception
+    middleware, the router and the route, each wrapping `send` again (~3 % of its CPU). The lane keeps
+    the two that act on such a request (`RequestIdMiddleware`: its id and access log line; the
+    exception middleware: the error envelope of a `ScaiLinkError`, with the app's handlers) and skips
+    the others. Only the exact path with no `root_path` takes it; anything else (a mounted app, other
+    paths, the per-server endpoint) goes through the full stack, where `/mcp` is routed to the same
+    chain.
+    """
+
+    def __init__(self, *args: Any, lane: tuple[str, ASGIApp] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lane_path, chain = lane or ("", None)
+        self._lane = (
+            None
+            if chain is None
+            # The handlers of the app's exception middleware (those of 500/`Exception` are
+            # `RequestIdMiddleware`'s own in this app), as Starlette splits them.
+            else RequestIdMiddleware(ExceptionMiddleware(chain, handlers=self._handled()))
+        )
+
+    def _handled(self) -> dict[Any, Any]:
+        return {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self._lane is not None
+            and scope["type"] == "http"
+            and scope["path"] == self._lane_path
+            and not scope.get("root_path")
+        ):
+            scope["app"] = self
+            await self._lane(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
