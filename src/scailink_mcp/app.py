@@ -197,10 +197,10 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     roles = RoleStore(db, events=events)
     surface = mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions)
     events.subscribe(surface.elicitations.on_authorized, UpstreamAuthorized)
-    # Several replicas: MCP sessions served by every replica (mcp_sessions.py); idle ones parked locally.
+    # MCP sessions served by every replica (mcp_sessions.py, Redis); idle ones parked (session_park.py).
     shared = SessionStore(link, ttl_s=settings.mcp_session_idle_s) if link else None
-    pinned = [subscriptions.holds, surface.elicitations.holds]
-    parking = Parking(shared or LocalSessions(), idle_s=settings.mcp_park_idle_s, pinned=pinned)
+    pinned = [subscriptions.holds, surface.elicitations.holds]  # never parked
+    parking = Parking(shared or LocalSessions(), settings.mcp_park_idle_s, metrics, pinned=pinned)
 
     async def roles_changed(event: RolesChanged) -> None:
         if from_peer():  # this worker's own change is already in its cache
@@ -216,10 +216,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     metrics.gauge(
         "scailink_desktop_sessions", "Desktop sessions (connected or in grace)", lambda: len(desktop.sessions)
     )
-    metrics.gauge(
-        "scailink_mcp_sessions", "Tracked downstream MCP sessions", lambda: notifier.session_count()
-    )
-    parking.gauges(metrics)
+    metrics.gauge("scailink_mcp_sessions", "Tracked downstream MCP sessions", notifier.session_count)
     metrics.gauge("scailink_audit_queue_depth", "Audit events waiting to be written", lambda: audit.depth())
     metrics.gauge("scailink_audit_dropped", "Audit events dropped: queue full", lambda: audit.dropped)
     metrics.gauge(
@@ -357,8 +354,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             if parts.mcp_sessions is not None:  # MCP sessions ended on other replicas
                 tg.start_soon(parts.mcp_sessions.run)
             tg.start_soon(parts.parking.run)  # idle MCP sessions parked (session_park.py)
-            if settings.background_tasks:
-                # Audit retention does not depend on the registry being enabled.
+            if settings.background_tasks:  # audit retention does not depend on the registry being enabled
                 tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)

@@ -167,8 +167,9 @@ class Parking:
     def __init__(
         self,
         store: Store,
-        *,
         idle_s: float,
+        metrics: Metrics,
+        *,
         pinned: Sequence[Callable[[Connection], bool]],
     ) -> None:
         self.store = store
@@ -177,6 +178,10 @@ class Parking:
         self.interval_s = max(0.1, min(idle_s / 2, 5.0))
         self.tables: dict[str, SessionTable] = {}
         self.parked = 0  # sessions parked so far (the `scailink_mcp_parkings` gauge)
+        metrics.gauge("scailink_mcp_parkings", "Idle MCP sessions parked so far", lambda: self.parked)
+        local = store if isinstance(store, LocalSessions) else None
+        count = (lambda: len(local)) if local is not None else (lambda: 0)
+        metrics.gauge("scailink_mcp_sessions_parked", "MCP sessions parked in this process", count)
 
     def add(self, endpoint: str, table: SessionTable) -> tuple[Store, str]:
         """Park the sessions of `table` (bound to its manager); the store to revive from, the endpoint."""
@@ -190,12 +195,6 @@ class Parking:
             if manager is not None and table.manager is manager:
                 return partial(self.store.trim, endpoint)
         return None
-
-    def gauges(self, metrics: Metrics) -> None:
-        metrics.gauge("scailink_mcp_parkings", "Idle MCP sessions parked so far", lambda: self.parked)
-        local = self.store if isinstance(self.store, LocalSessions) else None
-        count = (lambda: len(local)) if local is not None else (lambda: 0)
-        metrics.gauge("scailink_mcp_sessions_parked", "MCP sessions parked in this process", count)
 
     async def run(self) -> None:
         if self.idle_s <= 0:
