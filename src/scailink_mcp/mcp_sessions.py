@@ -144,7 +144,9 @@ class SessionStore:
         await self._redis().pexpire(self._key(endpoint, session_id), self.ttl_ms)
 
     def park(self, endpoint: str, session_id: str, expires_in: float) -> bool:
-        return True
+        """The key is the record; while Redis is not answering, a session is not parked (its revival
+        would need Redis)."""
+        return self._subscription.ready
 
     def revived(self, endpoint: str, session_id: str) -> None:
         return None

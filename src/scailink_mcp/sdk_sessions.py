@@ -197,8 +197,8 @@ class SessionTable:
     """The established sessions of one session manager (one table per endpoint, one owner: the SDK's
     manager decides existence and ownership, this table only adds what the handshake established).
 
-    Used by the `/mcp` front (`established`, `serving`) and by the replicas layer (`holds`, and the
-    revived sessions it records with `known`).
+    Used by the `/mcp` front (`established`, `serving`), by the replicas layer (`holds`, and the
+    revived sessions it records with `known`) and by parking (`idle`, `park`, `on_ended`).
     """
 
     def __init__(self) -> None:
