@@ -17,7 +17,9 @@ replica (`sdk_sessions.revive`): the SDK serves it as its own again, owner check
   (`mcp_session_idle_s` after its last request), its record with it.
 - Never parked: a session with an open GET stream or a request in flight (list_changed and the
   client's back-channel travel there), and one that holds resource subscriptions or a pending URL
-  elicitation (`pinned`: they are keyed on the live connection).
+  elicitation (`pinned`: they are keyed on the live connection). A parked session hears no
+  list_changed, as an unparked one without a GET stream does not (the SDK drops what has no stream);
+  revived, it is tracked again from the catalog as it is then.
 - The per-principal cap counts parked sessions (`trim`, from the guard): parked ones are dropped first;
   `mcp_max_sessions` counts them too (`SharedSessions` answers the SDK's 503 when held + parked reach it).
 """
