@@ -304,7 +304,8 @@ class SharedSessions:
         self.store.revived(self.endpoint, session_id)
         if self.store.shared:
             self._touched[session_id] = time.monotonic()
-        logger.info("MCP session revived", extra={"session_id": session_id[:64]})
+        level = logging.INFO if self.store.shared else logging.DEBUG  # a parked one revives often
+        logger.log(level, "MCP session revived", extra={"session_id": session_id[:64]})
 
     async def _quietly(self, work: Any, what: str) -> None:
         try:
