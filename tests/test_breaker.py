@@ -112,6 +112,29 @@ async def test_a_real_outage_opens_the_circuit_for_everyone(upstream: UpstreamSe
         assert pool.reap_once() == 0 and not pool._breakers, "idle breakers are forgotten"
 
 
+async def test_a_success_clears_the_callers_count_and_the_servers(upstream: UpstreamServer) -> None:
+    """A success clears the counts of its own breaker and of the server's, also when only the
+    server's exists (the pool skips breaker.py only when neither does)."""
+
+    async def time_out(user: str) -> None:
+        with anyio.fail_after(10), pytest.raises(UpstreamTimeout):
+            await pool.call_tool(PoolKey("s1", 1, user), "sleep_ms", {"ms": 5000}, timeout=0.2)
+
+    async with running_pool(upstream, clock=Clock()) as pool:
+        for _ in range(4):
+            await time_out("a")
+        assert await echo(pool, PoolKey("s1", 1, "a"), "ok") == "ok"
+        for _ in range(4):  # 8 within the window, but the success cleared the first 4
+            await time_out("a")
+        assert not pool.breaker_open("s1", "a")
+        assert await echo(pool, PoolKey("s1", 1, "a"), "ok") == "ok"
+        for user in ("b", "b", "d", "d"):  # 4 of the server's count, from 2 users
+            await time_out(user)
+        assert await echo(pool, PoolKey("s1", 1, "c"), "ok") == "ok"  # c has no breaker of its own
+        await time_out("c")  # 5 from 3 users within the window, had c's success not cleared them
+        assert not pool.breaker_open("s1", "newcomer"), "the server's count was cleared"
+
+
 @asynccontextmanager
 async def strict_http_upstream() -> AsyncIterator[str]:
     """A minimal real MCP server (JSON answers) that answers every `tools/call` with a JSON-RPC

@@ -270,10 +270,10 @@ class TooManyFiles(AssertionError):
 @pytest.mark.xfail(
     raises=TooManyFiles,
     strict=True,
-    reason="measured 16 files on 2026-12-04 with the aiohttp call client (mcp_front, front_answer, "
-    "front_calls, mcp_server, catalog, desktop/connections, targets, mcp_tools, invocation, era_reverse, "
-    "remote/pool, remote/breaker, remote/pooled_session, remote/wire, remote/lean_http, resource_uris; "
-    "12 before issue 14's front): issue 12's target of 7 is not met; drop this mark once it is",
+    reason="measured 11 files on 2026-12-06 (mcp_front, front_answer, front_calls, catalog, targets, "
+    "mcp_tools, invocation, remote/pool, remote/pooled_session, remote/wire, remote/lean_http; 16-17 on "
+    "2026-12-04 with mcp_server, desktop/connections, era_reverse, remote/breaker, remote/answers and "
+    "resource_uris): issue 12's target of 7 is not met; drop this mark once it is",
 )
 async def test_a_warm_remote_call_passes_at_most_7_files(settings_factory: Any, token: TokenFactory) -> None:
     trace = await warm_call_trace(settings_factory, token)

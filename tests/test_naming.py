@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from scailink_mcp.catalog import paginate, public_uri, split_uri
+from scailink_mcp.mcp_tools import _may_name_resources
 from scailink_mcp.naming import (
     TOOL_MAX,
     compat_candidate,
@@ -17,6 +21,7 @@ from scailink_mcp.naming import (
     remote_namespace,
     slugify,
 )
+from scailink_mcp.remote.wire import WireResult
 
 COMPAT = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -61,6 +66,32 @@ def test_resource_uris_round_trip() -> None:
     assert template.endswith("%2Fnotes%2F{name}")
     assert split_uri(template.replace("{name}", "todo.md")) == ("ns", "file:///notes/todo.md")
     assert split_uri("file:///x") is None
+
+
+LINK = {"type": "resource_link", "uri": "file:///a", "name": "a"}
+EMBEDDED = {"type": "resource", "resource": {"uri": "file:///b", "text": "b"}}
+
+
+@pytest.mark.parametrize(
+    ("content", "raw_of", "scanned"),
+    [
+        ([{"type": "text", "text": "hi"}], json.dumps, False),
+        ([{"type": "text", "text": "ü"}], json.dumps, True),  # \u-escaped: the bytes cannot tell
+        ([LINK], json.dumps, True),
+        ([EMBEDDED], lambda d: json.dumps(d, separators=(",", ":")), True),
+        ([LINK], lambda d: json.dumps(d).replace('"resource', '"\\u0072esource'), True),
+    ],
+)
+def test_a_tool_result_skips_the_resource_uri_scan_only_when_its_bytes_name_no_resource(
+    content: list[dict[str, Any]], raw_of: Callable[[dict[str, Any]], str], scanned: bool
+) -> None:
+    """`mcp_tools` calls `resource_uris.tool_result` unless the upstream's own bytes of the result
+    (`WireResult.raw`) cannot hold a resource item; a result someone rebuilt (a plain dict) is scanned."""
+    result: dict[str, Any] = {"content": content}
+    raw = raw_of(result)
+    assert json.loads(raw) == result
+    assert _may_name_resources(WireResult(result, raw.encode())) is scanned
+    assert _may_name_resources(dict(result))
 
 
 def test_device_slugs_are_short() -> None:

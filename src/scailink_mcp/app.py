@@ -20,7 +20,7 @@ from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute, websocket_session
 from starlette.types import ASGIApp, Scope
 
 from scailink_mcp import dashboard, front_calls, mcp_server, mcp_transports
@@ -31,6 +31,7 @@ from scailink_mcp.api import oauth as oauth_api
 from scailink_mcp.api import operations, remote_servers
 from scailink_mcp.api.middleware import (
     LanedStarlette,
+    Lanes,
     RequestIdMiddleware,
     http_exception_handler,
     scailink_error_handler,
@@ -255,9 +256,8 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     )
 
 
-def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPSessionManager], ASGIApp]:
-    """`/mcp` (aggregate), the per-server endpoint, and the OAuth protected-resource metadata; and
-    `/mcp`'s own chain (auth, guard, front), which the app's lane also takes it to."""
+def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPSessionManager], Lanes]:
+    """`/mcp` (aggregate), the per-server endpoint, the OAuth protected-resource metadata; `/mcp`'s lane."""
     settings = parts.settings
     verifier = McpTokenVerifier(parts.verifier)
     resource = resource_url(settings)
@@ -319,13 +319,13 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
             resource_name="ScaiLink MCP",
         ),
     ]
-    return routes, [aggregate, single], aggregate_chain
+    return routes, [aggregate, single], {("http", "/mcp"): aggregate_chain}
 
 
 def create_app(settings: Settings, components: Components | None = None) -> Starlette:
     parts = components or build_components(settings)
 
-    routes, managers, aggregate_chain = mcp_routes(parts)
+    routes, managers, lanes = mcp_routes(parts)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -394,7 +394,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             Exception: unhandled_error_handler,
         },
         lifespan=lifespan,
-        lane=("/mcp", aggregate_chain),
+        lanes={**lanes, ("websocket", "/v1/scailink/ws"): websocket_session(parts.bridge.endpoint)},
     )
     app.state.scailink = parts
     return app

@@ -35,9 +35,11 @@ from scailink_mcp.remote.discovery import visible_capabilities
 from scailink_mcp.targets import DesktopTarget, RemoteTarget, Target
 
 NameStyle = Literal["dotted", "compat"]
-# Pages stay well under the SDK client's 1 MiB cap on one server-sent event.
+# Pages stay at half the SDK client's 1 MiB cap on one server-sent event, and hold 500 tools of a
+# usual size (~700 bytes; 256 KiB cut them at ~360): each page is one request and one answer, so a
+# large listing takes fewer round trips.
 PAGE_MAX_ITEMS = 500
-PAGE_MAX_BYTES = 256 * 1024
+PAGE_MAX_BYTES = 512 * 1024
 URI_SCHEME = "scailink://"
 
 
@@ -318,9 +320,11 @@ class Catalog:
         remote = principal.has(auth.REMOTE_USE)
         desktop = principal.has(auth.VIEW) and self.desktop is not None
         key = (principal.tenant_id, principal.user_id, remote, desktop, style)
+        # The desktop's version read from its dict (not `DesktopRegistry.version`): a warm call's
+        # resolution stays in this module.
         version = (
             self.directory.version(principal.tenant_id),
-            self.desktop.version(principal.tenant_id, principal.user_id) if self.desktop else 0,
+            self.desktop.versions.get((principal.tenant_id, principal.user_id), 0) if self.desktop else 0,
         )
         cached = self._views.get(key)
         if cached is not None and cached.version == version:

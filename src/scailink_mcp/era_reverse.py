@@ -20,8 +20,9 @@ server does not: it refuses to send that result in the handshake era), the same 
 
 Must not: ask a caller for a capability it did not declare (the call ends with a tool error naming
 what is missing, `ClientCapabilityMissing`), hang (every question is bounded by the call's timeout,
-and the rounds by `MAX_ROUNDS`), or cost a call whose answer is not `input_required` more than two
-closures and one key lookup (the caller's capabilities are worked out only when needed).
+and the rounds by `MAX_ROUNDS`), or be entered by a `tools/call` whose answer is not `input_required`
+(`RemoteTarget.call` sends the first round itself and hands only such an answer here, `first`; the
+caller's capabilities are worked out only when an upstream needs them).
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ class ReverseBridge:
         *,
         timeout: float,
         progress: ProgressFnT | None,
+        first: Result | None = None,
     ) -> Result:
+        """`first`: the answer of the call's first round when the caller sent it itself
+        (`RemoteTarget.call`, so that a call not asking for input never enters this module); the
+        rounds then start by answering it."""
         caps: dict[str, Any] | None = None  # worked out only when needed: not on the warm path
 
         def capabilities() -> dict[str, Any]:
@@ -124,7 +129,7 @@ class ReverseBridge:
                 capabilities=capabilities,
             )
 
-        return await self._rounds(send, relay, capabilities, timeout)
+        return await self._rounds(send, relay, capabilities, timeout, first)
 
     async def request(
         self,
@@ -158,10 +163,11 @@ class ReverseBridge:
         relay: Downstream | None,
         caps: Callable[[], Mapping[str, Any]],
         timeout: float,
+        first: Result | None = None,
     ) -> Result:
         retry: dict[str, Any] | None = None
         for rounds in range(self.max_rounds + 1):  # the call, then one retry per round answered
-            result = await send(retry)
+            result = first if rounds == 0 and first is not None else await send(retry)
             if not asks_for_input(result):
                 return result
             if rounds == self.max_rounds:

@@ -17,7 +17,7 @@ device), and in the 2026-07-28 era `Mcp-Param-*` headers that disagree with the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import mcp_types as types
 from mcp.server.lowlevel.server import Server
@@ -26,6 +26,7 @@ from mcp.shared.inbound import MCP_PARAM_HEADER_PREFIX, validate_mcp_param_heade
 from starlette.datastructures import Headers
 
 from scailink_mcp import mcp_transports
+from scailink_mcp.catalog import NameStyle
 from scailink_mcp.era_pending import EraCall
 from scailink_mcp.errors import ToolNotFound
 from scailink_mcp.front_answer import Answer, Reply
@@ -79,6 +80,10 @@ def _headers_disagree(exchange: Exchange, target: Target, arguments: dict[str, A
 def tools_call(surface: McpSurface, *, single: bool) -> Handler:
     """The `tools/call` handler of one endpoint (`single`: the per-server endpoint)."""
     catalog = surface.catalog
+    # `surface.style_of` of every `?names=` value, worked out once (any other value asks for the
+    # default): the warm call reads a dict instead of calling into mcp_server.py.
+    styles = {names: surface.style_of(names) for names in get_args(NameStyle)}
+    default_style = surface.style_of(None)
 
     def resolve(exchange: Exchange, name: str) -> Target | None:
         principal = exchange.principal
@@ -93,7 +98,7 @@ def tools_call(surface: McpSurface, *, single: bool) -> Handler:
             if exchange.session is not None:
                 surface.notifier.track_connection(exchange.session.connection, principal, "dotted", server_id)
             return RemoteTarget("tool", name, server)
-        style = surface.style_of(exchange.names)
+        style = styles.get(exchange.names or "", default_style)
         target = catalog.view(principal, style).tool_targets.get(name)
         if target is not None and exchange.session is not None:
             surface.notifier.track_connection(exchange.session.connection, principal, style)

@@ -10,7 +10,7 @@ a view when the tenant's directory version (or the user's desktop version) moves
 it: no second invalidation scheme.
 
 Paging is the one `mcp_server.py` has always had: tools in the catalog's pages (`catalog.paginate`,
-at most 500 items and about 256 KiB each), the cursor base64url of `p{index}`, a page past the end
+at most 500 items and about 512 KiB each), the cursor base64url of `p{index}`, a page past the end
 empty; prompts, resources and templates in one page, their cursor ignored. 2026-07-28 results carry
 the caching hints `ttlMs: 0` and `cacheScope: "private"` (a catalog is per principal and changes
 without notice to a client's cache); handshake-era results do not. The members every 2026-07-28

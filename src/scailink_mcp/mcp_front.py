@@ -248,8 +248,9 @@ class McpFront:
             finally:
                 if key is not None:
                     self._running.pop(key, None)
-                with anyio.CancelScope(shield=True):
-                    await watch.stop()
+                if not watch.stopped():  # its task started (a long call): end it, even if cancelled
+                    with anyio.CancelScope(shield=True):
+                        await watch.stop()
         if cancelled.cancelled_caught:
             if not exchange.modern:  # the 2026-07-28 client is gone; a handshake-era stream is told
                 cancelled_answer = error_envelope(exchange.request_id, REQUEST_CANCELLED, "Request cancelled")
@@ -301,6 +302,13 @@ class Watch:
 
     def _start(self, waited: float) -> None:
         self._task = asyncio.get_running_loop().create_task(_keepalive(*self._args, PING_INTERVAL_S - waited))
+
+    def stopped(self) -> bool:
+        """Stop the watch if its task never started (most calls): True when nothing is left to end."""
+        if self._task is None:
+            self._timer.cancel()
+            return True
+        return False
 
     async def stop(self) -> None:
         self._timer.cancel()

@@ -25,7 +25,17 @@ from scailink_mcp.errors import (
     tool_error_result,
 )
 from scailink_mcp.invocation import Caller, Invoker
+from scailink_mcp.remote.wire import WireResult
 from scailink_mcp.targets import Result, Target
+
+
+def _may_name_resources(result: Result) -> bool:
+    """Whether `resource_uris.tool_result` may have URIs to rewrite. An upstream's result as it came
+    (`WireResult`) tells by its bytes, without a scan of its content: a `resource_link` or `resource`
+    item's type is a JSON string that starts `"resource`, unless its letters are `\\u`-escaped."""
+    if not isinstance(result, WireResult):
+        return True
+    return b'"resource' in result.raw or b"\\u" in result.raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +57,8 @@ class ToolRun:
             result = await self.invoker.call(
                 self.principal, self.target, self.name, self.arguments, timeout=wait, caller=self.caller
             )
-            if aggregate:  # every URI an agent gets through /mcp reads back there
+            # Every URI an agent gets through /mcp reads back there.
+            if aggregate and _may_name_resources(result):
                 result = resource_uris.tool_result(result, self.target)
         except ProtocolError as err:
             raise mcp_error(err) from None

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from scailink_mcp.desktop.connections import DesktopRegistry, DesktopSession, needs_consent
 from scailink_mcp.desktop.protocol import PROMPT_GET, RESOURCE_READ, TOOL_INVOKE
+from scailink_mcp.era_reverse import caller_capabilities
 from scailink_mcp.errors import UpstreamError
 from scailink_mcp.remote.pool import PoolKey, UpstreamPool
 
@@ -141,23 +142,31 @@ class RemoteTarget:
                     timeout=call.timeout,
                     progress=call.forwarding.progress,
                 )
-            if b.bridge is not None:  # an upstream's own input_required asked of the caller (era_reverse.py)
-                return await b.bridge.reverse.call_tool(
-                    key,
-                    self.upstream_name,
-                    call.arguments,
-                    call.forwarding.relay,
-                    timeout=call.timeout,
-                    progress=call.forwarding.progress,
-                )
-            return await b.pool.call_tool(
+            relay = call.forwarding.relay
+            # The caller's capabilities: asked only by an upstream that speaks only 2026-07-28.
+            caps = None if b.bridge is None else lambda: caller_capabilities(relay)
+            result = await b.pool.call_tool(
                 key,
                 self.upstream_name,
                 call.arguments,
                 timeout=call.timeout,
                 progress_callback=call.forwarding.progress,
-                relay=call.forwarding.relay,
+                relay=relay,
+                capabilities=caps,
             )
+            if b.bridge is not None and is_input_required(result):
+                # An upstream's own input_required, asked of the caller (era_reverse.py); the first
+                # round is sent here, so a call that asks for nothing never enters the rounds.
+                return await b.bridge.reverse.call_tool(
+                    key,
+                    self.upstream_name,
+                    call.arguments,
+                    relay,
+                    timeout=call.timeout,
+                    progress=call.forwarding.progress,
+                    first=result,
+                )
+            return result
         except UpstreamError:
             if key.token_version:  # the token may have been refused since: then the caller must authorize
                 await self.key(b, call.principal)

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -127,41 +128,37 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     )
 
 
+Lanes = Mapping[tuple[str, str], ASGIApp]
+
+
 class LanedStarlette(Starlette):
-    """Starlette, with the requests of `/mcp` taken straight to that endpoint's own chain.
+    """Starlette, with the requests of a few exact paths taken straight to their endpoint's own chain.
 
     Why: a warm `tools/call` is one HTTP request, and before reaching `/mcp`'s chain (bearer auth, the
     guard, the front) it passed Starlette's error middleware, `RequestIdMiddleware`, the exception
-    middleware, the router and the route, each wrapping `send` again (~3 % of its CPU). The lane keeps
-    the two that act on such a request (`RequestIdMiddleware`: its id and access log line; the
-    exception middleware: the error envelope of a `ScaiLinkError`, with the app's handlers) and skips
-    the others. Only the exact path with no `root_path` takes it; anything else (a mounted app, other
-    paths, the per-server endpoint) goes through the full stack, where `/mcp` is routed to the same
-    chain.
+    middleware, the router and the route, each wrapping `send` again (~3 % of its CPU); an idle desktop
+    WebSocket keeps a suspended frame of each of those layers for its whole life (~4 KiB a session).
+    A lane keeps the two that act on such a request (`RequestIdMiddleware`: its id and access log
+    line; the exception middleware: the error envelope of a `ScaiLinkError`, with the app's handlers)
+    and skips the others. `lanes` maps (ASGI scope type, exact path) to the endpoint's app; only a
+    scope without `root_path` takes one. Anything else goes through the full stack, where the same
+    paths are routed to the same apps.
     """
 
-    def __init__(self, *args: Any, lane: tuple[str, ASGIApp] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lanes: Lanes | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._lane_path, chain = lane or ("", None)
-        self._lane = (
-            None
-            if chain is None
-            # The handlers of the app's exception middleware (those of 500/`Exception` are
-            # `RequestIdMiddleware`'s own in this app), as Starlette splits them.
-            else RequestIdMiddleware(ExceptionMiddleware(chain, handlers=self._handled()))
-        )
-
-    def _handled(self) -> dict[Any, Any]:
-        return {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+        # The handlers of the app's exception middleware (those of 500/`Exception` are
+        # `RequestIdMiddleware`'s own in this app), as Starlette splits them.
+        handled = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+        self._lanes = {
+            key: RequestIdMiddleware(ExceptionMiddleware(chain, handlers=handled))
+            for key, chain in (lanes or {}).items()
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self._lane is not None
-            and scope["type"] == "http"
-            and scope["path"] == self._lane_path
-            and not scope.get("root_path")
-        ):
+        lane = self._lanes.get((scope["type"], scope.get("path", "")))
+        if lane is not None and not scope.get("root_path"):
             scope["app"] = self
-            await self._lane(scope, receive, send)
+            await lane(scope, receive, send)
             return
         await super().__call__(scope, receive, send)

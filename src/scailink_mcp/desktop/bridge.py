@@ -23,6 +23,7 @@ loop yields after every frame.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -135,7 +136,9 @@ class Bridge:
             return
         if previous is not None and previous.close is not None:
             await previous.close(Close.REPLACED, "replaced by a newer connection of the same device")
-        lock = anyio.Lock()
+        # asyncio's lock makes its waiter queue on first contention, anyio's at once (~0.7 KiB of
+        # every idle session); ScaiLink runs on asyncio (uvicorn).
+        lock = asyncio.Lock()
 
         async def send(text: str) -> None:
             async with lock:
@@ -152,6 +155,9 @@ class Bridge:
             "desktop session started",
             extra={"session_id": session.session_id, "user_id": session.user_id, "resumed": resumed},
         )
+        # This frame lives as long as the socket: the parsed init (a model of the device's whole
+        # catalog, which the session holds in its own form) and the token are not kept with it.
+        del init, token, previous
         try:
             await self._serve(websocket, session, expires_at)
         finally:

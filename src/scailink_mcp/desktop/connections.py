@@ -86,7 +86,7 @@ class DesktopRegistry:
         self.clock = clock
         self.sessions: dict[str, DesktopSession] = {}
         self.peers: dict[str, DesktopSession] = {}
-        self._versions: dict[tuple[str, str], int] = {}
+        self.versions: dict[tuple[str, str], int] = {}  # (tenant, user): desktop catalog version
         self.events = events
         self.cluster = cluster
         if cluster is not None:
@@ -95,13 +95,13 @@ class DesktopRegistry:
     # ---- catalog -----------------------------------------------------------------------------------
 
     def version(self, tenant_id: str, user_id: str) -> int:
-        return self._versions.get((tenant_id, user_id), 0)
+        return self.versions.get((tenant_id, user_id), 0)
 
     async def changed(self, session: DesktopSession) -> None:
         """The user's desktop catalog moved: a new version, published for list_changed (and, for
         this worker's own session, announced to the other replicas)."""
         key = (session.tenant_id, session.user_id)
-        self._versions[key] = self._versions.get(key, 0) + 1
+        self.versions[key] = self.versions.get(key, 0) + 1
         if self.cluster is not None and self.sessions.get(session.session_id) is session:
             self.cluster.announce(session)
         if self.events is not None:
@@ -271,7 +271,7 @@ class DesktopRegistry:
         pending = Pending(progress=progress)
         try:
             with anyio.fail_after(timeout):
-                await session.connected.wait()
+                await session.until_connected()
                 async with session.in_flight:
                     send = session.send
                     if send is None:
@@ -288,7 +288,7 @@ class DesktopRegistry:
             raise UpstreamTimeout(f"the desktop device did not answer within {timeout:g} s") from None
         finally:
             if session.pending.pop(invocation_id, None) is not None and not pending.done.is_set():
-                session.abandoned.append(invocation_id)
+                session.abandon(invocation_id)
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -298,7 +298,7 @@ class DesktopRegistry:
         """A JSON-RPC response from the device; False if it answers no pending request."""
         pending = session.pending.get(str(message.get("id")))
         if pending is None:
-            return str(message.get("id")) in session.abandoned
+            return session.was_abandoned(str(message.get("id")))
         if "error" in message:
             err = message["error"] if isinstance(message["error"], dict) else {}
             pending.settle(
@@ -345,7 +345,7 @@ class DesktopRegistry:
 
     async def _peers_changed(self, *sessions: DesktopSession) -> None:
         for key in {(s.tenant_id, s.user_id) for s in sessions}:
-            self._versions[key] = self._versions.get(key, 0) + 1
+            self.versions[key] = self.versions.get(key, 0) + 1
             if self.events is not None:
                 await self.events.publish(DesktopCatalogChanged(*key))
 

@@ -78,14 +78,16 @@ class DesktopSession:
     disconnected_at: float | None = None
     send: Send | None = None
     close: Closer | None = None
-    connected: anyio.Event = field(default_factory=anyio.Event)
+    # Set while a socket is attached; None stands for "set" (an idle session holds no event, each
+    # ~0.7 KiB with its waiter queue, as `abandoned` and `in_flight` are made on first use).
+    connected: anyio.Event | None = field(default_factory=anyio.Event)
     pending: dict[str, Pending] = field(default_factory=dict)
     # Invocations given up on (timeout, cancellation): a late answer to one of these is ignored,
     # not a protocol violation (the device could not know the caller stopped waiting).
-    abandoned: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
+    abandoned: deque[str] | None = None
     consents: dict[str, Pending] = field(default_factory=dict)
     approved_for_session: set[str] = field(default_factory=set)
-    in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
+    gate: anyio.Semaphore | None = None  # `in_flight`, made on the first call
     # Several replicas (cluster.py): the worker holding the socket ("" = this one), the fencing epoch
     # of the latest announcement, and for a peer's session its state and calls in flight as announced.
     owner: str = ""
@@ -112,10 +114,31 @@ class DesktopSession:
         """A socket is attached, here or on the owning replica."""
         return self.state == "connected"
 
+    @property
+    def in_flight(self) -> anyio.Semaphore:
+        """The bound on this device's calls in flight at once."""
+        if self.gate is None:
+            self.gate = anyio.Semaphore(MAX_IN_FLIGHT)
+        return self.gate
+
+    async def until_connected(self) -> None:
+        if self.connected is not None:
+            await self.connected.wait()
+
+    def abandon(self, invocation_id: str) -> None:
+        if self.abandoned is None:
+            self.abandoned = deque(maxlen=1024)
+        self.abandoned.append(invocation_id)
+
+    def was_abandoned(self, invocation_id: str) -> bool:
+        return self.abandoned is not None and invocation_id in self.abandoned
+
     def attach(self, send: Send, close: Closer) -> None:
         self.send, self.close = send, close
         self.disconnected_at = None
-        self.connected.set()
+        if self.connected is not None:
+            self.connected.set()  # wakes those waiting for this reconnection
+            self.connected = None
 
     def detach(self, now: float) -> None:
         """The socket is gone: fail what is in flight; keep the session for the grace period."""

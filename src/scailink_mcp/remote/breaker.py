@@ -85,16 +85,19 @@ class CircuitBreakers:
         self.open_s = policy.open_s
         self.min_users = max(1, policy.min_users)
         self.clock = clock
-        self._breakers: dict[BreakerName, _Breaker] = {}
+        # Public so that the pool sees with a dict lookup that a call has no breaker (`check` and
+        # `success` would do nothing: the warm call's common case) without calling in here; only
+        # this class changes it.
+        self.active: dict[BreakerName, _Breaker] = {}
 
     def __len__(self) -> int:
-        return len(self._breakers)
+        return len(self.active)
 
     def check(self, server_id: str, user_id: str) -> None:
         """`UpstreamError` (with `retry_after`) if this user's or the server's circuit is open."""
         now = self.clock()
         for name in ((server_id, user_id), (server_id, None)):
-            breaker = self._breakers.get(name)
+            breaker = self.active.get(name)
             if breaker is not None and breaker.open_until > now:
                 raise UpstreamError(
                     "circuit open: the upstream failed repeatedly", retry_after=breaker.open_until - now
@@ -103,7 +106,7 @@ class CircuitBreakers:
     def failure(self, server_id: str, user_id: str) -> None:
         now = self.clock()
         for name in ((server_id, user_id), (server_id, None)):
-            breaker = self._breakers.setdefault(name, _Breaker())
+            breaker = self.active.setdefault(name, _Breaker())
             breaker.failures.append((now, user_id))
             breaker.prune(now, self.window_s)
             users = {user for _, user in breaker.failures}
@@ -115,24 +118,24 @@ class CircuitBreakers:
     def success(self, server_id: str, user_id: str) -> None:
         now = self.clock()
         for name in ((server_id, user_id), (server_id, None)):
-            breaker = self._breakers.get(name)
+            breaker = self.active.get(name)
             if breaker is not None:
                 breaker.failures.clear()
                 if breaker.idle(now):
-                    del self._breakers[name]
+                    del self.active[name]
 
     def prune(self, now: float) -> None:
         """Forget breakers with nothing left in their window (bounds memory: one per failing user)."""
-        for name, breaker in list(self._breakers.items()):
+        for name, breaker in list(self.active.items()):
             breaker.prune(now, self.window_s)
             if breaker.idle(now):
-                del self._breakers[name]
+                del self.active[name]
 
     def is_open(self, server_id: str, user_id: str | None = None) -> bool:
         """Whether calls fail fast: `user_id`'s calls to the server, or (None) some user's or everyone's."""
         now = self.clock()
         return any(
             breaker.open_until > now
-            for (sid, uid), breaker in self._breakers.items()
+            for (sid, uid), breaker in self.active.items()
             if sid == server_id and (user_id is None or uid in (user_id, None))
         )

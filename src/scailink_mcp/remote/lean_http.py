@@ -179,7 +179,8 @@ class LeanHTTP:
                 if 300 <= sent.status < 400:
                     location = sent.headers.get("location", "")
                     raise RedirectRefused.of(sent.status, httpx2.URL(self._url), location)
-                refusal = AnswerRefused.unless_identity(sent.headers.get("content-encoding", ""))
+                encoding = sent.headers.get("content-encoding")  # None (identity) on the warm path
+                refusal = AnswerRefused.unless_identity(encoding) if encoding is not None else None
                 if refusal is not None:
                     raise refusal
                 yield LeanResponse(sent, self._limit)

@@ -265,7 +265,8 @@ class UpstreamPool:
         is in an unknown state). Cancellation from the caller (a downstream `notifications/cancelled`)
         propagates unchanged; the SDK then cancels the upstream request.
         """
-        self._breakers.check(key.server_id, key.user_id)
+        if self._watched(key):
+            self._breakers.check(key.server_id, key.user_id)
         entry: _Entry | None = None
         session: PooledSession | None = None
         tripped = 0
@@ -293,8 +294,14 @@ class UpstreamPool:
                         entry.last_used = self.clock()
         except Exception as exc:
             raise self._failed(key, entry, session, tripped, exc, timeout) from None
-        self._breakers.success(key.server_id, key.user_id)
+        if self._watched(key):
+            self._breakers.success(key.server_id, key.user_id)
         return result
+
+    def _watched(self, key: PoolKey) -> bool:
+        """Whether a breaker of this call exists: without one, `check` and `success` do nothing."""
+        active = self._breakers.active
+        return bool(active) and ((key.server_id, key.user_id) in active or (key.server_id, None) in active)
 
     def _failed(
         self,

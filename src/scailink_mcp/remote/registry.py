@@ -274,6 +274,9 @@ class Registry:
                 setattr(server, key, value)
             if reconnect:
                 server.credential_version += 1
+                # Re-pointed: what the old endpoint listed is not this one's, and a failing first
+                # discovery of the new one makes the server `error` as on registration.
+                server.last_discovery_at = None
             server.updated_at = utcnow()
             session.add(server)
             try:
