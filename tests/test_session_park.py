@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import mcp_types as types
 import pytest
@@ -21,7 +22,7 @@ from mcp.client.session import IncomingMessage
 
 from scailink_mcp.config import Settings
 from scailink_mcp.session_park import LocalSessions
-from tests.conftest import LiveApp, TokenFactory, auth_headers
+from tests.conftest import LiveApp, TokenFactory, auth_headers, start_app
 from tests.test_mcp_gateway import mcp_client, register, wait_for
 from tests.test_replicas_events import redis_reason, redis_settings
 from tests.test_replicas_sessions import replicas
@@ -340,3 +341,27 @@ async def test_mcp_max_sessions_counts_parked_sessions(
                 assert (await http.delete(live.mcp_url, headers=first.headers)).status_code == 200
                 assert await third.open()
     assert refusals[0] == refusals[1]
+
+
+async def test_a_request_racing_the_parking_finds_its_session_revived_for_good(
+    settings_factory: Callable[..., Settings], token: TokenFactory
+) -> None:
+    """In-process (one event loop, so the request lands while the parked session's SDK task is still
+    winding down): the revived copy must not be forgotten when the old copy's task ends."""
+    tok = token("u1", "t1", ("tenant_user",))
+    settings = settings_factory(mcp_park_idle_s=0, mcp_allowed_hosts=["scailink.test"])
+    async with start_app(settings) as app:  # no parking loop: the rounds by hand
+        raw = Raw(app.client, "/mcp", tok)
+        sid = await raw.open()
+        parking = app.parts.parking
+        for _ in range(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(parking.round)
+                await anyio.lowlevel.checkpoint()
+                assert not parking.tables["aggregate"].holds(sid)  # popped, its task not done yet
+                assert (await raw.call("tools/list", {}))["tools"] == []
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            assert parking.tables["aggregate"].holds(sid)
+            assert (await raw.call("tools/list", {}))["tools"] == []
+        assert parking.parked == 5

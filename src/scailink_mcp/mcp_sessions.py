@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -198,6 +198,7 @@ class SharedSessions:
         app: ASGIApp,
         store: Store,
         endpoint: str,
+        settled: Callable[[str], Awaitable[None]],
         *,
         manager: StreamableHTTPSessionManager,
         on_revived: Revived,
@@ -206,6 +207,7 @@ class SharedSessions:
         self.manager = manager
         self.store = store
         self.endpoint = endpoint
+        self.settled = settled  # a parked session's old copy is gone (`SessionTable.settled`)
         self.on_revived = on_revived
         self._touched: dict[str, float] = {}
         self._reviving: dict[str, anyio.Event] = {}
@@ -292,6 +294,7 @@ class SharedSessions:
         if owner is None or state.get("owner", owner) != owner:
             return  # another credential's (a state saved before owners were recorded names none)
         params = state.get("params")
+        await self.settled(session_id)
         revived = await sdk_sessions.revive(
             self.manager,
             session_id,

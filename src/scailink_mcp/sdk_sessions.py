@@ -53,6 +53,7 @@ Keep every such access here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -77,6 +78,7 @@ from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 
 logger = logging.getLogger(__name__)
 
+SETTLE_S = 5.0
 Keep = Callable[[float], bool]  # records a session being parked, given the seconds until it expires
 
 
@@ -168,7 +170,10 @@ async def revive(
         except Exception:
             logger.exception("revived MCP session crashed", extra={"session_id": session_id[:64]})
         finally:
-            await manager._discard_session(session_id, transport)
+            if manager._server_instances.get(session_id, transport) is transport:
+                await manager._discard_session(session_id, transport)
+            else:  # revived again since (another copy serves the id now): end only this one
+                await transport.terminate()
 
     await manager._task_group.start(run)
     return True
@@ -205,6 +210,7 @@ class SessionTable:
         self.manager: StreamableHTTPSessionManager | None = None
         self._connections: dict[str, Connection] = {}
         self._parking: set[Connection] = set()  # parked, their connection not closed yet
+        self._settling: dict[str, anyio.Event] = {}  # parked, the SDK's task of the old copy not done
         self.on_ended: Callable[[str], None] | None = None  # a session ended (not parked)
 
     def bind(self, manager: StreamableHTTPSessionManager) -> None:
@@ -231,6 +237,12 @@ class SessionTable:
             del self._connections[session_id]
         if connection in self._parking:
             self._parking.discard(connection)
+            event = self._settling.get(session_id)
+            task = asyncio.current_task()  # the old copy's serve task (its exit stack closes in it)
+            if event is not None and task is not None:
+                task.add_done_callback(lambda _: self._settle(session_id, event))
+            elif event is not None:
+                self._settle(session_id, event)
         elif self.on_ended is not None:
             self.on_ended(session_id)
 
@@ -260,8 +272,23 @@ class SessionTable:
         if deadline is None or not connection.initialize_accepted or not keep(deadline - now):
             return False
         self._parking.add(connection)
+        self._settling.setdefault(session_id, anyio.Event())
         await manager._discard_session(session_id, transport)
         return True
+
+    def _settle(self, session_id: str, event: anyio.Event) -> None:
+        event.set()
+        if self._settling.get(session_id) is event:
+            del self._settling[session_id]
+
+    async def settled(self, session_id: str) -> None:
+        """Wait until a parked session's old copy is gone: its task's last act is the manager's
+        `_discard_session`, which forgets whatever transport is under the id, so a copy revived
+        before it would be forgotten with it. Bounded: a task that never ends delays no request long."""
+        event = self._settling.get(session_id)
+        if event is not None:
+            with anyio.move_on_after(SETTLE_S):
+                await event.wait()
 
     def holds(self, session_id: str) -> bool:
         return self.manager is not None and session_id in self.manager._server_instances

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 Owner = tuple[str, str | None, str | None]
 Key = tuple[str, str]  # (endpoint, session id)
 Trim = Callable[[AuthorizationContext, int], int]
+Settled = Callable[[str], Awaitable[None]]
 
 
 def _owner(context: Any) -> Owner | None:
@@ -185,11 +186,12 @@ class Parking:
         count = (lambda: len(local)) if local is not None else (lambda: 0)
         metrics.gauge("scailink_mcp_sessions_parked", "MCP sessions parked in this process", count)
 
-    def add(self, endpoint: str, table: SessionTable) -> tuple[Store, str]:
-        """Park the sessions of `table` (bound to its manager); the store to revive from, the endpoint."""
+    def add(self, endpoint: str, table: SessionTable) -> tuple[Store, str, Settled]:
+        """Park the sessions of `table` (bound to its manager); what `SharedSessions` revives with: the
+        store, the endpoint, and the wait for a parked session's old copy to be gone."""
         self.tables[endpoint] = table
         table.on_ended = partial(self.store.ended, endpoint)
-        return self.store, endpoint
+        return self.store, endpoint, table.settled
 
     def trim_for(self, manager: StreamableHTTPSessionManager | None) -> Trim | None:
         """The per-principal cap's trim of `manager`'s parked sessions (`mcp_guard.McpGuard`)."""
