@@ -274,7 +274,8 @@ class SharedSessions:
             if now - self._touched.get(session_id, 0.0) >= TOUCH_S:
                 self._touched[session_id] = now
                 await self._quietly(self.store.touch(self.endpoint, session_id), "touch")
-            return
+            if sdk_sessions.has_session(self.manager, session_id):
+                return  # (else it was parked or ended while Redis answered: as if not held)
         self._reviving[session_id] = anyio.Event()
         try:
             await self._revive(scope, session_id, principal)
