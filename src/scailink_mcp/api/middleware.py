@@ -139,8 +139,8 @@ class LanedStarlette(Starlette):
     middleware, the router and the route, each wrapping `send` again (~3 % of its CPU); an idle desktop
     WebSocket keeps a suspended frame of each of those layers for its whole life (~4 KiB a session).
     A lane keeps the two that act on such a request (`RequestIdMiddleware`: its id and access log
-    line; the exception middleware: the error envelope of a `ScaiLinkError`, with the app's handlers)
-    and skips the others. `lanes` maps (ASGI scope type, exact path) to the endpoint's app; only a
+    line; for HTTP, the exception middleware: the error envelope of a `ScaiLinkError`, with the app's
+    handlers) and skips the others. `lanes` maps (ASGI scope type, exact path) to the endpoint's app; only a
     scope without `root_path` takes one. Anything else goes through the full stack, where the same
     paths are routed to the same apps.
     """
@@ -150,9 +150,13 @@ class LanedStarlette(Starlette):
         # The handlers of the app's exception middleware (those of 500/`Exception` are
         # `RequestIdMiddleware`'s own in this app), as Starlette splits them.
         handled = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+        # A WebSocket lane has no exception middleware: its handlers answer HTTP (the endpoint's own
+        # `websocket_session` wrapper closes the socket on an error, as behind the router).
         self._lanes = {
-            key: RequestIdMiddleware(ExceptionMiddleware(chain, handlers=handled))
-            for key, chain in (lanes or {}).items()
+            (kind, path): RequestIdMiddleware(
+                ExceptionMiddleware(chain, handlers=handled) if kind == "http" else chain
+            )
+            for (kind, path), chain in (lanes or {}).items()
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
