@@ -50,7 +50,7 @@ WRAPPERS = {
     "api/middleware.py": "RequestIdMiddleware: X-Request-ID and the access log of every request",
     "mcp_auth.py": "bearer authentication of every MCP request (the SDK's auth middleware calls it)",
     "mcp_guard.py": "issue 11's guard of every MCP POST: rate limit, body cap, JSON depth, in-flight",
-    "mcp_sessions.py": "shared handshake-era sessions (replicas only): wraps the transport",
+    "mcp_sessions.py": "handshake-era sessions revived (replicas, parked sessions): wraps the transport",
 }
 # Services every request (or every call, whatever its target) uses: not counted, and neither is what
 # they call (their own helpers, e.g. audit's timestamp from models.py).

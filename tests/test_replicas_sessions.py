@@ -132,7 +132,9 @@ async def test_one_session_spread_over_three_replicas(
         if isinstance(message, types.ToolListChangedNotification):
             changed.append("tools")
 
-    async with replicas(redis_settings()) as lives:
+    # A replica's copy idle for `mcp_park_idle_s` is parked (session_park.py) and the count of copies
+    # below would then depend on the machine's speed: parking is kept out of this test's way.
+    async with replicas(redis_settings(mcp_park_idle_s=60)) as lives:
         a, b, _ = lives
         server = await register(a, tok, name="spread", endpoint_url=upstream.url)
         echo = f"remote.u1.{server['slug']}.echo"

@@ -71,6 +71,7 @@ from scailink_mcp.remote.health import HealthChecker, Rediscovery
 from scailink_mcp.remote.pool import UpstreamPool
 from scailink_mcp.remote.registry import Registry
 from scailink_mcp.sdk_sessions import SessionTable
+from scailink_mcp.session_park import LocalSessions, Parking
 from scailink_mcp.subscriptions import Subscriptions
 from scailink_mcp.targets import Backends
 
@@ -105,6 +106,7 @@ class Components:
     roles: RoleStore
     in_flight: InFlight
     mcp_sessions: SessionStore | None
+    parking: Parking
     lease: Lease
 
 
@@ -196,6 +198,10 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     roles = RoleStore(db, events=events)
     surface = mcp_server.McpSurface(settings, catalog, invoker, notifier, subscriptions)
     events.subscribe(surface.elicitations.on_authorized, UpstreamAuthorized)
+    # MCP sessions served by every replica (mcp_sessions.py, Redis); idle ones parked (session_park.py).
+    shared = SessionStore(link, ttl_s=settings.mcp_session_idle_s) if link else None
+    pinned = [subscriptions.holds, surface.elicitations.holds]  # never parked
+    parking = Parking(shared or LocalSessions(), settings.mcp_park_idle_s, metrics, pinned=pinned)
 
     async def roles_changed(event: RolesChanged) -> None:
         if from_peer():  # this worker's own change is already in its cache
@@ -211,9 +217,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
     metrics.gauge(
         "scailink_desktop_sessions", "Desktop sessions (connected or in grace)", lambda: len(desktop.sessions)
     )
-    metrics.gauge(
-        "scailink_mcp_sessions", "Tracked downstream MCP sessions", lambda: notifier.session_count()
-    )
+    metrics.gauge("scailink_mcp_sessions", "Tracked downstream MCP sessions", notifier.session_count)
     metrics.gauge("scailink_audit_queue_depth", "Audit events waiting to be written", lambda: audit.depth())
     metrics.gauge("scailink_audit_dropped", "Audit events dropped: queue full", lambda: audit.dropped)
     metrics.gauge(
@@ -246,8 +250,8 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
         audit=audit,
         roles=roles,
         in_flight=InFlight(),
-        # Several replicas: handshake-era MCP sessions served by every replica (mcp_sessions.py).
-        mcp_sessions=SessionStore(link, ttl_s=settings.mcp_session_idle_s) if link else None,
+        mcp_sessions=shared,
+        parking=parking,
         lease=lease,
     )
 
@@ -285,6 +289,7 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
                 max_sessions_per_principal=settings.mcp_max_sessions_per_principal,
                 principal_key=rate_key,
                 in_flight=parts.in_flight,
+                trim_parked=parts.parking.trim_for(manager),
             )
 
         return wrap
@@ -293,18 +298,13 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
         return protect_mcp(app, verifier, metadata, guarded(manager))
 
     def served(manager: StreamableHTTPSessionManager, *, single: bool) -> ASGIApp:
-        app: ASGIApp = fronts[single]
-        if parts.mcp_sessions is None:
-            return app
-        endpoint = "single" if single else "aggregate"
+        parked = parts.parking.add("single" if single else "aggregate", tables[single])
 
         def revived(connection: Connection, principal: Principal, scope: Scope) -> None:
             tables[single].known(connection)
             parts.mcp.revived(connection, principal, scope, single=single)
 
-        return SharedSessions(
-            app, manager=manager, store=parts.mcp_sessions, endpoint=endpoint, on_revived=revived
-        )
+        return SharedSessions(fronts[single], *parked, manager=manager, on_revived=revived)
 
     aggregate_chain = protect(served(aggregate, single=False), aggregate)
     routes: list[BaseRoute] = [
@@ -353,8 +353,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
                 tg.start_soon(parts.desktop.cluster.run)
             if parts.mcp_sessions is not None:  # MCP sessions ended on other replicas
                 tg.start_soon(parts.mcp_sessions.run)
-            if settings.background_tasks:
-                # Audit retention does not depend on the registry being enabled.
+            tg.start_soon(parts.parking.run)  # idle MCP sessions parked (session_park.py)
+            if settings.background_tasks:  # audit retention does not depend on the registry being enabled
                 tg.start_soon(parts.audit.run_pruner, settings.audit_retention_s)
             if settings.background_tasks and parts.keyring is not None:
                 tg.start_soon(parts.health.run)

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     mcp_session_idle_s: float = 600.0
     mcp_max_sessions_per_principal: int = 32
     mcp_max_sessions: int = 10_000
+    # An idle handshake-era session (no request for this long, no GET stream, nothing in flight) is
+    # parked: the SDK's machinery torn down, a small record kept, revived by its next request
+    # (session_park.py). 0 disables parking.
+    mcp_park_idle_s: float = Field(default=5.0, ge=0)
     # Nesting deeper than this in a JSON body (REST, /mcp) or frame (desktop bridge) is refused.
     max_json_depth: int = 64
     # Host/Origin values accepted besides loopback and PUBLIC_URL (DNS-rebinding protection).

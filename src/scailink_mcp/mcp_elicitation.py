@@ -66,6 +66,10 @@ class UrlElicitations:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def holds(self, connection: Connection) -> bool:
+        """The connection waits for a completion (it is not parked: `session_park.py`)."""
+        return any(ref() is connection for ref, _ in self._pending.values())
+
     def required(
         self, ctx: ServerRequestContext[Any, Any], err: UpstreamAuthRequired
     ) -> UrlElicitationRequiredError:

@@ -27,7 +27,11 @@ from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+from mcp.server.auth.middleware.bearer_auth import (
+    AuthenticatedUser,
+    AuthorizationContext,
+    authorization_context,
+)
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp_types import INVALID_REQUEST, PARSE_ERROR
 from starlette.datastructures import Headers
@@ -77,6 +81,9 @@ class McpGuard:
     manager: StreamableHTTPSessionManager | None = None
     max_sessions_per_principal: int = 0
     in_flight: InFlight | None = None
+    # Drops the owner's oldest parked sessions (`session_park.py`) down to the count given; the number
+    # dropped. Parked sessions count against the cap, and go first.
+    trim_parked: Callable[[AuthorizationContext, int], int] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -154,9 +161,12 @@ class McpGuard:
         if not isinstance(user, AuthenticatedUser):
             return
         owner = authorization_context(user)
-        evicted = await sdk_sessions.evict_oldest(
-            self.manager, owner, keep=self.max_sessions_per_principal - 1
-        )
+        keep = self.max_sessions_per_principal - 1
+        evicted = 0
+        if self.trim_parked is not None:
+            held = len(sdk_sessions.sessions_of(self.manager, owner))
+            evicted = self.trim_parked(owner, max(0, keep - held))
+        evicted += await sdk_sessions.evict_oldest(self.manager, owner, keep=keep)
         if evicted:
             logger.info("mcp sessions evicted: per-principal cap", extra={"count": evicted})
 

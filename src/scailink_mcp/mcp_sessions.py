@@ -1,4 +1,6 @@
-"""Handshake-era MCP sessions served by every replica (SPEC section 10), with Redis.
+"""Handshake-era MCP sessions served by every replica (SPEC section 10), with Redis; and revived from
+a record after parking (`session_park.py`: the same path, with an in-process store when there is no
+Redis).
 
 The choice: shared session state, not owner forwarding. When an `initialize` succeeds, the replica
 that served it stores what the handshake established (the principal, and the client's `initialize`
@@ -12,7 +14,8 @@ sessions with it; here a replica's death loses only what was in flight on it, an
 process needs no internal address per worker. Why not sealing the state into the id (agentgateway's
 approach): a sealed id cannot be ended or expire when idle across replicas without shared state anyway.
 
-- Another principal presenting the id gets the SDK's 404 (nothing is revived for it).
+- Another principal (or another credential than the one that opened it: the SDK's rule) presenting the
+  id gets the SDK's 404 (nothing is revived for it).
 - `DELETE` on any replica ends the session everywhere: its key is deleted and every replica drops its
   copy (a message on `<prefix>:mcp`).
 - Idle expiry: the key lives `mcp_session_idle_s` after the last request on any replica (each replica
@@ -28,20 +31,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+from mcp.server.auth.middleware.bearer_auth import (
+    AuthenticatedUser,
+    AuthorizationContext,
+    authorization_context,
+)
 from mcp.server.connection import Connection
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp_types import INTERNAL_ERROR
 from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scailink_mcp import sdk_sessions
 from scailink_mcp.auth import Principal
 from scailink_mcp.mcp_auth import scope_principal
-from scailink_mcp.mcp_guard import replay
+from scailink_mcp.mcp_guard import PARSED_MESSAGE
 from scailink_mcp.redis_link import PeerLink, Subscription, connect
 
 if TYPE_CHECKING:
@@ -50,12 +59,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MCP_SESSION_ID = "mcp-session-id"
+TOO_MANY = JSONResponse(  # the SDK manager's answer at its session cap, byte for byte
+    {"jsonrpc": "2.0", "id": None, "error": {"code": INTERNAL_ERROR, "message": "Too many open sessions"}},
+    status_code=503,
+)
 TOUCH_S = 30.0
 Revived = Callable[[Connection, Principal, Scope], None]
 
 
+class Store(Protocol):
+    """Where `SharedSessions` records what a session's handshake established, and revives it from:
+    Redis (`SessionStore`, shared by the replicas) or this process (`session_park.LocalSessions`)."""
+
+    shared: bool  # several replicas read it (its records are refreshed while the session is used)
+
+    def register(self, endpoint: str, manager: StreamableHTTPSessionManager) -> None: ...
+    async def save(self, endpoint: str, session_id: str, state: dict[str, Any]) -> None: ...
+    async def load(self, endpoint: str, session_id: str) -> dict[str, Any] | None: ...
+    async def touch(self, endpoint: str, session_id: str) -> None: ...
+    async def end(self, endpoint: str, session_id: str) -> None: ...
+    def park(self, endpoint: str, session_id: str, expires_in: float) -> bool: ...
+    def revived(self, endpoint: str, session_id: str) -> None: ...
+    def ended(self, endpoint: str, session_id: str) -> None: ...
+    def trim(self, endpoint: str, owner: AuthorizationContext, keep: int) -> int: ...
+    def parked_count(self, endpoint: str) -> int: ...
+
+
 class SessionStore:
-    """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages."""
+    """The session keys (`<prefix>:mcp:<endpoint>:<session id>`) and the `ended` messages.
+
+    A session parked here is revived from its key like one created on another replica (`park` has
+    nothing to record); its key expires as it always did."""
+
+    shared = True
 
     def __init__(self, link: PeerLink, *, ttl_s: float) -> None:
         self.link = link
@@ -107,6 +143,23 @@ class SessionStore:
     async def touch(self, endpoint: str, session_id: str) -> None:
         await self._redis().pexpire(self._key(endpoint, session_id), self.ttl_ms)
 
+    def park(self, endpoint: str, session_id: str, expires_in: float) -> bool:
+        """The key is the record; while Redis is not answering, a session is not parked (its revival
+        would need Redis)."""
+        return self._subscription.ready
+
+    def revived(self, endpoint: str, session_id: str) -> None:
+        return None
+
+    def ended(self, endpoint: str, session_id: str) -> None:
+        return None
+
+    def trim(self, endpoint: str, owner: AuthorizationContext, keep: int) -> int:
+        return 0  # the per-principal cap counts the sessions held by each replica (module docstring)
+
+    def parked_count(self, endpoint: str) -> int:
+        return 0  # so does `mcp_max_sessions`
+
     async def end(self, endpoint: str, session_id: str) -> None:
         client = self._redis()
         await client.delete(self._key(endpoint, session_id))
@@ -143,16 +196,18 @@ class SharedSessions:
     def __init__(
         self,
         app: ASGIApp,
+        store: Store,
+        endpoint: str,
+        settled: Callable[[str], Awaitable[None]],
         *,
         manager: StreamableHTTPSessionManager,
-        store: SessionStore,
-        endpoint: str,
         on_revived: Revived,
     ) -> None:
         self.app = app
         self.manager = manager
         self.store = store
         self.endpoint = endpoint
+        self.settled = settled  # a parked session's old copy is gone (`SessionTable.settled`)
         self.on_revived = on_revived
         self._touched: dict[str, float] = {}
         self._reviving: dict[str, anyio.Event] = {}
@@ -171,18 +226,25 @@ class SharedSessions:
                 await self.app(scope, receive, send)
             return
         await self._established(scope, session_id, principal)
+        if scope["method"] != "DELETE":
+            await self.app(scope, receive, send)
+            return
         status = await _status_of(self.app, scope, receive, send)
-        if scope["method"] == "DELETE" and status is not None and status < 300:
+        if status is not None and status < 300:
             self._touched.pop(session_id, None)
             await self._quietly(self.store.end(self.endpoint, session_id), "end")
 
     async def _opening(self, scope: Scope, receive: Receive, send: Send, principal: Principal) -> None:
-        """A request without a session id: when it is a successful `initialize`, record the session."""
-        body = await _read(receive)
-        try:
-            message = json.loads(body)
-        except ValueError:
-            message = None
+        """A request without a session id: when it is a successful `initialize`, record the session.
+        The body is the guard's parse (`PARSED_MESSAGE`): a 2026-07-28 request passes untouched."""
+        message = scope.get(PARSED_MESSAGE)
+        if not isinstance(message, dict) or message.get("method") != "initialize":
+            await self.app(scope, receive, send)
+            return
+        cap, parked = self.manager.max_sessions, self.store.parked_count(self.endpoint)
+        if parked and cap is not None and sdk_sessions.session_count(self.manager) + parked >= cap:
+            await TOO_MANY(scope, receive, send)  # held and parked together: the SDK's own refusal
+            return
         created: list[str] = []
 
         async def watch(event: Message) -> None:
@@ -192,9 +254,12 @@ class SharedSessions:
                 )
             await send(event)
 
-        await self.app(scope, replay(body, receive), watch)
-        if created and isinstance(message, dict) and message.get("method") == "initialize":
+        await self.app(scope, receive, watch)
+        user = scope.get("user")
+        if created:
             state = {"principal": list(principal.identity), "params": message.get("params") or {}}
+            if isinstance(user, AuthenticatedUser):  # the credential the SDK checks on every request
+                state["owner"] = dict(authorization_context(user))
             await self._quietly(self.store.save(self.endpoint, created[0], state), "save")
 
     async def _established(self, scope: Scope, session_id: str, principal: Principal) -> None:
@@ -203,11 +268,14 @@ class SharedSessions:
             await reviving.wait()
             return
         if sdk_sessions.has_session(self.manager, session_id):
+            if not self.store.shared:
+                return
             now = time.monotonic()
             if now - self._touched.get(session_id, 0.0) >= TOUCH_S:
                 self._touched[session_id] = now
                 await self._quietly(self.store.touch(self.endpoint, session_id), "touch")
-            return
+            if sdk_sessions.has_session(self.manager, session_id):
+                return  # (else it was parked or ended while Redis answered: as if not held)
         self._reviving[session_id] = anyio.Event()
         try:
             await self._revive(scope, session_id, principal)
@@ -221,39 +289,33 @@ class SharedSessions:
             logger.warning("MCP session state unavailable", extra={"error": type(exc).__name__})
             return
         user = scope.get("user")
-        if (
-            state is None
-            or state.get("principal") != list(principal.identity)
-            or not isinstance(user, AuthenticatedUser)
-        ):
+        if state is None or state.get("principal") != list(principal.identity):
             return  # unknown, or another principal's: the SDK answers 404
+        owner = authorization_context(user) if isinstance(user, AuthenticatedUser) else None
+        if owner is None or state.get("owner", owner) != owner:
+            return  # another credential's (a state saved before owners were recorded names none)
         params = state.get("params")
-        await sdk_sessions.revive(
+        await self.settled(session_id)
+        revived = await sdk_sessions.revive(
             self.manager,
             session_id,
-            authorization_context(user),
+            owner,
             params if isinstance(params, dict) else {},
             lambda connection: self.on_revived(connection, principal, scope),
         )
-        self._touched[session_id] = time.monotonic()
-        logger.info("MCP session revived on this replica", extra={"session_id": session_id[:64]})
+        if not revived:
+            return
+        self.store.revived(self.endpoint, session_id)
+        if self.store.shared:
+            self._touched[session_id] = time.monotonic()
+        level = logging.INFO if self.store.shared else logging.DEBUG  # a parked one revives often
+        logger.log(level, "MCP session revived", extra={"session_id": session_id[:64]})
 
     async def _quietly(self, work: Any, what: str) -> None:
         try:
             await work
         except Exception as exc:
             logger.warning(f"MCP session state not {what}d in Redis", extra={"error": type(exc).__name__})
-
-
-async def _read(receive: Receive) -> bytes:
-    chunks = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return bytes(chunks)
-        chunks += message.get("body", b"")
-        if not message.get("more_body", False):
-            return bytes(chunks)
 
 
 async def _status_of(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> int | None:

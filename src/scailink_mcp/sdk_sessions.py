@@ -39,11 +39,21 @@ session when its `initialize` is answered). A call the front serves counts as a 
 transport (`SessionTable.serving`), exactly as `StreamableHTTPServerTransport.handle_request` counts
 its own, so the SDK's idle expiry sees front-served calls.
 
+6. Parking idle sessions (`session_park.py`, issue 14). An idle handshake-era session costs ~49 KiB in
+the SDK's machinery (its transport, task group, tasks, memory streams, dispatcher, runner, models).
+The SDK keeps no public idle clock: a session is idle when its transport has no request in flight (an
+open GET stream is one) and no stream, and its last request ended `_idle_timeout` before its idle
+scope's deadline (the transport sets that deadline when its last request ends). `SessionTable.park`
+discards such a session the way the manager does (its id is forgotten before any await) and says when
+the SDK would have expired it; the session's record then lives in the store and a later request
+revives it (2., `mcp_sessions.SharedSessions`), as for a session created on another replica.
+
 Keep every such access here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -67,6 +77,9 @@ from mcp.shared._stream_protocols import ReadStream as ReadStream
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 
 logger = logging.getLogger(__name__)
+
+SETTLE_S = 5.0
+Keep = Callable[[float], bool]  # records a session being parked, given the seconds until it expires
 
 
 def sessions_of(manager: StreamableHTTPSessionManager, owner: AuthorizationContext) -> list[str]:
@@ -99,6 +112,11 @@ def has_session(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
     return session_id in manager._server_instances
 
 
+def session_count(manager: StreamableHTTPSessionManager) -> int:
+    """The sessions the manager holds (what its `max_sessions` counts)."""
+    return len(manager._server_instances)
+
+
 async def discard(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
     """End this replica's copy of a session; False if it had none."""
     transport = manager._server_instances.get(session_id)
@@ -114,10 +132,11 @@ async def revive(
     owner: AuthorizationContext,
     initialize_params: dict[str, Any],
     on_connection: Callable[[Connection], None],
-) -> None:
-    """Serve an established session (created on another replica) here, under its own id."""
+) -> bool:
+    """Serve an established session (created on another replica, or parked) here, under its own id;
+    False if the manager is not running."""
     if session_id in manager._server_instances or manager._task_group is None:
-        return
+        return session_id in manager._server_instances
     client_params, version = ServerRunner._negotiate_initialize(initialize_params)
     transport = StreamableHTTPServerTransport(
         mcp_session_id=session_id,
@@ -151,9 +170,23 @@ async def revive(
         except Exception:
             logger.exception("revived MCP session crashed", extra={"session_id": session_id[:64]})
         finally:
-            await manager._discard_session(session_id, transport)
+            if manager._server_instances.get(session_id, transport) is transport:
+                await manager._discard_session(session_id, transport)
+            else:  # revived again since (another copy serves the id now): end only this one
+                await transport.terminate()
 
     await manager._task_group.start(run)
+    return True
+
+
+def _idle_deadline(transport: StreamableHTTPServerTransport, idle_s: float, now: float) -> float | None:
+    """The SDK's expiry deadline of a session idle for at least `idle_s` with nothing open, else None."""
+    idle, timeout = transport.idle_scope, transport._idle_timeout
+    if idle is None or timeout is None or idle.cancel_called or transport.is_terminated:
+        return None
+    if transport._requests_in_flight or transport._request_streams or not math.isfinite(idle.deadline):
+        return None
+    return idle.deadline if now >= idle.deadline - timeout + idle_s else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +202,16 @@ class SessionTable:
     """The established sessions of one session manager (one table per endpoint, one owner: the SDK's
     manager decides existence and ownership, this table only adds what the handshake established).
 
-    Used by the `/mcp` front (`established`, `serving`) and by the replicas layer (`holds`, and the
-    revived sessions it records with `known`).
+    Used by the `/mcp` front (`established`, `serving`), by the replicas layer (`holds`, and the
+    revived sessions it records with `known`) and by parking (`idle`, `park`, `on_ended`).
     """
 
     def __init__(self) -> None:
         self.manager: StreamableHTTPSessionManager | None = None
         self._connections: dict[str, Connection] = {}
+        self._parking: set[Connection] = set()  # parked, their connection not closed yet
+        self._settling: dict[str, anyio.Event] = {}  # parked, the SDK's task of the old copy not done
+        self.on_ended: Callable[[str], None] | None = None  # a session ended (not parked)
 
     def bind(self, manager: StreamableHTTPSessionManager) -> None:
         self.manager = manager
@@ -199,6 +235,60 @@ class SessionTable:
     def _forget(self, session_id: str, connection: Connection) -> None:
         if self._connections.get(session_id) is connection:
             del self._connections[session_id]
+        if connection in self._parking:
+            self._parking.discard(connection)
+            event = self._settling.get(session_id)
+            task = asyncio.current_task()  # the old copy's serve task (its exit stack closes in it)
+            if event is not None and task is not None:
+                task.add_done_callback(lambda _: self._settle(session_id, event))
+            elif event is not None:
+                self._settle(session_id, event)
+        elif self.on_ended is not None:
+            self.on_ended(session_id)
+
+    def idle(self, idle_s: float) -> list[tuple[str, Connection]]:
+        """The sessions idle for `idle_s` with nothing open (candidates for `park`)."""
+        manager = self.manager
+        if manager is None or manager._task_group is None:
+            return []
+        now, found = anyio.current_time(), []
+        for session_id, connection in self._connections.items():
+            transport = manager._server_instances.get(session_id)
+            if transport is not None and _idle_deadline(transport, idle_s, now) is not None:
+                found.append((session_id, connection))
+        return found
+
+    async def park(self, session_id: str, connection: Connection, idle_s: float, keep: Keep) -> bool:
+        """Tear the session's SDK machinery down if it is still idle for `idle_s` with nothing open.
+
+        `keep(expires_in)` records the session (it returns False to leave it running), synchronously
+        before the SDK forgets the id: no request can find the session neither held nor recorded."""
+        manager = self.manager
+        transport = None if manager is None else manager._server_instances.get(session_id)
+        if manager is None or transport is None or self._connections.get(session_id) is not connection:
+            return False
+        now = anyio.current_time()
+        deadline = _idle_deadline(transport, idle_s, now)
+        if deadline is None or not connection.initialize_accepted or not keep(deadline - now):
+            return False
+        self._parking.add(connection)
+        self._settling.setdefault(session_id, anyio.Event())
+        await manager._discard_session(session_id, transport)
+        return True
+
+    def _settle(self, session_id: str, event: anyio.Event) -> None:
+        event.set()
+        if self._settling.get(session_id) is event:
+            del self._settling[session_id]
+
+    async def settled(self, session_id: str) -> None:
+        """Wait until a parked session's old copy is gone: its task's last act is the manager's
+        `_discard_session`, which forgets whatever transport is under the id, so a copy revived
+        before it would be forgotten with it. Bounded: a task that never ends delays no request long."""
+        event = self._settling.get(session_id)
+        if event is not None:
+            with anyio.move_on_after(SETTLE_S):
+                await event.wait()
 
     def holds(self, session_id: str) -> bool:
         return self.manager is not None and session_id in self.manager._server_instances

@@ -60,6 +60,10 @@ class Subscriptions:
             return True
         return False
 
+    def holds(self, connection: Connection) -> bool:
+        """The connection is subscribed to something (it is not parked: `session_park.py`)."""
+        return any(connection in subscribers for subscribers in self._subs.values())
+
     def uris_for(self, pool_key: PoolKey) -> list[str]:
         """Upstream URIs someone is subscribed to through this (server, user) session."""
         return [
