@@ -196,3 +196,20 @@ async def test_session_survives_the_replica_that_created_it(
                 with anyio.fail_after(20):
                     result = await session.call_tool(echo, {"text": "after A"})
                 assert not result.is_error
+
+
+def test_touch_times_refresh_once_per_period_and_forget_sessions_that_went_quiet() -> None:
+    """The replica layer refreshes a held session's Redis key at most once per period, and its table
+    of refresh times does not grow with every session ever seen (sessions that expire or end on
+    another replica are never DELETEd here)."""
+    from scailink_mcp.mcp_sessions import TouchTimes
+
+    times = TouchTimes(every_s=30.0, sweep_at=8)
+    assert times.due("s1", 0.0), "a session never refreshed is due at once, whatever the clock"
+    assert not times.due("s1", 29.9) and times.due("s1", 30.0)
+    for i in range(100):  # one new session per second, each seen once
+        times.mark(f"old-{i}", 100.0 + i)
+    assert len(times) <= 2 * 30 + 8, len(times)  # only the last period's sessions (and slack) remain
+    assert times.due("old-0", 200.0), "a dropped entry is simply due again"
+    times.forget("old-99")
+    assert times.due("old-99", 199.5)

@@ -64,7 +64,42 @@ TOO_MANY = JSONResponse(  # the SDK manager's answer at its session cap, byte fo
     status_code=503,
 )
 TOUCH_S = 30.0
+PRUNE_AT = 1024  # `_touched` entries kept before stale ones are dropped
 Revived = Callable[[Connection, Principal, Scope], None]
+
+
+class TouchTimes:
+    """When each held session's Redis key was last refreshed (at most once per `every_s`).
+
+    An entry older than `every_s` means the same as none, so those are dropped whenever the table
+    has doubled since the last sweep: a session that expires, or ends on another replica (no DELETE
+    here), leaves nothing behind for long.
+    """
+
+    def __init__(self, every_s: float = TOUCH_S, sweep_at: int = PRUNE_AT) -> None:
+        self.every_s = every_s
+        self._floor = self._sweep_at = sweep_at
+        self._at: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def due(self, session_id: str, now: float) -> bool:
+        """Whether the key should be refreshed now (then it counts as refreshed)."""
+        last = self._at.get(session_id)
+        if last is not None and now - last < self.every_s:
+            return False
+        self.mark(session_id, now)
+        return True
+
+    def mark(self, session_id: str, now: float) -> None:
+        self._at[session_id] = now
+        if len(self._at) > self._sweep_at:
+            self._at = {k: t for k, t in self._at.items() if now - t < self.every_s}
+            self._sweep_at = max(self._floor, 2 * len(self._at))
+
+    def forget(self, session_id: str) -> None:
+        self._at.pop(session_id, None)
 
 
 class Store(Protocol):
@@ -209,7 +244,7 @@ class SharedSessions:
         self.endpoint = endpoint
         self.settled = settled  # a parked session's old copy is gone (`SessionTable.settled`)
         self.on_revived = on_revived
-        self._touched: dict[str, float] = {}
+        self._touched = TouchTimes()
         self._reviving: dict[str, anyio.Event] = {}
         store.register(endpoint, manager)
 
@@ -231,7 +266,7 @@ class SharedSessions:
             return
         status = await _status_of(self.app, scope, receive, send)
         if status is not None and status < 300:
-            self._touched.pop(session_id, None)
+            self._touched.forget(session_id)
             await self._quietly(self.store.end(self.endpoint, session_id), "end")
 
     async def _opening(self, scope: Scope, receive: Receive, send: Send, principal: Principal) -> None:
@@ -271,8 +306,7 @@ class SharedSessions:
             if not self.store.shared:
                 return
             now = time.monotonic()
-            if now - self._touched.get(session_id, 0.0) >= TOUCH_S:
-                self._touched[session_id] = now
+            if self._touched.due(session_id, now):
                 await self._quietly(self.store.touch(self.endpoint, session_id), "touch")
             if sdk_sessions.has_session(self.manager, session_id):
                 return  # (else it was parked or ended while Redis answered: as if not held)
@@ -307,7 +341,7 @@ class SharedSessions:
             return
         self.store.revived(self.endpoint, session_id)
         if self.store.shared:
-            self._touched[session_id] = time.monotonic()
+            self._touched.mark(session_id, time.monotonic())
         level = logging.INFO if self.store.shared else logging.DEBUG  # a parked one revives often
         logger.log(level, "MCP session revived", extra={"session_id": session_id[:64]})
 
