@@ -20,7 +20,7 @@ from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute, websocket_session
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Scope
 
 from scailink_mcp import dashboard, front_calls, mcp_server, mcp_transports
@@ -158,8 +158,7 @@ def build_components(settings: Settings, db: Database | None = None) -> Componen
                 )
             )
 
-    # The pool opens sessions through the connector; the relay is bound to it once the pool exists
-    # (see `Connector`: the one late binding of the build).
+    # The pool opens sessions through the connector; its relay is bound once the pool exists (`Connector`).
     connector = Connector(settings, registry, rediscovery, subscriptions)
     pool = UpstreamPool(
         connector,
@@ -319,7 +318,7 @@ def mcp_routes(parts: Components) -> tuple[list[BaseRoute], list[StreamableHTTPS
             resource_name="ScaiLink MCP",
         ),
     ]
-    return routes, [aggregate, single], {("http", "/mcp"): aggregate_chain}
+    return routes, [aggregate, single], {"/mcp": aggregate_chain}
 
 
 def create_app(settings: Settings, components: Components | None = None) -> Starlette:
@@ -394,7 +393,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Star
             Exception: unhandled_error_handler,
         },
         lifespan=lifespan,
-        lanes={**lanes, ("websocket", "/v1/scailink/ws"): websocket_session(parts.bridge.endpoint)},
+        lanes=lanes,
+        websocket_lanes={"/v1/scailink/ws": parts.bridge.endpoint},
     )
     app.state.scailink = parts
     return app

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from scailink_mcp.errors import NotFound, ScaiLinkError, ValidationFailed, error_response
 
@@ -128,7 +129,8 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     )
 
 
-Lanes = Mapping[tuple[str, str], ASGIApp]
+Lanes = Mapping[str, ASGIApp]
+WebSocketEndpoint = Callable[[WebSocket], Awaitable[None]]
 
 
 class LanedStarlette(Starlette):
@@ -137,27 +139,33 @@ class LanedStarlette(Starlette):
     Why: a warm `tools/call` is one HTTP request, and before reaching `/mcp`'s chain (bearer auth, the
     guard, the front) it passed Starlette's error middleware, `RequestIdMiddleware`, the exception
     middleware, the router and the route, each wrapping `send` again (~3 % of its CPU); an idle desktop
-    WebSocket keeps a suspended frame of each of those layers for its whole life (~4 KiB a session).
-    A lane keeps the two that act on such a request (`RequestIdMiddleware`: its id and access log
-    line; for HTTP, the exception middleware: the error envelope of a `ScaiLinkError`, with the app's
-    handlers) and skips the others. `lanes` maps (ASGI scope type, exact path) to the endpoint's app; only a
-    scope without `root_path` takes one. Anything else goes through the full stack, where the same
-    paths are routed to the same apps.
+    WebSocket keeps a suspended frame of each of those layers for its whole life (~5 KiB a session).
+    A lane keeps what acts on such a request: `RequestIdMiddleware` (its id and access log line) and,
+    for HTTP, the exception middleware (the error envelope of a `ScaiLinkError`, with the app's
+    handlers). `lanes` maps an exact HTTP path to its app, `websocket_lanes` an exact WebSocket path
+    to its endpoint function, called with the `WebSocket` as its route would (none of the app's
+    handlers applies to a WebSocket: an error escapes to uvicorn, which closes the socket, as behind
+    the router). Only a scope without `root_path` takes a lane; anything else goes through the full
+    stack, where the same paths are routed to the same endpoints.
     """
 
-    def __init__(self, *args: Any, lanes: Lanes | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lanes: Lanes | None = None,
+        websocket_lanes: Mapping[str, WebSocketEndpoint] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         # The handlers of the app's exception middleware (those of 500/`Exception` are
         # `RequestIdMiddleware`'s own in this app), as Starlette splits them.
         handled = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
-        # A WebSocket lane has no exception middleware: its handlers answer HTTP (the endpoint's own
-        # `websocket_session` wrapper closes the socket on an error, as behind the router).
-        self._lanes = {
-            (kind, path): RequestIdMiddleware(
-                ExceptionMiddleware(chain, handlers=handled) if kind == "http" else chain
-            )
-            for (kind, path), chain in (lanes or {}).items()
+        self._lanes: dict[tuple[str, str], ASGIApp] = {
+            ("http", path): RequestIdMiddleware(ExceptionMiddleware(chain, handlers=handled))
+            for path, chain in (lanes or {}).items()
         }
+        for path, endpoint in (websocket_lanes or {}).items():
+            self._lanes["websocket", path] = RequestIdMiddleware(_websocket_app(endpoint))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = self._lanes.get((scope["type"], scope.get("path", "")))
@@ -166,3 +174,10 @@ class LanedStarlette(Starlette):
             await lane(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def _websocket_app(endpoint: WebSocketEndpoint) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await endpoint(WebSocket(scope, receive=receive, send=send))
+
+    return app
