@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,23 +23,17 @@ from mcp.client.session import IncomingMessage
 from scailink_mcp.config import Settings
 from scailink_mcp.session_park import LocalSessions
 from tests.conftest import LiveApp, TokenFactory, auth_headers, start_app
-from tests.test_mcp_gateway import mcp_client, register, wait_for
+from tests.test_mcp_gateway import mcp_client, register, upstream, wait_for
 from tests.test_replicas_events import redis_reason, redis_settings
 from tests.test_replicas_sessions import replicas
 from tests.upstream import UpstreamServer
 
-__all__ = ["redis_reason", "redis_settings"]  # fixtures used here, defined with the events tests
+__all__ = ["redis_reason", "redis_settings", "upstream"]  # fixtures used here, defined elsewhere
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 PARK_S = 0.3
 ACCEPT = "application/json, text/event-stream"
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as server:
-        yield server
 
 
 @asynccontextmanager
@@ -124,6 +118,17 @@ async def until_parked(live: LiveApp, session_id: str, endpoint: str = "aggregat
     await wait_for(lambda: not holds(live, session_id, endpoint), timeout=5.0)
 
 
+async def parking_round_passed(live: LiveApp, http: httpx.AsyncClient, tok: str) -> None:
+    """Wait until a parking round has parked a session opened now (so every session idle as long
+    was considered too), then end that session: what a test of "not parked" waits on, not a sleep."""
+    table, witness = live.parts.parking.tables["aggregate"], Raw(http, live.mcp_url, tok)
+    tracked = len(table)
+    await until_parked(live, await witness.open())
+    assert (await http.delete(live.mcp_url, headers=witness.headers)).status_code == 200
+    assert parked(live) == 0
+    await wait_for(lambda: len(table) == tracked, timeout=5.0)  # its ended copy's task is done
+
+
 async def test_a_parked_session_behaves_as_an_unparked_one(
     settings_factory: Callable[..., Settings], token: TokenFactory, upstream: UpstreamServer
 ) -> None:
@@ -160,7 +165,7 @@ async def test_a_parked_session_behaves_as_an_unparked_one(
         await until_parked(live, sid)
         async with http.stream("GET", live.mcp_url, headers=raw.headers) as stream:
             assert stream.status_code == 200
-            await anyio.sleep(4 * PARK_S)
+            await parking_round_passed(live, http, tok)  # a round that parks an idle session ran
             assert holds(live, sid) and parked(live) == 0
             await register(live, tok, name="parked-two", endpoint_url=upstream.url)
             with anyio.fail_after(10):
@@ -212,7 +217,8 @@ async def test_a_parked_session_expires_when_the_sdk_would_have_expired_it(
         await until_parked(live, sid)
         assert (await raw.call("tools/list", {}))["tools"] == []  # revived: the idle clock restarts
         await until_parked(live, sid)
-        await anyio.sleep(1.7)
+        # Expired records go with the next round (a request now would revive it, so none is sent).
+        await wait_for(lambda: parked(live) == 0, timeout=5.0)
         assert (await raw.post("tools/list", {})).status_code == 404
         assert parked(live) == 0
 
@@ -259,10 +265,11 @@ async def test_an_sdk_client_with_its_get_stream_is_never_parked(
     async with (
         live_app(settings_factory(mcp_park_idle_s=PARK_S)) as live,
         mcp_client(live.mcp_url, tok, on_message=on_message) as session,
+        httpx.AsyncClient(timeout=30) as http,
     ):
-        await anyio.sleep(4 * PARK_S)
+        await parking_round_passed(live, http, tok)
         assert len(live.parts.parking.tables["aggregate"]) == 1
-        assert await gauge(live, "scailink_mcp_parkings") == 0
+        assert await gauge(live, "scailink_mcp_parkings") == 1  # the witness only
         server = await register(live, tok, name="streamed", endpoint_url=upstream.url)
         with anyio.fail_after(10):
             await changed.wait()

@@ -248,7 +248,7 @@ class McpFront:
             finally:
                 if key is not None:
                     self._running.pop(key, None)
-                if not watch.stopped():  # its task started (a long call): end it, even if cancelled
+                if not watch.stop_if_untasked():  # its task started (a long call): end it, even if cancelled
                     with anyio.CancelScope(shield=True):
                         await watch.stop()
         if cancelled.cancelled_caught:
@@ -303,7 +303,7 @@ class Watch:
     def _start(self, waited: float) -> None:
         self._task = asyncio.get_running_loop().create_task(_keepalive(*self._args, PING_INTERVAL_S - waited))
 
-    def stopped(self) -> bool:
+    def stop_if_untasked(self) -> bool:
         """Stop the watch if its task never started (most calls): True when nothing is left to end."""
         if self._task is None:
             self._timer.cancel()
